@@ -1,0 +1,128 @@
+"""Frozen run configurations and the presets that fill them.
+
+A stage's cache key is the digest of the fields that change its result (`key_fields`); options
+that only change speed (device, batch size, workers) are left out so that reruns on another
+machine reuse the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+PRESETS = ("auto", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a run reads."""
+
+    images: Path
+    layout: str = "auto"
+    split: str = "train"
+    masks: Path | None = None
+    class_from: str = "top"
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The frozen encoder and how images are fed to it."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: Path | None = None
+    random_init: bool = False
+    resize: int | None = None
+    crop: int | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    device: str = "auto"
+    shard_size: int = 64
+
+    def key_fields(self) -> dict:
+        return {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
+                "random_init": self.random_init, "resize": self.resize, "crop": self.crop}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Step 1: the random-memory ensemble."""
+
+    banks: int = 100
+    ratio: float = 0.1
+    k: int = 1
+    replace: bool = True
+    per_class: bool = True
+    include_self: bool = False
+    engine: str = "auto"
+    aggregate: str = "top1pct"
+    seed: int = 0
+    device: str = "auto"
+
+    def key_fields(self) -> dict:
+        fields = asdict(self)
+        fields.pop("device")
+        fields.pop("engine")  # every engine gives the same scores (to float32 round-off) except IVF
+        if self.engine == "ivf":
+            fields["engine"] = "ivf"
+        return fields
+
+    def __post_init__(self) -> None:
+        if self.banks < 1:
+            raise UsageError(f"--banks must be at least 1, not {self.banks}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise UsageError(f"--ratio must be in (0, 1], not {self.ratio}")
+        if self.k < 1:
+            raise UsageError(f"--k must be at least 1, not {self.k}")
+        if self.aggregate not in ("top1pct", "max"):
+            raise UsageError(f"--aggregate must be top1pct or max, not {self.aggregate!r}")
+        if self.engine not in ("auto", "exact", "faiss", "ivf"):
+            raise UsageError(f"--engine must be auto, exact, faiss or ivf, not {self.engine!r}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults that depend on the hardware: backbone, input size, decoder size, iterations."""
+
+    name: str
+    backbone: str
+    resize: int | None
+    crop: int | None
+    width: int | None
+    depth: int
+    heads: int
+    distill_iters: int
+    select_iters: int
+    batch_size: int = 16
+    extra: dict = field(default_factory=dict)
+
+
+PAPER = Preset(name="paper", backbone="vit_base_patch14_reg4_dinov2", resize=448, crop=392, width=None,
+               depth=8, heads=12, distill_iters=10_000, select_iters=10_000)
+
+CPU = Preset(name="cpu", backbone="tf_efficientnet_lite0", resize=256, crop=224, width=128,
+             depth=4, heads=4, distill_iters=600, select_iters=600)
+
+
+def resolve_preset(name: str, *, cuda: bool) -> Preset:
+    """`auto` is the paper preset on a GPU and the CPU preset otherwise."""
+    if name not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
+    if name == "auto":
+        return PAPER if cuda else CPU
+    return PAPER if name == "paper" else CPU
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu; an unavailable cuda is a usage error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    return device

@@ -1,0 +1,123 @@
+"""Decoding image files robustly and turning them into normalised backbone inputs.
+
+Pillow only, no torchvision: decoding runs in data-loader workers and must stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a backbone input: resize to a square, centre-crop, normalise.
+
+    Attributes:
+        resize: side in pixels of the square resize (the paper: 448).
+        crop: side in pixels of the centre crop taken after resizing (the paper: 392).
+        mean: per-channel mean subtracted after scaling pixels to [0, 1].
+        std: per-channel standard deviation divided after subtracting the mean.
+        interpolation: one of nearest, bilinear, bicubic, lanczos.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.crop > self.resize:
+            raise ValueError(f"crop {self.crop} is larger than resize {self.resize}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, not {self.interpolation!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Open any common image file as 8-bit RGB, honouring EXIF orientation.
+
+    Handles grayscale, RGBA (composited on black), palette, and 16-bit images
+    (scaled by their own dynamic range so that 12-bit sensor data is not crushed).
+
+    Raises:
+        DataError: the file cannot be decoded; the message names it.
+    """
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return _to_rgb8(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file, or skip it "
+                        f"(the default without --strict)") from exc
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            top = 65535.0 if arr.max() > 4095 else max(float(arr.max()), 1.0)
+        else:
+            top = max(float(arr.max()), 1.0)
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def preprocess_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Resize, centre-crop and normalise an RGB image.
+
+    Returns:
+        float32 array of shape (3, crop, crop).
+    """
+    resized = img.resize((spec.resize, spec.resize), _RESAMPLE[spec.interpolation])
+    off = (spec.resize - spec.crop) // 2
+    cropped = resized.crop((off, off, off + spec.crop, off + spec.crop))
+    arr = np.asarray(cropped, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as a float32 array in [0, 1] of shape (H, W).
+
+    Args:
+        path: mask file; any non-zero pixel is defect in an 8-bit mask.
+        size: expected (width, height) of the paired image; a mismatch is an error.
+    """
+    try:
+        with Image.open(path) as m:
+            if size is not None and m.size != tuple(size):
+                raise DataError(f"{path}: mask is {m.size[0]}x{m.size[1]} but its image is "
+                                f"{size[0]}x{size[1]}; masks must match their image's size")
+            if m.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(m, dtype=np.float32)
+                top = max(float(arr.max()), 1.0)
+                return np.clip(arr / top, 0.0, 1.0)
+            return np.asarray(m.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot decode mask ({exc}); replace the file") from exc
