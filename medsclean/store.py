@@ -79,13 +79,13 @@ def save_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, 
 
 def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, Any]:
     """Load tensors (all, or `names`) from a safetensors file onto the CPU."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys()) if names is None else names
             return {k: f.get_tensor(k) for k in keys}
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise DataError(f"{path}: unreadable artifact file ({exc}); rerun the stage with --force") from exc
 
 
