@@ -75,10 +75,10 @@ class RichReporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(message, markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[bold yellow]warning:[/] {_escape(message)}")
+        self.console.print(f"[bold yellow]warning:[/] {_escape(message)}", soft_wrap=True)
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:

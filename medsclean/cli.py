@@ -1,0 +1,126 @@
+"""The `medsclean` command line: parse options, build a frozen config, call one library function.
+
+Exit codes: 0 success, 1 runtime or data error, 2 usage error. stdout carries only results
+(paths, tables, JSON); progress and logs go to stderr. torch is imported inside commands so
+that `medsclean --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MedscleanError
+
+app = typer.Typer(
+    name="medsclean",
+    help="Find the defective images hidden in an anomaly-detection training set (MeDS).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ImagesArg = Annotated[Path, typer.Argument(help="Image folder or MVTec-layout dataset root.", show_default=False)]
+WorkOpt = Annotated[Path, typer.Option("--work", help="Work folder for cached stages (never inside the images).")]
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="timm model name [default: from the preset].")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pth backbone weights, loaded strictly.")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Random backbone weights (plumbing tests only).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute this stage even if a valid cache exists.")]
+LayoutOpt = Annotated[str, typer.Option("--layout", help="auto, folder or mvtec.")]
+MasksOpt = Annotated[Optional[Path], typer.Option("--masks", help="Folder of masks paired with images by file stem.")]
+ClassFromOpt = Annotated[str, typer.Option("--class-from", help="Class of plain-folder images: top, parent or none.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of skipping it.")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="auto (paper on GPU, cpu otherwise), cpu or paper.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per encoder batch.")]
+WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Image-decoding worker processes.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
+
+DEFAULT_WORK = Path("medsclean-work")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"medsclean {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Find the defective images hidden in an anomaly-detection training set (MeDS).
+
+    Stages cache their results in the work folder; each stage runs the ones it needs first.
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+def _fail(exc: MedscleanError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code=exc.exit_code)
+
+
+def _emit(payload: dict, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else text)
+
+
+@app.command()
+def extract(
+    images: ImagesArg,
+    work: WorkOpt = DEFAULT_WORK,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    preset: PresetOpt = "auto",
+    resize: Annotated[Optional[int], typer.Option(help="Square resize before the crop [default: preset].")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Centre-crop side [default: preset].")] = None,
+    batch_size: BatchOpt = None,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    layout: LayoutOpt = "auto",
+    split: Annotated[str, typer.Option(help="MVTec split to read: train or test.")] = "train",
+    masks: MasksOpt = None,
+    class_from: ClassFromOpt = "top",
+    strict: StrictOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the frozen backbone over the images and cache their features."""
+    from . import pipeline
+
+    try:
+        run = pipeline.build_run(images=images, work=work, backbone=backbone, weights=weights,
+                                 random_init=random_init, preset=preset, resize=resize, crop=crop,
+                                 batch_size=batch_size, num_workers=num_workers, device=device, seed=seed,
+                                 layout=layout, split=split, masks=masks, class_from=class_from,
+                                 strict=strict, quiet=quiet)
+        result = pipeline.extract_stage(run, force=force)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    summary = pipeline.extract_summary(result)
+    _emit(summary, as_json, str(result.artifact.path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
