@@ -122,5 +122,36 @@ def extract(
     _emit(summary, as_json, str(result.artifact.path))
 
 
+@app.command("make-noisy")
+def make_noisy(
+    root: Annotated[Path, typer.Argument(help="MVTec-layout dataset root (never modified).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder to create with the contaminated dataset.",
+                                      show_default=False)],
+    ratio: Annotated[float, typer.Option("--ratio", help="Noise ratio r relative to the good training images.")] = 0.1,
+    seed: SeedOpt = 0,
+    overlap: Annotated[bool, typer.Option("--overlap/--no-overlap",
+                                          help="Keep injected images in the test set (MeDS) or remove them "
+                                               "(SoftPatch).")] = True,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy files instead of symlinking them.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a contaminated training set: inject anomalous test images into train (MeDS/SoftPatch protocol)."""
+    from .noisy import make_noisy as build
+
+    try:
+        manifest = build(root, out, ratio=ratio, seed=seed, overlap=overlap, copy=copy)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    summary = {"out": str(Path(out).resolve()), "ratio": ratio, "seed": seed, "overlap": overlap,
+               "true_fraction": manifest["true_fraction"],
+               "classes": {c: {k: v[k] for k in ("n_good", "n_injected", "true_fraction")}
+                           for c, v in manifest["classes"].items()}}
+    lines = [f"{c}: {v['n_injected']} injected into {v['n_good']} good (true fraction {v['true_fraction']:.3f})"
+             for c, v in manifest["classes"].items()]
+    typer.echo(f"injected {len(manifest['injected'])} images, true contamination {manifest['true_fraction']:.3f}",
+               err=True)
+    _emit(summary, as_json, "\n".join([str(Path(out).resolve()), *lines]) if not as_json else "")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

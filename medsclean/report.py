@@ -1,0 +1,380 @@
+"""Pictures of a run: anomaly-map triptychs and one self-contained HTML report.
+
+Pillow and numpy only. The HTML report has no external resource and no script: images are inline
+base64 PNGs, the histograms are inline SVG, the style sheet is inline, so the single file can be
+mailed or archived. Every user-supplied string (paths, class names, setting values) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import DataError
+
+__all__ = ["colormap_lut", "render_overlay", "overlay_png", "write_html_report"]
+
+# Nine colours sampled at 0, 1/8, ..., 1 from the perceptually uniform matplotlib maps; the LUT
+# interpolates linearly between them, which keeps lightness monotone.
+_COLORMAP_ANCHORS = {
+    "inferno": [(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
+                (227, 89, 51), (249, 142, 9), (248, 201, 49), (252, 255, 164)],
+    "viridis": [(68, 1, 84), (72, 40, 120), (62, 73, 137), (49, 104, 142), (38, 130, 142),
+                (31, 158, 137), (53, 183, 121), (110, 206, 88), (253, 231, 37)],
+}
+_MASK_COLOUR = np.array([0, 230, 118], dtype=np.float32)
+_CAPTION_HEIGHT = 20
+
+
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """A 256-entry colour look-up table.
+
+    Args:
+        name: ``inferno`` or ``viridis``.
+
+    Returns:
+        uint8 array (256, 3); row i is the RGB colour of value i / 255.
+    """
+    if name not in _COLORMAP_ANCHORS:
+        raise ValueError(f"colormap must be one of {sorted(_COLORMAP_ANCHORS)}, got {name!r}")
+    anchors = np.asarray(_COLORMAP_ANCHORS[name], dtype=np.float64)
+    positions = np.linspace(0.0, 1.0, len(anchors))
+    values = np.linspace(0.0, 1.0, 256)
+    channels = [np.interp(values, positions, anchors[:, c]) for c in range(3)]
+    return np.clip(np.round(np.stack(channels, axis=1)), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ overlays
+
+def _resize_float(values: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.asarray(values, dtype=np.float32)).resize(size, resample))
+
+
+def _normalise(heat: np.ndarray, heat_range: tuple[float, float] | None) -> np.ndarray:
+    lo, hi = heat_range if heat_range is not None else (float(np.min(heat)), float(np.max(heat)))
+    if not hi > lo:
+        return np.zeros_like(heat)
+    return np.nan_to_num(np.clip((heat - lo) / (hi - lo), 0.0, 1.0), nan=0.0)
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=12)
+    except (OSError, ImportError):  # Pillow without FreeType: the bitmap font, latin-1 only
+        return ImageFont.load_default()
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """Shorten ``text`` with an ellipsis until it fits ``width`` pixels; keep it drawable."""
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…" if isinstance(font, ImageFont.FreeTypeFont) else text
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, font, width: int) -> None:
+    text = _fit_text(draw, text, font, width - 6)
+    box = draw.textbbox((xy[0] + 3, xy[1] + 2), text, font=font)
+    draw.rectangle((box[0] - 3, box[1] - 2, box[2] + 3, box[3] + 2), fill=(0, 0, 0))
+    draw.text((xy[0] + 3, xy[1] + 2), text, fill=(255, 255, 255), font=font)
+
+
+def render_overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, *, caption: str = "",
+                   heat_range: tuple[float, float] | None = None, alpha: float = 0.55,
+                   colormap: str = "inferno", panel_height: int = 224) -> Image.Image:
+    """A triptych: the image | its anomaly map blended over it | the ground truth (or "no mask").
+
+    Args:
+        image: uint8 RGB (H, W, 3).
+        heat: (h, w) float anomaly map of the same field of view (resized bilinearly).
+        mask: (h', w') bool ground truth, or None.
+        caption: text of the strip under the panels (e.g. path and score).
+        heat_range: (lo, hi) scores mapped to the ends of the colormap; None = this map's min/max.
+            Use one range for every image of a report so colours are comparable.
+        alpha: weight of the colormap over the image, in [0, 1].
+        colormap: ``inferno`` or ``viridis``.
+        panel_height: height in pixels of each panel; widths keep the image's aspect ratio.
+
+    Returns:
+        RGB image of width 3 * panel width and height panel_height + 20.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    panel_w = max(1, round(image.shape[1] * panel_height / image.shape[0]))
+    size = (panel_w, panel_height)
+    photo = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    level = _normalise(_resize_float(heat, size, Image.Resampling.BILINEAR), heat_range)
+    colours = colormap_lut(colormap)[np.round(level * 255).astype(np.intp)].astype(np.float32)
+    blended = (1.0 - alpha) * photo + alpha * colours
+    if mask is not None:
+        defect = _resize_float(np.asarray(mask, dtype=np.float32), size, Image.Resampling.NEAREST) > 0.5
+        truth = np.where(defect[..., None], 0.35 * photo + 0.65 * _MASK_COLOUR, 0.4 * photo)
+    else:
+        truth = np.full_like(photo, 64.0)
+    canvas = Image.new("RGB", (3 * panel_w, panel_height + _CAPTION_HEIGHT), (24, 24, 24))
+    for index, panel in enumerate((photo, blended, truth)):
+        canvas.paste(Image.fromarray(np.clip(np.round(panel), 0, 255).astype(np.uint8)), (index * panel_w, 0))
+    draw, font = ImageDraw.Draw(canvas), _font()
+    heat_label = "anomaly map" if heat_range is None else f"anomaly map [{heat_range[0]:.3g}, {heat_range[1]:.3g}]"
+    for index, text in enumerate(("image", heat_label, "ground truth" if mask is not None else "no mask")):
+        _label(draw, (index * panel_w, 0), text, font, panel_w)
+    draw.text((4, panel_height + 3), _fit_text(draw, caption, font, 3 * panel_w - 8),
+              fill=(230, 230, 230), font=font)
+    return canvas
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call ``write(file_object)`` on a temporary sibling of ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, path: str | Path,
+                **options) -> Path:
+    """Write :func:`render_overlay` (same arguments as keywords) as a PNG file, atomically."""
+    picture = render_overlay(image, heat, mask, **options)
+    return _atomic_write(Path(path), lambda stream: picture.save(stream, format="PNG", optimize=True))
+
+
+# ------------------------------------------------------------------------------ HTML: helpers
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left}th{background:#f4f4f4}
+td.num{text-align:right}td.undefined{color:#999}
+.summary{color:#555}.histograms{display:flex;flex-wrap:wrap;gap:16px}
+figure{margin:0}figcaption{font-size:12px;color:#444;word-break:break-all}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
+.card{border:1px solid #ddd;border-radius:6px;padding:6px}.card img{width:100%;height:auto}
+.card.rejected{border-color:#d9534f}.card.kept{border-color:#5cb85c}
+.badge{display:inline-block;padding:0 6px;border-radius:8px;font-size:11px;color:#fff}
+.badge.rejected{background:#d9534f}.badge.kept{background:#5cb85c}
+""".strip()
+
+_SERIES_COLOURS = ("#3b7dd8", "#e4572e", "#8a8a8a")
+
+
+def _text(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _format_cell(value) -> tuple[str, str]:
+    """(css class, escaped text) of one table cell."""
+    if value is None:
+        return "", ""
+    if isinstance(value, bool):
+        return "", _text(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            return "num undefined", "n/a"
+        text = f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+        return "num", _text(text)
+    return "", _text(value)
+
+
+def _table(rows: Sequence[Mapping], css_class: str) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = (_format_cell(row.get(c)) for c in columns)
+        body.append("<tr>" + "".join(f'<td class="{k}">{t}</td>' if k else f"<td>{t}</td>"
+                                     for k, t in cells) + "</tr>")
+    return (f'<table class="{css_class}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def _score(row: Mapping) -> float:
+    value = row.get("score")
+    return float(value) if value is not None and not math.isnan(float(value)) else -math.inf
+
+
+def _status(row: Mapping) -> str:
+    kept = row.get("kept")
+    return "" if kept is None else ("kept" if kept else "rejected")
+
+
+# -------------------------------------------------------------------------- HTML: histograms
+
+def _series(rows: Sequence[Mapping]) -> list[tuple[str, np.ndarray]]:
+    """Scores split by selection (kept/rejected), else by label (good/defect), else one series."""
+    if any(r.get("kept") is not None for r in rows):
+        groups = [("kept", lambda r: r.get("kept") is not None and bool(r["kept"])),
+                  ("rejected", lambda r: r.get("kept") is not None and not bool(r["kept"]))]
+    elif any(r.get("label") is not None for r in rows):
+        groups = [("good", lambda r: r.get("label") == 0), ("defect", lambda r: r.get("label") == 1)]
+    else:
+        groups = [("all", lambda r: True)]
+    return [(name, np.array([_score(r) for r in rows if member(r) and _score(r) > -math.inf]))
+            for name, member in groups]
+
+
+def _histogram_svg(series: list[tuple[str, np.ndarray]], thresholds: list[float], bins: int) -> str:
+    width, height, left, bottom, top = 460, 190, 40, 28, 22
+    values = np.concatenate([v for _, v in series] + [np.asarray(thresholds, dtype=np.float64)])
+    if values.size == 0:
+        return f'<svg width="{width}" height="{height}" role="img"><text x="10" y="20">no scores</text></svg>'
+    lo, hi = float(values.min()), float(values.max())
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    counts = [np.histogram(v, bins=edges)[0] for _, v in series]
+    peak = max(1, max(int(c.max()) for c in counts))
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
+             f'<text x="{left}" y="{height - 8}" font-size="11">{lo:.4g}</text>',
+             f'<text x="{left + plot_w}" y="{height - 8}" font-size="11" text-anchor="end">{hi:.4g}</text>',
+             f'<text x="{left - 4}" y="{top + 4}" font-size="11" text-anchor="end">{peak}</text>']
+    bar_w = plot_w / bins
+    for (name, _), count, colour in zip(series, counts, _SERIES_COLOURS):
+        for b, c in enumerate(count):
+            if c:
+                h = c / peak * plot_h
+                parts.append(f'<rect x="{left + b * bar_w:.1f}" y="{top + plot_h - h:.1f}" '
+                             f'width="{bar_w:.1f}" height="{h:.1f}" fill="{colour}" fill-opacity="0.55"/>')
+    for i, ((name, v), colour) in enumerate(zip(series, _SERIES_COLOURS)):
+        parts.append(f'<rect x="{left + 8 + i * 110}" y="6" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{left + 22 + i * 110}" y="15" font-size="11">{_text(name)} ({len(v)})</text>')
+    for t in thresholds:
+        x = left + (t - lo) / (hi - lo) * plot_w
+        parts.append(f'<line class="threshold" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
+                     f'stroke="#c00" stroke-dasharray="4 3"/><text x="{x + 3:.1f}" y="{top + 10}" '
+                     f'font-size="11" fill="#c00">τ={t:.4g}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _histograms(rows: Sequence[Mapping], threshold, bins: int) -> str:
+    classes = sorted({str(r.get("class", "")) for r in rows})
+    per_class = len(classes) > 1 or isinstance(threshold, Mapping)
+    groups = [(c, [r for r in rows if str(r.get("class", "")) == c]) for c in classes] if per_class \
+        else [("all images", list(rows))]
+    figures = []
+    for name, members in groups:
+        if isinstance(threshold, Mapping):
+            lines = [float(threshold[name])] if name in threshold else []
+        else:
+            lines = [] if threshold is None else [float(threshold)]
+        figures.append(f"<figure>{_histogram_svg(_series(members), lines, bins)}"
+                       f"<figcaption>{_text(name)}</figcaption></figure>")
+    return f'<div class="histograms">{"".join(figures)}</div>'
+
+
+# ---------------------------------------------------------------------------- HTML: gallery
+
+def _data_uri(path: Path) -> str:
+    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
+        path.suffix.lower(), "image/png")
+    try:
+        payload = base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read overlay picture ({exc.strerror}); write it with "
+                        f"overlay_png first or pass overlay_png=None") from exc
+    return f"data:{mime};base64,{payload}"
+
+
+def _gallery(out_dir: Path, ranked: Sequence[Mapping], limit: int) -> str:
+    cards = []
+    for row in [r for r in ranked if r.get("overlay_png")][:limit]:
+        picture = Path(row["overlay_png"])
+        picture = picture if picture.is_absolute() else out_dir / picture
+        status = _status(row)
+        badge = f' <span class="badge {status}">{status}</span>' if status else ""
+        label = "" if row.get("label") is None else f" · label {_text(row['label'])}"
+        score = _format_cell(row.get("score"))[1]
+        cards.append(f'<figure class="card {status}"><img src="{_data_uri(picture)}" '
+                     f'alt="{_text(row.get("path", ""))}"><figcaption>{_text(row.get("class", ""))} · '
+                     f'score {score}{label}{badge}<br>{_text(row.get("path", ""))}</figcaption></figure>')
+    if not cards:
+        return "<p>No overlay pictures were produced.</p>"
+    return f'<div class="gallery">{"".join(cards)}</div>'
+
+
+def _summary(rows: Sequence[Mapping]) -> str:
+    statuses = [_status(r) for r in rows]
+    classes = sorted({str(r.get("class", "")) for r in rows})
+    parts = [f"{len(rows)} images", f"{len(classes)} class{'es' if len(classes) != 1 else ''}"]
+    if any(statuses):
+        parts += [f"{statuses.count('kept')} kept", f"{statuses.count('rejected')} rejected"]
+    return f'<p class="summary">{_text(", ".join(parts))}; scores: higher = more anomalous.</p>'
+
+
+def _settings_rows(settings: Mapping) -> list[dict]:
+    def show(value):
+        return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+    return [{"setting": key, "value": show(value)} for key, value in settings.items()]
+
+
+def write_html_report(out_dir: str | Path, *, title: str, metrics_rows: Sequence[Mapping],
+                      score_rows: Sequence[Mapping], threshold: float | Mapping[str, float] | None,
+                      settings: Mapping, gallery_limit: int = 48, bins: int = 30) -> Path:
+    """Write ``out_dir/report.html``: one self-contained page (no script, no external resource).
+
+    Sections: a summary line; the metrics table; score histograms (per class when there are
+    several classes or per-class thresholds; kept vs rejected, else good vs defect, else all) with
+    the threshold line(s); a gallery of overlay pictures ranked by score (most suspicious first);
+    a collapsible table of all scores; the protocol settings.
+
+    Args:
+        out_dir: folder of the report (created if missing).
+        title: page title.
+        metrics_rows: table rows, e.g. ``{"class": "bottle", "image_auroc": 0.99, ...}``; columns
+            are the union of the keys in order of appearance; NaN shows as "n/a".
+        score_rows: one dict per image with keys ``path``, ``class``, ``score`` (higher = more
+            anomalous), ``kept`` (bool or None), ``label`` (0/1 or None) and ``overlay_png``
+            (a picture file, relative paths being relative to ``out_dir``, or None).
+        threshold: one threshold, one per class, or None.
+        settings: protocol settings shown as a key/value table (values JSON-encoded).
+        gallery_limit: most overlay pictures embedded.
+        bins: histogram bins.
+
+    Returns:
+        The path of the report.
+
+    Raises:
+        DataError: an overlay picture named in ``score_rows`` cannot be read.
+    """
+    out_dir = Path(out_dir)
+    ranked = sorted(score_rows, key=_score, reverse=True)
+    score_table = [{"rank": i + 1, "path": r.get("path"), "class": r.get("class"), "score": r.get("score"),
+                    "status": _status(r) or None, "label": r.get("label")} for i, r in enumerate(ranked)]
+    page = "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_text(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_text(title)}</h1>", _summary(score_rows),
+        '<section id="metrics"><h2>Metrics</h2>',
+        _table(metrics_rows, "metrics") if metrics_rows else "<p>No metrics.</p>", "</section>",
+        '<section id="histograms"><h2>Score distribution</h2>', _histograms(score_rows, threshold, bins),
+        "</section>", '<section id="gallery"><h2>Most suspicious images</h2>',
+        _gallery(out_dir, ranked, gallery_limit), "</section>",
+        f'<section id="scores"><h2>All scores</h2><details><summary>{len(ranked)} images, most '
+        f'suspicious first</summary>{_table(score_table, "scores")}</details></section>',
+        '<section id="settings"><h2>Protocol settings</h2>',
+        _table(_settings_rows(settings), "settings"), "</section>", "</body></html>", ""])
+    return _atomic_write(out_dir / "report.html", lambda stream: stream.write(page.encode("utf-8")))
