@@ -44,6 +44,21 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images pe
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Image-decoding worker processes.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
 
+BanksOpt = Annotated[int, typer.Option("--banks", help="Number of random memories B.")]
+RatioOpt = Annotated[float, typer.Option("--ratio", help="Share of a class's images in each memory (rho).")]
+ReplaceOpt = Annotated[bool, typer.Option("--with-replacement/--without-replacement",
+                                          help="Draw memory images with replacement (paper) or without.")]
+PerClassOpt = Annotated[bool, typer.Option("--per-class/--all-classes", help="Memories per class or across all.")]
+IncludeSelfOpt = Annotated[bool, typer.Option("--include-self",
+                                              help="Match an image against its own patches (reference code).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="auto, exact, faiss, or ivf (approximate).")]
+AggregateOpt = Annotated[str, typer.Option("--aggregate", help="Image score: top1pct (mean of top 1%) or max.")]
+DistillItersOpt = Annotated[Optional[int], typer.Option("--distill-iters", help="Step-2 iterations [default: preset].")]
+LossOpt = Annotated[str, typer.Option("--loss", help="Step-2 loss: mse or l1 (times 10).")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Decoder width [default: preset].")]
+DepthOpt = Annotated[Optional[int], typer.Option("--depth", help="Decoder blocks [default: preset].")]
+HeadsOpt = Annotated[Optional[int], typer.Option("--heads", help="Decoder heads for CNN backbones [default: preset].")]
+
 DEFAULT_WORK = Path("medsclean-work")
 
 
@@ -120,6 +135,179 @@ def extract(
         raise _fail(exc) from None
     summary = pipeline.extract_summary(result)
     _emit(summary, as_json, str(result.artifact.path))
+
+
+def _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size=None, num_workers=2,
+         layout="auto", masks=None, class_from="top", strict=False, split="train"):
+    from . import pipeline
+
+    return pipeline.build_run(images=images, work=work, backbone=backbone, weights=weights, random_init=random_init,
+                              preset=preset, batch_size=batch_size, num_workers=num_workers, device=device,
+                              seed=seed, layout=layout, split=split, masks=masks, class_from=class_from,
+                              strict=strict, quiet=quiet)
+
+
+def _score_cfg(banks, ratio, k, replace, per_class, include_self, engine, aggregate, seed):
+    from .config import ScoreConfig
+
+    return ScoreConfig(banks=banks, ratio=ratio, k=k, replace=replace, per_class=per_class,
+                       include_self=include_self, engine=engine, aggregate=aggregate, seed=seed)
+
+
+def _distill_cfg(run, iters, loss, width, depth, heads):
+    from .config import DistillConfig
+
+    p = run.preset
+    return DistillConfig(iters=iters or p.distill_iters, width=width if width is not None else p.width,
+                         depth=depth or p.depth, heads=heads or p.heads, batch_size=p.batch_size, loss=loss)
+
+
+@app.command()
+def score(
+    images: ImagesArg,
+    work: WorkOpt = DEFAULT_WORK,
+    banks: BanksOpt = 100,
+    ratio: RatioOpt = 0.1,
+    k: Annotated[int, typer.Option("--k", help="Nearest neighbours averaged per patch.")] = 1,
+    replace: ReplaceOpt = True,
+    per_class: PerClassOpt = True,
+    include_self: IncludeSelfOpt = False,
+    engine: EngineOpt = "auto",
+    aggregate: AggregateOpt = "top1pct",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    preset: PresetOpt = "auto",
+    batch_size: BatchOpt = None,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    layout: LayoutOpt = "auto",
+    masks: MasksOpt = None,
+    class_from: ClassFromOpt = "top",
+    strict: StrictOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Step 1: score every patch against an ensemble of random memories (higher = more anomalous)."""
+    from . import pipeline
+
+    try:
+        run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
+                   num_workers, layout, masks, class_from, strict)
+        results = pipeline.score_stage(run, _score_cfg(banks, ratio, k, replace, per_class, include_self, engine,
+                                                       aggregate, seed), force=force)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    art = results["scores"].artifact
+    _emit({"stage": "scores", "csv": str(art.file("scores.csv")), "engine": art.manifest["engine"],
+           "stages": pipeline.stage_times(results)}, as_json, str(art.file("scores.csv")))
+
+
+@app.command()
+def distill(
+    images: ImagesArg,
+    work: WorkOpt = DEFAULT_WORK,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Iterations [default: preset].")] = None,
+    loss: LossOpt = "mse",
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    heads: HeadsOpt = None,
+    banks: BanksOpt = 100,
+    ratio: RatioOpt = 0.1,
+    knn: Annotated[int, typer.Option("--knn", help="Step-1 nearest neighbours per patch.")] = 1,
+    replace: ReplaceOpt = True,
+    per_class: PerClassOpt = True,
+    include_self: IncludeSelfOpt = False,
+    engine: EngineOpt = "auto",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    preset: PresetOpt = "auto",
+    batch_size: BatchOpt = None,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    layout: LayoutOpt = "auto",
+    masks: MasksOpt = None,
+    class_from: ClassFromOpt = "top",
+    strict: StrictOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Step 2: distil the memory scores into a reconstruction model trained on stored features."""
+    from . import pipeline
+
+    try:
+        run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
+                   num_workers, layout, masks, class_from, strict)
+        results = pipeline.distill_stage(
+            run, _score_cfg(banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
+            _distill_cfg(run, iters, loss, width, depth, heads), force=force)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    art = results["distill"].artifact
+    _emit({"stage": "distill", "model": str(art.file("model.safetensors")), "final_loss": art.manifest["final_loss"],
+           "stages": pipeline.stage_times(results)}, as_json, str(art.file("model.safetensors")))
+
+
+@app.command()
+def select(
+    images: ImagesArg,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the clean list here (one path per line).")] = None,
+    work: WorkOpt = DEFAULT_WORK,
+    method: Annotated[str, typer.Option("--method", help="meds (Steps 1-3) or memory (Step 1 scores only).")] = "meds",
+    k: Annotated[float, typer.Option("--k", help="Threshold margin in median absolute deviations at t = T.")] = 3.0,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations T [default: preset].")] = None,
+    distill_iters: DistillItersOpt = None,
+    loss: LossOpt = "mse",
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    heads: HeadsOpt = None,
+    banks: BanksOpt = 100,
+    ratio: RatioOpt = 0.1,
+    knn: Annotated[int, typer.Option("--knn", help="Step-1 nearest neighbours per patch.")] = 1,
+    replace: ReplaceOpt = True,
+    per_class: PerClassOpt = True,
+    include_self: IncludeSelfOpt = False,
+    engine: EngineOpt = "auto",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    preset: PresetOpt = "auto",
+    batch_size: BatchOpt = None,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    layout: LayoutOpt = "auto",
+    masks: MasksOpt = None,
+    class_from: ClassFromOpt = "top",
+    strict: StrictOpt = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Step 3: select the clean images (running any missing stage first) and write the clean list."""
+    from . import pipeline
+    from .config import SelectConfig
+
+    try:
+        run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
+                   num_workers, layout, masks, class_from, strict)
+        select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
+                                  batch_size=run.preset.batch_size)
+        results = pipeline.select_stage(
+            run, _score_cfg(banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
+            _distill_cfg(run, distill_iters, loss, width, depth, heads), select_cfg, force=force)
+        summary = pipeline.select_summary(run, results, images, out)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _emit(summary, True, "")
+    else:
+        pipeline.print_select_table(summary)
 
 
 @app.command("make-noisy")

@@ -83,6 +83,42 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Step 2: the reconstruction model's size and the distillation schedule."""
+
+    iters: int
+    width: int | None
+    depth: int
+    heads: int
+    batch_size: int = 16
+    loss: str = "mse"
+    lr: float = 2e-3
+    final_lr: float = 2e-4
+    warmup: int = 100
+    dropout: float = 0.2
+    checkpoint_every: int = 200
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Step 3: progressive selection and fine-tuning, or selection on memory scores alone."""
+
+    method: str = "meds"
+    iters: int = 10_000
+    k: float = 3.0
+    p_final: float = 0.5
+    p_ramp: int = 1000
+    batch_size: int = 16
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.method not in ("meds", "memory"):
+            raise UsageError(f"--method must be meds or memory, not {self.method!r}")
+        if self.k < 0:
+            raise UsageError(f"--k must be >= 0, not {self.k}")
+
+
+@dataclass(frozen=True)
 class Preset:
     """Defaults that depend on the hardware: backbone, input size, decoder size, iterations."""
 

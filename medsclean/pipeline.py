@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataConfig, ExtractConfig, Preset, resolve_device, resolve_preset
+from .config import (DataConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig, resolve_device,
+                     resolve_preset)
 from .data import Dataset, discover
 from .extract import ExtractResult, run_extract
 from .store import Store
@@ -83,3 +84,99 @@ def extract_summary(result: ExtractResult) -> dict:
     return {"stage": "features", "path": str(result.artifact.path), "cached": result.cached,
             "images": result.n_images, "skipped": m["skipped"], "backbone": m["encoder"]["name"],
             "seconds": round(result.seconds, 3), "key": result.artifact.key}
+
+
+def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False) -> dict:
+    """Stage `scores`, after `features`. Returns {"features": ..., "scores": ...} stage results."""
+    from .score import run_score
+
+    results = {"features": extract_stage(run)}
+    art = results["features"].artifact
+    results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter)
+    _log_stage(run.reporter, "scores", results["scores"])
+    return results
+
+
+def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force: bool = False) -> dict:
+    """Stage `distill`, after `features` and `scores`."""
+    from .training_stages import run_distill
+
+    results = score_stage(run, score_cfg)
+    results["distill"] = run_distill(results["features"].artifact, results["scores"].artifact, run.store(), cfg,
+                                     seed=run.seed, device=run.device, force=force, reporter=run.reporter)
+    _log_stage(run.reporter, "distill", results["distill"])
+    return results
+
+
+def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, cfg: SelectConfig, *,
+                 force: bool = False) -> dict:
+    """Stage `select`: the clean list, after every stage it needs (`distill` only for method meds)."""
+    from .training_stages import run_select
+
+    if cfg.method == "meds":
+        results = distill_stage(run, score_cfg, distill_cfg)
+        distilled = results["distill"].artifact
+    else:
+        results, distilled = score_stage(run, score_cfg), None
+    results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
+                                   cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter)
+    _log_stage(run.reporter, "select", results["select"])
+    return results
+
+
+def _log_stage(reporter: Reporter, name: str, result) -> None:
+    state = "cached" if result.cached else f"done in {result.seconds:.1f} s"
+    reporter.info(f"{name}: {state} → {result.artifact.path}")
+
+
+def stage_times(results: dict) -> dict:
+    return {name: {"seconds": round(r.seconds, 2), "cached": r.cached, "path": str(r.artifact.path)}
+            for name, r in results.items()}
+
+
+def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None) -> dict:
+    """Per-class counts, stage times and output paths; writes `out` (the clean list) atomically.
+
+    Lines of `out` are the image paths joined to `images_arg` exactly as the user typed it, so a
+    relative folder gives paths relative to the current directory, like `find` does.
+    """
+    from .store import write_text_atomic
+
+    art = results["select"].artifact
+    images = art.manifest["images"]
+    kept_paths = set(art.file("clean.txt").read_text(encoding="utf-8").splitlines())
+    per_class: dict[str, dict] = {}
+    for row in images:
+        c = per_class.setdefault(row["class"], {"images": 0, "kept": 0, "rejected": 0})
+        c["images"] += 1
+        c["kept" if row["path"] in kept_paths else "rejected"] += 1
+    if out is not None:
+        prefix = Path(images_arg)
+        write_text_atomic(Path(out), "".join(f"{(prefix / row['path']).as_posix()}\n" for row in images
+                                             if row["path"] in kept_paths))
+    return {"clean_list": str(Path(out).resolve()) if out is not None else None,
+            "select_dir": str(art.path), "method": art.manifest["config"]["method"],
+            "classes": per_class, "kept": art.manifest["kept"], "rejected": art.manifest["rejected"],
+            "tau": art.manifest["tau"], "stages": stage_times(results)}
+
+
+def print_select_table(summary: dict) -> None:
+    """The human summary of `select` on stdout: counts per class, then time per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    table = Table(title=f"medsclean select ({summary['method']})", title_justify="left")
+    for col in ("class", "images", "kept", "rejected", "tau"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in summary["classes"].items():
+        table.add_row(name, str(c["images"]), str(c["kept"]), str(c["rejected"]), f"{summary['tau'][name]:.4f}")
+    total = sum(c["images"] for c in summary["classes"].values())
+    table.add_row("all", str(total), str(summary["kept"]), str(summary["rejected"]), "", style="bold")
+    console.print(table)
+    times = ", ".join(f"{name} " + ("cached" if v["cached"] else f"{v['seconds']:.1f} s")
+                      for name, v in summary["stages"].items())
+    console.print(f"stages: {times}")
+    if summary["clean_list"]:
+        console.print(f"clean list: {summary['clean_list']}")
+    console.print(f"details: {summary['select_dir']} (rejected.txt, scores.csv, selection.json)")

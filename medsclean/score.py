@@ -1,0 +1,96 @@
+"""Stage `scores`: Step 1, the random-memory ensemble score of every patch of every image.
+
+Artifact: `scores.safetensors` with `maps` (N, H·W) float32 patch maps and `image_scores` (N,)
+float32, plus `scores.csv` (path, class, anomaly_score, rank_in_class; higher score = more
+anomalous, rank 1 = most anomalous of its class).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import asdict, dataclass
+
+from .config import ScoreConfig
+from .store import Artifact, Store, digest
+from .ui import Reporter
+
+STAGE = "scores"
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+
+def scores_key(features: Artifact, cfg: ScoreConfig) -> str:
+    return digest({"features": features.key, "score": cfg.key_fields()})
+
+
+def ranks_within_class(scores, classes: list[str]) -> list[int]:
+    """1-based rank of each score inside its class, highest score first (ties by input order)."""
+    ranks = [0] * len(classes)
+    by_class: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        by_class.setdefault(c, []).append(i)
+    for idx in by_class.values():
+        for r, i in enumerate(sorted(idx, key=lambda j: (-float(scores[j]), j)), start=1):
+            ranks[i] = r
+    return ranks
+
+
+def scores_csv(images: list[dict], scores) -> str:
+    classes = [row["class"] for row in images]
+    ranks = ranks_within_class(scores, classes)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "class", "anomaly_score", "rank_in_class"])
+    for row, s, r in zip(images, scores, ranks):
+        writer.writerow([row["path"], row["class"], f"{float(s):.6f}", r])
+    return buf.getvalue()
+
+
+def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
+              reporter: Reporter) -> ScoreResult:
+    """Compute (or reuse) the Step-1 maps for every extracted image."""
+    t0 = time.perf_counter()
+    key = scores_key(features, cfg)
+    if not force and (art := store.cached(STAGE, key)) is not None:
+        return ScoreResult(art, True, time.perf_counter() - t0)
+    from .extract import load_features
+    from .memory import image_scores, score_classes
+
+    memory = load_features(features, ["index", "memory"])["memory"]
+    images = features.manifest["images"]
+    classes = [row["class"] for row in images]
+    engine, index = ("faiss", "ivf") if cfg.engine == "ivf" else (cfg.engine, "flat")
+    chosen = []
+
+    def on_engine(name, choice) -> None:
+        if cfg.engine == "auto" and not chosen:
+            reporter.info(f"scores: engine {choice.name} ({choice.reason})")
+        chosen.append(choice.name)
+
+    n_groups = len(set(classes)) if cfg.per_class else 1
+    with reporter.task("score memories", total=n_groups) as task:
+        maps, banks = score_classes(
+            memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
+            per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
+            device=device, faiss_index=index, on_engine=on_engine, on_class=lambda name: task.advance(1))
+    if index == "ivf":
+        engine = "ivf"
+    elif chosen:
+        engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))
+    per_image = image_scores(maps, aggregate=cfg.aggregate)
+    import torch
+
+    tensors = {"maps": maps.float().contiguous(), "image_scores": per_image.float().contiguous()}
+    bank_tensors = {f"banks/{c}": torch.as_tensor(b) for c, b in banks.items()}
+    manifest = {"images": images, "grid": features.manifest["encoder"]["grid"], "config": asdict(cfg),
+                "engine": engine, "parents": {"features": features.key}, "root": features.manifest["root"]}
+    art = store.write_stage(STAGE, key, {"scores.safetensors": tensors, "banks.safetensors": bank_tensors},
+                            manifest, extra_files={"scores.csv": scores_csv(images, per_image.tolist())})
+    return ScoreResult(art, False, time.perf_counter() - t0)

@@ -1,0 +1,230 @@
+"""Stages `distill` (Step 2) and `select` (Step 3) on stored features.
+
+`distill` writes the model trained to reproduce the Step-1 maps and its maps of every training
+image. `select` writes the clean list: with method "meds" it fine-tunes the distilled model
+while re-selecting the clean images; with method "memory" it applies the same threshold rule
+directly to the Step-1 image scores, without training. Both checkpoint into the work folder's
+partial area and resume an interrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .config import DistillConfig, SelectConfig
+from .store import Artifact, Store, digest, load_tensors, save_tensors
+from .ui import Reporter
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+
+def _train_config(iters: int, batch_size: int, checkpoint_every: int, **overrides):
+    from .training import TrainConfig
+
+    return TrainConfig(iters=iters, batch_size=batch_size, checkpoint_every=checkpoint_every, **overrides)
+
+
+def _groups(features: Artifact) -> tuple[list, dict]:
+    from .extract import load_features
+
+    encoder = features.manifest["encoder"]
+    names = [f"group{g}" for g in range(len(encoder["group_dims"]))]
+    tensors = load_features(features, ["index", *names])
+    return [tensors[n] for n in names], encoder
+
+
+def model_config_for(encoder: dict, cfg: DistillConfig):
+    """Decoder shape for an encoder: ViTs keep the token width with heads of 64 channels (12 for
+    ViT-B, as the encoder); CNN stages are projected to `cfg.width`."""
+    from .model import ModelConfig
+
+    dims = tuple(encoder["group_dims"])
+    if encoder["kind"] == "vit" and cfg.width is None:
+        heads = max(1, dims[0] // 64)
+        return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=None, depth=cfg.depth,
+                           heads=heads, dropout=cfg.dropout)
+    width = cfg.width or 128
+    return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=width, depth=cfg.depth,
+                       heads=cfg.heads, dropout=cfg.dropout)
+
+
+def _checkpointer(partial: Path):
+    def save(state: dict, meta: dict) -> None:
+        save_tensors(partial / CHECKPOINT, state, metadata={"meta": json.dumps(meta)})
+
+    return save
+
+
+def _resume_from(partial: Path, reporter: Reporter, stage: str):
+    path = partial / CHECKPOINT
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = json.loads((f.metadata() or {})["meta"])
+    reporter.info(f"{stage}: resuming from the checkpoint at iteration {meta.get('step', '?')}")
+    return load_tensors(path), meta
+
+
+def _progress_callback(task):
+    return lambda step, record: task.update(completed=step)
+
+
+def distill_key(features: Artifact, scores: Artifact, cfg: DistillConfig, seed: int) -> str:
+    return digest({"features": features.key, "scores": scores.key, "distill": asdict(cfg), "seed": seed})
+
+
+def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: DistillConfig, *, seed: int, device: str,
+                force: bool = False, reporter: Reporter) -> StageResult:
+    """Train the reconstruction model on the stored features to reproduce the Step-1 maps."""
+    t0 = time.perf_counter()
+    key = distill_key(features, scores, cfg, seed)
+    if not force and (art := store.cached("distill", key)) is not None:
+        return StageResult(art, True, time.perf_counter() - t0)
+    from .model import ReconstructionModel
+    from .selection import image_scores
+    from .training import compute_maps, distill
+
+    groups, encoder = _groups(features)
+    targets = scores.tensors("scores.safetensors", ["maps"])["maps"]
+    model_cfg = model_config_for(encoder, cfg)
+    model = ReconstructionModel(model_cfg, seed=seed)
+    partial = store.partial_dir("distill", key)
+    if force:
+        (partial / CHECKPOINT).unlink(missing_ok=True)
+    train_cfg = _train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every, loss=cfg.loss, lr=cfg.lr,
+                              final_lr=cfg.final_lr, warmup=min(cfg.warmup, max(1, cfg.iters // 10)))
+    with reporter.task("distill", total=cfg.iters) as task:
+        history = distill(model, groups, targets, train_cfg, seed=seed, device=device,
+                          on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
+                          resume=_resume_from(partial, reporter, "distill"))
+    maps = compute_maps(model, groups, device=device)
+    per_image = image_scores(maps.numpy())
+    import torch
+
+    manifest = {"images": features.manifest["images"], "grid": encoder["grid"], "model": model_cfg.to_dict(),
+                "config": asdict(cfg), "train": train_cfg.to_dict(), "seed": seed,
+                "parents": {"features": features.key, "scores": scores.key},
+                "final_loss": float(np.mean(history["loss"][-20:])), "device": str(device)}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    art = store.write_stage("distill", key, {
+        "model.safetensors": state,
+        "maps.safetensors": {"maps": maps.float(), "image_scores": torch.from_numpy(per_image).float()},
+    }, manifest)
+    _drop_partial(partial)
+    return StageResult(art, False, time.perf_counter() - t0)
+
+
+def _drop_partial(partial: Path) -> None:
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_model(art: Artifact):
+    """The reconstruction model stored in a distill or select artifact, strictly loaded, eval mode."""
+    from .model import ModelConfig, ReconstructionModel
+
+    model = ReconstructionModel(ModelConfig.from_dict(art.manifest["model"]), seed=0)
+    model.load_state_dict(art.tensors("model.safetensors"), strict=True)
+    return model.eval()
+
+
+def select_key(features: Artifact, scores: Artifact, distilled: Artifact | None, cfg: SelectConfig,
+               seed: int) -> str:
+    return digest({"features": features.key, "scores": scores.key,
+                   "distill": distilled.key if distilled is not None else None, "select": asdict(cfg), "seed": seed})
+
+
+def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None, store: Store, cfg: SelectConfig, *,
+               seed: int, device: str, force: bool = False, reporter: Reporter) -> StageResult:
+    """Choose the clean images (and, with method meds, fine-tune the detector on them)."""
+    t0 = time.perf_counter()
+    key = select_key(features, scores, distilled, cfg, seed)
+    if not force and (art := store.cached("select", key)) is not None:
+        return StageResult(art, True, time.perf_counter() - t0)
+    images = features.manifest["images"]
+    classes = [row["class"] for row in images]
+    memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double().numpy()
+    if cfg.method == "memory":
+        from .selection import select_per_class
+
+        keep, tau = select_per_class(memory_scores, classes, 1, 1, cfg.k)
+        rounds = [{"t": 0, "alpha": 1.0, "tau": tau, "final": True,
+                   "kept": {c: int(keep[np.asarray(classes) == c].sum()) for c in tau},
+                   "size": {c: classes.count(c) for c in tau}}]
+        eta, distilled_scores, files = memory_scores, None, {}
+        model_cfg = None
+    else:
+        keep, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
+                                                                device=device, reporter=reporter)
+        files = {"model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
+        model_cfg = model.config.to_dict()
+    import torch
+
+    files["selection.safetensors"] = {"eta": torch.from_numpy(np.asarray(eta, dtype=np.float64)).float(),
+                                      "keep": torch.from_numpy(keep.astype(np.uint8))}
+    text = {"clean.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if k),
+            "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
+            "scores.csv": selection_csv(images, memory_scores, distilled_scores, eta, keep),
+            "selection.json": json.dumps({"method": cfg.method, "rounds": rounds}, indent=2) + "\n"}
+    manifest = {"images": images, "config": asdict(cfg), "seed": seed, "model": model_cfg,
+                "grid": features.manifest["encoder"]["grid"], "tau": rounds[-1]["tau"],
+                "kept": int(keep.sum()), "rejected": int((~keep).sum()),
+                "parents": {"features": features.key, "scores": scores.key,
+                            "distill": distilled.key if distilled is not None else None}}
+    art = store.write_stage("select", key, files, manifest, extra_files=text)
+    _drop_partial(store.partial_dir("select", key))
+    return StageResult(art, False, time.perf_counter() - t0)
+
+
+def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: SelectConfig, key: str, *, seed: int,
+               device: str, reporter: Reporter):
+    from .training import progressive_select
+
+    groups, _ = _groups(features)
+    classes = [row["class"] for row in features.manifest["images"]]
+    model = load_model(distilled).train()
+    base = distilled.tensors("maps.safetensors")
+    partial = store.partial_dir("select", key)
+    train_cfg = replace(_train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every),
+                        p_final=cfg.p_final, p_ramp=cfg.p_ramp, k_mad=cfg.k,
+                        warmup=min(100, max(1, cfg.iters // 10)),
+                        **{k: v for k, v in distilled.manifest["train"].items()
+                           if k in ("lr", "final_lr", "weight_decay", "eps", "grad_clip")})
+    with reporter.task("select", total=cfg.iters) as task:
+        result = progressive_select(model, groups, classes, base["maps"], train_cfg, seed=seed, device=device,
+                                    on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
+                                    resume=_resume_from(partial, reporter, "select"))
+    return result.keep, result.eta, result.rounds, model, base["image_scores"].double().numpy()
+
+
+def selection_csv(images: list[dict], memory_scores, distilled_scores, eta, keep) -> str:
+    """One row per image in input order; rank_in_class 1 = most suspicious (highest final η)."""
+    from .score import ranks_within_class
+
+    classes = [row["class"] for row in images]
+    ranks = ranks_within_class(eta, classes)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class"])
+    for i, row in enumerate(images):
+        distilled = "" if distilled_scores is None else f"{float(distilled_scores[i]):.6f}"
+        writer.writerow([row["path"], row["class"], f"{float(memory_scores[i]):.6f}", distilled,
+                         f"{float(eta[i]):.6f}", int(bool(keep[i])), ranks[i]])
+    return buf.getvalue()
