@@ -310,6 +310,69 @@ def select(
         pipeline.print_select_table(summary)
 
 
+@app.command("eval")
+def evaluate(
+    images: ImagesArg,
+    work: WorkOpt = DEFAULT_WORK,
+    model: Annotated[str, typer.Option("--model", help="select (fine-tuned), distill, or memory (ensemble).")] = "select",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for metrics.json and metrics.csv "
+                                                "[default: WORK/eval].")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write PNG overlays and report.html here.")] = None,
+    report_top: Annotated[int, typer.Option("--report-top", help="Most suspicious images pictured.")] = 24,
+    size: Annotated[int, typer.Option("--size", help="Side of the evaluation maps.")] = 256,
+    sigma: Annotated[float, typer.Option("--sigma", help="Gaussian blur sigma (0 = none).")] = 4.0,
+    kernel: Annotated[int, typer.Option("--kernel", help="Gaussian blur support (odd).")] = 5,
+    top_ratio: Annotated[float, typer.Option("--top-ratio", help="Image score: mean of this top share "
+                                             "of pixels (0 = max).")] = 0.01,
+    mask_threshold: Annotated[float, typer.Option("--mask-threshold", help="GT binarisation: mask > this "
+                                                  "(0 reproduces the reference's > 0).")] = 0.5,
+    fpr_limit: Annotated[float, typer.Option("--fpr-limit", help="AUPRO integration limit.")] = 0.3,
+    method: Annotated[str, typer.Option("--method", help="Selection method when select must run: meds or "
+                                        "memory.")] = "meds",
+    k: Annotated[float, typer.Option("--k", help="Selection threshold margin in MADs.")] = 3.0,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations [default: preset].")] = None,
+    distill_iters: DistillItersOpt = None,
+    width: WidthOpt = None,
+    depth: DepthOpt = None,
+    heads: HeadsOpt = None,
+    banks: BanksOpt = 100,
+    ratio: RatioOpt = 0.1,
+    engine: EngineOpt = "auto",
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    preset: PresetOpt = "auto",
+    batch_size: BatchOpt = None,
+    num_workers: WorkersOpt = 2,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure the detector on the labelled test split and the cleaning on known contaminants."""
+    from . import pipeline
+    from .config import SelectConfig
+    from .evaluate import EvalConfig
+
+    try:
+        run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
+                   num_workers, "auto", None, "top", strict)
+        eval_cfg = EvalConfig(model=model, size=size, sigma=sigma, kernel=kernel, top_ratio=top_ratio,
+                              mask_threshold=mask_threshold, fpr_limit=fpr_limit)
+        select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
+                                  batch_size=run.preset.batch_size)
+        payload = pipeline.eval_stage(
+            run, _score_cfg(banks, ratio, 1, True, True, False, engine, "top1pct", seed),
+            _distill_cfg(run, distill_iters, "mse", width, depth, heads), select_cfg, eval_cfg,
+            out_dir=out or run.work / "eval", report_dir=report, report_top=report_top)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _emit(payload, True, "")
+    else:
+        pipeline.print_metrics_tables(payload)
+
 @app.command("make-noisy")
 def make_noisy(
     root: Annotated[Path, typer.Argument(help="MVTec-layout dataset root (never modified).", show_default=False)],

@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import (DataConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig, resolve_device,
                      resolve_preset)
 from .data import Dataset, discover
+from .evaluate import EvalConfig
 from .extract import ExtractResult, run_extract
 from .store import Store
 from .ui import Reporter, RichReporter
@@ -162,10 +163,9 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None) 
 
 def print_select_table(summary: dict) -> None:
     """The human summary of `select` on stdout: counts per class, then time per stage."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = _stdout_console()
     table = Table(title=f"medsclean select ({summary['method']})", title_justify="left")
     for col in ("class", "images", "kept", "rejected", "tau"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -180,3 +180,143 @@ def print_select_table(summary: dict) -> None:
     if summary["clean_list"]:
         console.print(f"clean list: {summary['clean_list']}")
     console.print(f"details: {summary['select_dir']} (rejected.txt, scores.csv, selection.json)")
+
+
+def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,
+               eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None,
+               report_top: int = 24) -> dict:
+    """Evaluate the detector on the test split and, where contaminants are known, the cleaning.
+
+    Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
+    """
+    import dataclasses
+
+    from . import evaluate as ev
+    from .store import write_json_atomic, write_text_atomic
+
+    if eval_cfg.model == "memory":
+        results = score_stage(run, score_cfg)
+    elif eval_cfg.model == "distill":
+        results = distill_stage(run, score_cfg, distill_cfg)
+    else:
+        results = select_stage(run, score_cfg, distill_cfg, select_cfg)
+    features = results["features"].artifact
+    encoder = features.manifest["encoder"]
+    grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
+    payload: dict = {"model": eval_cfg.model, "protocol": ev.protocol_settings(eval_cfg, preprocess),
+                     "stages": stage_times(results)}
+    sections: dict[str, list[dict]] = {}
+    test_maps = None
+    train_ds = run.dataset()
+    if train_ds.layout == "mvtec" and any((c / "test").is_dir() for c in _categories(train_ds.root)):
+        test_run = dataclasses.replace(run, data=dataclasses.replace(run.data, split="test"))
+        test_features = run_extract(test_run.dataset(), run.store(), run.extract, stage="features-test",
+                                    strict=run.data.strict, reporter=run.reporter)
+        _log_extract(run.reporter, test_features)
+        test_maps = _test_maps(run, test_run.dataset(), test_features.artifact, results, eval_cfg, grid, preprocess)
+        sections["detector"] = ev.detector_metrics(test_maps, eval_cfg)
+    train_maps = None
+    if "select" in results and any(r.label == 1 for r in train_ds.records):
+        train_maps = _train_maps(run, train_ds, results, eval_cfg, grid, preprocess)
+        sections["cleaning"] = ev.cleaning_metrics(train_ds, results["select"].artifact, train_maps, eval_cfg)
+    if not sections:
+        from .errors import DataError
+
+        raise DataError(f"{train_ds.root}: nothing to evaluate: no labelled test split (MVTec layout with test/ and "
+                        f"ground_truth/) and no known contaminants in the training set (medsclean make-noisy)")
+    payload.update(sections)
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "metrics.json", payload)
+    write_text_atomic(out_dir / "metrics.csv", ev.rows_to_csv(sections))
+    payload["files"] = {"metrics_json": str(out_dir / "metrics.json"), "metrics_csv": str(out_dir / "metrics.csv")}
+    if report_dir is not None:
+        selection = results["select"].artifact if "select" in results and train_maps is not None else None
+        payload["files"]["report"] = str(ev.build_report(report_dir, selection, train_maps, test_maps, sections,
+                                                         payload["protocol"], top=report_top))
+    return payload
+
+
+def _categories(root: Path) -> list[Path]:
+    from .data import mvtec_categories
+
+    return mvtec_categories(root)
+
+
+def _records_in_order(dataset: Dataset, art) -> list:
+    by_path = {r.rel_path: r for r in dataset.records}
+    return [by_path[row["path"]] for row in art.manifest["images"]]
+
+
+def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, preprocess):
+    from . import evaluate as ev
+    from .training_stages import load_groups
+
+    records = _records_in_order(test_ds, test_art)
+    if cfg.model == "memory":
+        from .extract import load_features
+
+        memory = load_features(test_art, ["index", "memory"])["memory"]
+        tokens = ev.token_maps_from_memory(results["features"].artifact, results["scores"].artifact, memory,
+                                           [r.cls for r in records], device=run.device)
+    else:
+        groups, _ = load_groups(test_art)
+        tokens = ev.token_maps_from_model(results[cfg.model].artifact, groups, device=run.device)
+    return ev.postprocess(records, tokens, grid, preprocess, cfg)
+
+
+def _train_maps(run: Run, train_ds: Dataset, results: dict, cfg, grid, preprocess):
+    """Training-image maps of the selection's model (method meds) or the Step-1 maps (method memory)."""
+    from . import evaluate as ev
+    from .training_stages import load_groups
+
+    select_art = results["select"].artifact
+    records = _records_in_order(train_ds, select_art)
+    if select_art.manifest["model"] is None:
+        tokens = results["scores"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
+    else:
+        groups, _ = load_groups(results["features"].artifact)
+        tokens = ev.token_maps_from_model(select_art, groups, device=run.device)
+    return ev.postprocess(records, tokens, grid, preprocess, cfg)
+
+
+def print_metrics_tables(payload: dict) -> None:
+    """Rich tables of `eval` on stdout: one per target, a row per class and the mean, in percent."""
+    import math
+
+    from rich.table import Table
+
+    console = _stdout_console()
+    columns = {"detector": ["image_auroc", "image_ap", "aupro", "pixel_ap", "pixel_auroc"],
+               "cleaning": ["precision", "recall", "f1", "ranking_auroc", "ranking_auprc", "inspection_depth",
+                            "train_aupro", "train_pixel_ap"]}
+    labels = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "aupro": "P-AUPRO", "pixel_ap": "P-AP",
+              "pixel_auroc": "P-AUROC", "precision": "prec", "recall": "recall", "f1": "F1",
+              "ranking_auroc": "rank AUROC", "ranking_auprc": "rank AUPRC", "inspection_depth": "insp. depth",
+              "train_aupro": "train P-AUPRO", "train_pixel_ap": "train P-AP"}
+    for section, rows in payload.items():
+        if section not in columns:
+            continue
+        cols = [c for c in columns[section] if any(c in r for r in rows)]
+        table = Table(title=f"{section} ({payload['model']} model)" if section == "detector" else section,
+                      title_justify="left")
+        table.add_column("class")
+        table.add_column("images", justify="right")
+        for c in cols:
+            table.add_column(labels[c], justify="right")
+        for row in rows:
+            cells = [("n/a" if row.get(c) is None or math.isnan(row[c]) else f"{100 * row[c]:.2f}") for c in cols]
+            table.add_row(str(row["class"]), str(row["images"]), *cells,
+                          style="bold" if row["class"] in ("mean", "all (pooled)") else None)
+        console.print(table)
+    console.print("metrics: " + payload["files"]["metrics_json"])
+    if "report" in payload["files"]:
+        console.print("report: " + payload["files"]["report"])
+
+
+def _stdout_console():
+    """A rich console on stdout; piped output gets a wide fixed width so tables are not truncated."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)

@@ -38,7 +38,7 @@ def _train_config(iters: int, batch_size: int, checkpoint_every: int, **override
     return TrainConfig(iters=iters, batch_size=batch_size, checkpoint_every=checkpoint_every, **overrides)
 
 
-def _groups(features: Artifact) -> tuple[list, dict]:
+def load_groups(features: Artifact) -> tuple[list, dict]:
     from .extract import load_features
 
     encoder = features.manifest["encoder"]
@@ -100,7 +100,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     from .selection import image_scores
     from .training import compute_maps, distill
 
-    groups, encoder = _groups(features)
+    groups, encoder = load_groups(features)
     targets = scores.tensors("scores.safetensors", ["maps"])["maps"]
     model_cfg = model_config_for(encoder, cfg)
     model = ReconstructionModel(model_cfg, seed=seed)
@@ -197,7 +197,7 @@ def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: Selec
                device: str, reporter: Reporter):
     from .training import progressive_select
 
-    groups, _ = _groups(features)
+    groups, _ = load_groups(features)
     classes = [row["class"] for row in features.manifest["images"]]
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")

@@ -1,0 +1,270 @@
+"""`medsclean eval`: the detector on a labelled test set, and the cleaning on a labelled training set.
+
+Detector: anomaly maps of the test images from the fine-tuned model (`select`), the distilled
+model (`distill`) or the memory ensemble of the training features (`memory`), post-processed as
+the paper's protocol (bilinear to the crop, resize to 256, 5×5 Gaussian σ 4, image score = mean of
+the top 1 % pixels), scored per class with I-AUROC, I-AP, P-AUROC, P-AP and P-AUPRO.
+Cleaning: precision/recall/F1 of the rejected set, ranking AUROC/AUPRC and inspection depth of
+the selection scores, and pixel metrics of the training maps against the contaminants' masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import Dataset, ImageRecord
+from .errors import DataError, UsageError
+from .images import read_mask
+from .store import Artifact
+
+IMAGE_KEYS = ("image_auroc", "image_ap")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro")
+SELECTION_KEYS = ("precision", "recall", "f1", "ranking_auroc", "ranking_auprc", "inspection_depth")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol; the defaults are the paper's."""
+
+    model: str = "select"
+    size: int = 256
+    sigma: float = 4.0
+    kernel: int = 5
+    top_ratio: float = 0.01
+    mask_threshold: float = 0.5
+    fpr_limit: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.model not in ("select", "distill", "memory"):
+            raise UsageError(f"--model must be select, distill or memory, not {self.model!r}")
+
+
+@dataclass
+class MapSet:
+    """Post-processed maps of a set of images, with what is needed to score and picture them."""
+
+    records: list[ImageRecord]
+    maps: np.ndarray          # (N, size, size) float32
+    scores: np.ndarray        # (N,) float32 image scores
+    masks: np.ndarray | None  # (N, size, size) bool, None when no image has a mask
+
+
+def token_maps_from_model(art: Artifact, groups: list, *, device: str) -> np.ndarray:
+    """(N, H·W) maps of a stored reconstruction model on stored groups."""
+    from .training import compute_maps
+    from .training_stages import load_model
+
+    return compute_maps(load_model(art), groups, device=device).numpy()
+
+
+def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memory, test_classes: list[str], *,
+                           device: str) -> np.ndarray:
+    """(N_test, H·W) memory-ensemble maps of test images against the training set's memories.
+
+    Each class reuses the exact banks of the Step-1 run (image indices within the class's
+    training images), so the test images meet the same memories as the training images did.
+    """
+    import torch
+
+    from .extract import load_features
+    from .memory import memory_scores_exact
+
+    train_memory = load_features(train_features, ["index", "memory"])["memory"]
+    train_classes = [row["class"] for row in train_features.manifest["images"]]
+    per_class = scores.manifest["config"]["per_class"]
+    banks = scores.tensors("banks.safetensors")
+    out = np.zeros((len(test_classes), test_memory.shape[1]), np.float32)
+    for cls in sorted(set(test_classes)):
+        key = cls if per_class else next(iter(k[len("banks/"):] for k in banks))
+        if f"banks/{key}" not in banks:
+            raise DataError(f"class {cls!r} of the test set has no training images; evaluate with a model "
+                            f"(--model select or distill) or add training images of that class")
+        train_idx = [i for i, c in enumerate(train_classes) if c == cls or not per_class]
+        test_idx = [i for i, c in enumerate(test_classes) if c == cls]
+        both = torch.cat([train_memory[train_idx], test_memory[test_idx]])
+        maps = memory_scores_exact(both, banks[f"banks/{key}"].numpy(), leave_self_out=False, device=device)
+        out[test_idx] = maps[len(train_idx):].numpy()
+    return out
+
+
+def postprocess(records: list[ImageRecord], token_maps: np.ndarray, grid: tuple[int, int], preprocess: dict,
+                cfg: EvalConfig) -> MapSet:
+    """Token maps → evaluation maps and image scores; masks cropped and resized the same way."""
+    import torch
+
+    from .maps import crop_masks, postprocess_maps, resize_masks, topk_mean_score
+
+    maps = postprocess_maps(torch.from_numpy(token_maps).reshape(-1, *grid), crop=preprocess["crop"],
+                            size=cfg.size, sigma=cfg.sigma, kernel=cfg.kernel)
+    scores = topk_mean_score(maps, ratio=cfg.top_ratio).numpy()
+    masks = None
+    if any(r.mask is not None for r in records):
+        masks = np.zeros((len(records), cfg.size, cfg.size), bool)
+        for i, r in enumerate(records):
+            if r.mask is None:
+                continue
+            from PIL import Image
+
+            with Image.open(r.path) as img:
+                size = img.size
+            m = torch.from_numpy(read_mask(r.mask, size))[None]
+            m = crop_masks(m, resize=preprocess["resize"], crop=preprocess["crop"])
+            masks[i] = resize_masks(m, size=cfg.size, threshold=cfg.mask_threshold)[0].numpy()
+    return MapSet(records=records, maps=maps.numpy(), scores=scores, masks=masks)
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def detector_metrics(maps: MapSet, cfg: EvalConfig) -> list[dict]:
+    """Per-class I-AUROC, I-AP, P-AUROC, P-AP, P-AUPRO, then their mean over classes."""
+    from .metrics import image_ap_score, image_auroc_score, pixel_metrics
+
+    rows = []
+    classes = np.array([r.cls for r in maps.records])
+    labels = np.array([r.label if r.label is not None else -1 for r in maps.records])
+    if (labels < 0).any():
+        raise DataError("some test images have no label; use the MVTec layout or --masks so every test image "
+                        "is labelled")
+    for cls in sorted(set(classes.tolist())):
+        sel = classes == cls
+        row = {"class": cls, "images": int(sel.sum()), "anomalous": int(labels[sel].sum())}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row["image_auroc"] = image_auroc_score(labels[sel], maps.scores[sel])
+            row["image_ap"] = image_ap_score(labels[sel], maps.scores[sel])
+            if maps.masks is not None:
+                row.update(pixel_metrics(maps.masks[sel], maps.maps[sel], fpr_limit=cfg.fpr_limit))
+            else:
+                row.update({k: float("nan") for k in PIXEL_KEYS})
+        rows.append(row)
+    return rows + [_mean_row(rows, IMAGE_KEYS + PIXEL_KEYS)]
+
+
+def _mean_row(rows: list[dict], keys: tuple[str, ...]) -> dict:
+    mean = {"class": "mean", "images": sum(r["images"] for r in rows)}
+    if "anomalous" in rows[0]:
+        mean["anomalous"] = sum(r["anomalous"] for r in rows)
+    mean.update({k: _nanmean([r.get(k, float("nan")) for r in rows]) for k in keys})
+    return mean
+
+
+def cleaning_metrics(dataset: Dataset, selection: Artifact, train_maps: MapSet | None, cfg: EvalConfig) -> list[dict]:
+    """Per-class selection metrics of a cleaned training set whose contaminants are known."""
+    from .metrics import pixel_metrics, selection_metrics
+
+    by_path = {r.rel_path: r for r in dataset.records}
+    images = selection.manifest["images"]
+    missing = [row["path"] for row in images if row["path"] not in by_path]
+    if missing:
+        raise DataError(f"{missing[0]}: in the selection but not in {dataset.root}; rerun `medsclean select`")
+    labels = np.array([by_path[row["path"]].label or 0 for row in images], dtype=bool)
+    classes = np.array([row["class"] for row in images])
+    tensors = selection.tensors("selection.safetensors")
+    keep, eta = tensors["keep"].numpy().astype(bool), tensors["eta"].double().numpy()
+    rows = []
+    for cls in sorted(set(classes.tolist())):
+        sel = classes == cls
+        row = {"class": cls, "images": int(sel.sum()), "contaminants": int(labels[sel].sum()),
+               "rejected": int((~keep[sel]).sum())}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.update(selection_metrics(labels[sel], ~keep[sel], eta[sel]))
+            if train_maps is not None and train_maps.masks is not None:
+                px = pixel_metrics(train_maps.masks[sel], train_maps.maps[sel], fpr_limit=cfg.fpr_limit)
+                row.update({f"train_{k}": v for k, v in px.items()})
+        rows.append(row)
+    keys = SELECTION_KEYS + tuple(f"train_{k}" for k in PIXEL_KEYS if train_maps is not None)
+    mean = _mean_row(rows, keys)
+    mean["contaminants"] = int(labels.sum())
+    mean["rejected"] = int((~keep).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        overall = selection_metrics(labels, ~keep, eta)
+    return rows + [mean, {"class": "all (pooled)", "images": len(images), "contaminants": int(labels.sum()),
+                          "rejected": int((~keep).sum()), **overall}]
+
+
+def rows_to_csv(sections: dict[str, list[dict]]) -> str:
+    """One CSV for several tables: a `section` column, then the union of the tables' columns."""
+    keys: list[str] = []
+    for rows in sections.values():
+        for row in rows:
+            keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["section", *keys])
+    for section, rows in sections.items():
+        for row in rows:
+            writer.writerow([section, *(f"{row[k]:.6f}" if isinstance(row.get(k), float) else row.get(k, "")
+                                        for k in keys)])
+    return buf.getvalue()
+
+
+def protocol_settings(cfg: EvalConfig, preprocess: dict) -> dict:
+    return {**asdict(cfg), "resize": preprocess["resize"], "crop": preprocess["crop"],
+            "map_upsampling": "bilinear (align_corners) to the crop, bilinear to size",
+            "blur": f"{cfg.kernel}x{cfg.kernel} Gaussian sigma {cfg.sigma}, zero padding",
+            "image_score": f"mean of the top {cfg.top_ratio:.0%} pixels",
+            "gt": f"masks resized like the images, nearest to {cfg.size}, binarised > {cfg.mask_threshold}",
+            "aupro": f"exact, 8-connected regions, integrated to FPR {cfg.fpr_limit} and normalised",
+            "ap": "step-wise (as scikit-learn average_precision_score)"}
+
+
+def _display_image(record: ImageRecord, preprocess: dict, size: int) -> np.ndarray:
+    """The image as the model saw it (resize, centre crop), at the evaluation size: uint8 (size, size, 3)."""
+    from PIL import Image
+
+    from .images import decode_image
+
+    img = decode_image(record.path).resize((preprocess["resize"], preprocess["resize"]), Image.Resampling.BILINEAR)
+    off = (preprocess["resize"] - preprocess["crop"]) // 2
+    img = img.crop((off, off, off + preprocess["crop"], off + preprocess["crop"]))
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def build_report(report_dir: Path, selection: Artifact | None, train_maps: MapSet | None, test_maps: MapSet | None,
+                 sections: dict[str, list[dict]], protocol: dict, *, top: int = 24) -> Path:
+    """Overlays of the most suspicious images and the self-contained `report.html`.
+
+    With a selection, the gallery ranks the training images by their final selection score η
+    and the histograms show kept against rejected images with each class's threshold τ;
+    otherwise it ranks the test images by their image score.
+    """
+    from .report import overlay_png, write_html_report
+
+    report_dir = Path(report_dir)
+    (report_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    preprocess = {"resize": protocol["resize"], "crop": protocol["crop"]}
+    if selection is not None and train_maps is not None:
+        tensors = selection.tensors("selection.safetensors")
+        suspicion, keep = tensors["eta"].double().numpy(), tensors["keep"].numpy().astype(bool)
+        maps, threshold, title = train_maps, selection.manifest["tau"], "medsclean: training-set cleaning"
+    else:
+        maps, threshold, title = test_maps, None, "medsclean: detector on the test set"
+        suspicion, keep = maps.scores.astype(np.float64), None
+    order = np.argsort(-suspicion, kind="stable")[:top]
+    heat_range = (float(np.percentile(maps.maps, 1)), float(np.percentile(maps.maps, 99.9)))
+    overlays = {}
+    for rank, i in enumerate(order, start=1):
+        rec = maps.records[i]
+        mask = maps.masks[i] if maps.masks is not None and rec.mask is not None else None
+        path = report_dir / "overlays" / f"{rank:03d}-{rec.id}.png"
+        overlay_png(_display_image(rec, preprocess, maps.maps.shape[-1]), maps.maps[i], mask, path,
+                    caption=f"#{rank} {rec.rel_path}  score {suspicion[i]:.4f}", heat_range=heat_range)
+        overlays[i] = path.relative_to(report_dir).as_posix()
+    score_rows = [{"path": r.rel_path, "class": r.cls, "score": float(suspicion[i]),
+                   "kept": None if keep is None else bool(keep[i]), "label": r.label, "overlay_png": overlays.get(i)}
+                  for i, r in enumerate(maps.records)]
+    metrics_rows = [{"section": name, **row} for name, rows in sections.items() for row in rows]
+    return write_html_report(report_dir, title=title, metrics_rows=metrics_rows, score_rows=score_rows,
+                             threshold=threshold, settings=protocol)
