@@ -373,6 +373,48 @@ def evaluate(
     else:
         pipeline.print_metrics_tables(payload)
 
+@app.command()
+def demo(
+    work: WorkOpt = DEFAULT_WORK,
+    ratio: Annotated[float, typer.Option("--ratio", help="Contamination ratio r of the demo training set.")] = 0.2,
+    n_train: Annotated[int, typer.Option("--n-train", help="Good training images per category.")] = 40,
+    n_test_good: Annotated[int, typer.Option("--n-test-good", help="Good test images per category.")] = 10,
+    n_test_defect: Annotated[int, typer.Option("--n-test-defect", help="Defective test images per category.")] = 18,
+    size: Annotated[int, typer.Option("--size", help="Side of the generated images.")] = 256,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations [default: preset].")] = None,
+    distill_iters: DistillItersOpt = None,
+    preset: PresetOpt = "auto",
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Generate a contaminated demo dataset from real images, clean it with MeDS, and evaluate."""
+    from . import pipeline
+    from .config import SelectConfig
+    from .demo import DemoConfig, prepare_demo_data
+    from .evaluate import EvalConfig
+
+    try:
+        from .ui import RichReporter
+
+        cfg = DemoConfig(n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect, size=size,
+                         noise_ratio=ratio, seed=seed)
+        noisy = prepare_demo_data(Path(work).resolve(), cfg, RichReporter(quiet=quiet))
+        run = _run(noisy, work, None, None, False, preset, device, seed, quiet)
+        report = run.work / "demo" / "report"
+        payload = pipeline.eval_stage(
+            run, _score_cfg(100, 0.1, 1, True, True, False, "auto", "top1pct", seed),
+            _distill_cfg(run, distill_iters, "mse", None, None, None),
+            SelectConfig(iters=iters or run.preset.select_iters, batch_size=run.preset.batch_size),
+            EvalConfig(), out_dir=run.work / "demo" / "eval", report_dir=report)
+    except MedscleanError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        _emit(payload, True, "")
+    else:
+        pipeline.print_metrics_tables(payload)
+
 @app.command("make-noisy")
 def make_noisy(
     root: Annotated[Path, typer.Argument(help="MVTec-layout dataset root (never modified).", show_default=False)],

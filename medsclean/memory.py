@@ -1,0 +1,684 @@
+"""Step 1 of MeDS: memory-ensemble anomaly maps of the training images themselves.
+
+For one class of N images with patch features f (N, P, D), L2-normalised per patch,
+draw B random memories ("banks"), each the patches of m = ceil(ratio * N) images.
+A patch's score against a bank is its cosine distance ``1 - <f, z>`` to the nearest
+bank patch z (k > 1: the mean of the k smallest distances); its memory score is the
+mean over banks. Higher means more anomalous.
+
+Leave-self-out (the default) never matches an image against its own patches: for
+a bank that contains image i, i is scored against the bank minus i; a bank that
+holds only i is skipped for i, and the mean runs over the remaining banks. When
+every bank is skipped for i (only when each bank is {i}), i is scored against all
+other images of the class instead. A class with a single image then has no memory
+at all and its map is NaN. ``leave_self_out=False`` reproduces the reference code:
+an image in a bank matches its own patches at distance 0.
+
+Banks drawn with replacement can list an image twice; a memory holds each member
+image's patches once, so duplicates change nothing for k = 1 and are not counted
+twice among the k nearest for k > 1.
+
+Two engines give the same maps:
+
+* ``exact`` (torch): one blockwise pass finds, for every patch, its nearest
+  distances to every image of the class; a bank's score is then a minimum over its
+  members. All B banks cost about one all-against-all comparison, 2 N^2 P^2 D FLOPs.
+* ``faiss``: one exact FAISS inner-product index per bank, as the reference does;
+  about ``B * ratio`` times the work of ``exact``, but it runs on faiss-gpu when
+  torch has no GPU, and ``index="ivf"`` trades exactness for speed on huge classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from . import knn
+from .errors import DataError, UsageError
+
+Aggregate = Literal["top1pct", "max"]
+EngineName = Literal["auto", "exact", "faiss"]
+ProgressCallback = Callable[[int, int], None]
+
+ALL_CLASSES = "<all>"
+"""The class key :func:`score_classes` uses when ``per_class=False``."""
+
+_MIB = 2**20
+_FLOAT_BYTES = 4
+CPU_BLOCK_BYTES = 256 * _MIB
+"""Default working-memory target of one exact-engine block on the CPU."""
+GPU_BLOCK_BYTES = 2048 * _MIB
+"""Default working-memory target of one exact-engine block on a GPU."""
+
+
+# ---------------------------------------------------------------------------
+# Banks
+
+
+def bank_size(n_images: int, ratio: float) -> int:
+    """Images per bank: ceil(ratio * n_images), at least 1.
+
+    The product is rounded to 9 decimals first so that float error cannot add an
+    image (0.3 * 10 is 3.0000000000000004 in floating point; this gives 3).
+    """
+    return max(1, math.ceil(round(ratio * n_images, 9)))
+
+
+def draw_banks(
+    n_images: int,
+    n_banks: int = 100,
+    ratio: float = 0.1,
+    *,
+    replace: bool = True,
+    generator: np.random.Generator,
+) -> np.ndarray:
+    """Draw the image indices of each memory bank.
+
+    Args:
+        n_images: N, images in the class.
+        n_banks: B, number of banks.
+        ratio: fraction of the class in one bank (the paper: 0.1).
+        replace: draw each bank with replacement (the paper; an index may repeat
+            within a bank) or without (the Real-IAD variant). Banks are always
+            drawn independently of each other.
+        generator: the source of randomness.
+
+    Returns:
+        (B, m) int64 image indices in [0, N), m = :func:`bank_size`.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be at least 1, got {n_images}")
+    if n_banks < 1:
+        raise UsageError(f"the number of banks must be at least 1, got {n_banks}; raise --banks")
+    if not 0.0 < ratio <= 1.0:
+        raise UsageError(f"the bank ratio must lie in (0, 1], got {ratio}; fix --ratio")
+    width = bank_size(n_images, ratio)
+    if replace:
+        return generator.integers(0, n_images, size=(n_banks, width), dtype=np.int64)
+    rows = [generator.choice(n_images, size=width, replace=False) for _ in range(n_banks)]
+    return np.stack(rows).astype(np.int64)
+
+
+def _check_banks(banks: np.ndarray, n_images: int) -> np.ndarray:
+    banks = np.asarray(banks)
+    if banks.ndim != 2 or banks.shape[0] < 1 or banks.shape[1] < 1:
+        raise ValueError(f"banks must be a non-empty (B, m) array, got shape {banks.shape}")
+    if not np.issubdtype(banks.dtype, np.integer):
+        raise ValueError(f"banks must hold integer image indices, got dtype {banks.dtype}")
+    if banks.min() < 0 or banks.max() >= n_images:
+        raise ValueError(f"bank indices must lie in [0, {n_images}), got [{banks.min()}, {banks.max()}]")
+    return banks.astype(np.int64, copy=False)
+
+
+def bank_members(banks: np.ndarray) -> list[np.ndarray]:
+    """The distinct images of each bank, sorted: B arrays of int64 indices."""
+    return [np.unique(row) for row in np.asarray(banks)]
+
+
+def _padded_members(banks: np.ndarray, pad_index: int) -> torch.Tensor:
+    """(B, max distinct members) int64 table of each bank's distinct images, padded with ``pad_index``."""
+    members = bank_members(banks)
+    width = max(len(row) for row in members)
+    table = torch.full((len(members), width), pad_index, dtype=torch.int64)
+    for row, images in enumerate(members):
+        table[row, : len(images)] = torch.from_numpy(images)
+    return table
+
+
+# ---------------------------------------------------------------------------
+# Shared checks
+
+
+def _as_feature_tensor(features: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The (N, P, D) features as a tensor of their own dtype, without a copy."""
+    tensor = torch.as_tensor(features)
+    if tensor.ndim != 3:
+        raise ValueError(f"features must be (N, P, D), got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] < 1 or tensor.shape[1] < 1:
+        raise ValueError(f"features must hold at least one image and one patch, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def _as_features(features: torch.Tensor | np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, P, D) float32 features on ``device``; float16 input travels as float16, then widens."""
+    return _as_feature_tensor(features).to(device).float()
+
+
+def _check_k(k: int, n_patches: int) -> None:
+    if not 1 <= k <= n_patches:
+        raise UsageError(f"k={k} nearest neighbours must lie in [1, {n_patches}] (patches per image); fix --k")
+
+
+def _report(on_block: ProgressCallback | None, done: int, total: int) -> None:
+    if on_block is not None:
+        on_block(done, total)
+
+
+# ---------------------------------------------------------------------------
+# Exact engine
+
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Block sizes of the exact engine.
+
+    Attributes:
+        query_images: images whose patches are scored together in one block.
+        database_images: images compared against a query block in one matrix product.
+        bank_chunk: banks reduced together.
+    """
+
+    query_images: int
+    database_images: int
+    bank_chunk: int
+
+    def peak_bytes(self, n_images: int, n_patches: int, k: int, n_banks: int, bank_width: int) -> int:
+        """Working memory of one block in bytes, besides the float32 features (N * P * D * 4).
+
+        = 4 * q*P * (c*P  +  (N+1)*k  +  b*w*k  +  B), with q query images, c database
+        images, b banks per chunk and w distinct images per bank.
+        """
+        rows = self.query_images * n_patches
+        floats = rows * (
+            self.database_images * n_patches + (n_images + 1) * k + self.bank_chunk * bank_width * k + n_banks
+        )
+        return _FLOAT_BYTES * floats
+
+
+def plan_exact_blocks(
+    n_images: int,
+    n_patches: int,
+    *,
+    k: int = 1,
+    n_banks: int = 100,
+    bank_width: int = 1,
+    max_block_bytes: int = CPU_BLOCK_BYTES,
+    block_images: int | None = None,
+) -> ExactPlan:
+    """Pick block sizes so that one block's working memory stays near ``max_block_bytes``.
+
+    Half of the budget goes to the similarity block, a quarter to the per-image nearest
+    distances, the rest to the bank reduction. With a tiny budget the blocks shrink to
+    one image, and the memory is then :meth:`ExactPlan.peak_bytes` of that plan.
+    """
+    row_bytes = _FLOAT_BYTES * n_patches
+    if block_images is None:
+        # Per query image: nearest distances (1/4 of the budget), per-bank scores (1/8),
+        # and a similarity block against at least one database image (1/2).
+        per_query_image = row_bytes * max((n_images + 1) * k * 4, n_banks * 8, n_patches * 2)
+        block_images = max_block_bytes // per_query_image
+    query_images = int(min(n_images, max(1, block_images)))
+    rows_bytes = query_images * row_bytes
+    database_images = int(min(n_images, max(1, (max_block_bytes // 2) // (rows_bytes * n_patches))))
+    bank_chunk = int(min(n_banks, max(1, (max_block_bytes // 8) // (rows_bytes * bank_width * k))))
+    return ExactPlan(query_images, database_images, bank_chunk)
+
+
+def _nearest_similarities(
+    queries: torch.Tensor, features: torch.Tensor, k: int, database_images: int, out: torch.Tensor
+) -> None:
+    """Fill ``out`` (R, N+1, k) with each query row's k largest similarities to every image.
+
+    Column N (the padding image of the bank table) is left untouched.
+
+    Args:
+        queries: (R, D) query patches.
+        features: (N, P, D) all patches of the class.
+        k: similarities kept per (query, image) pair, largest first.
+        database_images: images per matrix product.
+        out: (R, N+1, k) output buffer.
+    """
+    n_images, n_patches, dim = features.shape
+    rows = queries.shape[0]
+    buffer = torch.empty(rows * database_images * n_patches, dtype=queries.dtype, device=queries.device)
+    for start in range(0, n_images, database_images):
+        stop = min(n_images, start + database_images)
+        block = features[start:stop].reshape(-1, dim)
+        # A reused output buffer avoids a fresh allocation (and page faults) per product.
+        similarities = buffer[: rows * block.shape[0]].view(rows, block.shape[0])
+        torch.matmul(queries, block.T, out=similarities)
+        per_image = similarities.view(rows, stop - start, n_patches)
+        if k == 1:
+            out[:, start:stop, 0] = per_image.amax(dim=-1)
+        else:
+            out[:, start:stop, :] = per_image.topk(k, dim=-1).values
+
+
+def _mean_of_k_smallest(distances: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the k smallest values along the last dim; +inf where fewer than k are finite."""
+    if k == 1:
+        return distances.amin(dim=-1)
+    return distances.topk(k, dim=-1, largest=False).values.mean(dim=-1)
+
+
+def _reduce_over_banks(
+    nearest: torch.Tensor, member_table: torch.Tensor, k: int, bank_chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's score against every bank, summed over the banks that could score it.
+
+    Args:
+        nearest: (R, N+1, k) ascending nearest distances per image; +inf marks an
+            image that may not be used (the query's own image, the padding column N).
+        member_table: (B, w) distinct members of each bank, padded with N.
+        k: neighbours per score.
+        bank_chunk: banks reduced together.
+
+    Returns:
+        sums: (R,) float32 sum of the bank scores.
+        counts: (R,) float32 number of banks that had an image to compare with.
+    """
+    rows = nearest.shape[0]
+    sums = torch.zeros(rows, dtype=nearest.dtype, device=nearest.device)
+    counts = torch.zeros(rows, dtype=nearest.dtype, device=nearest.device)
+    for start in range(0, member_table.shape[0], bank_chunk):
+        chunk = member_table[start : start + bank_chunk]
+        gathered = nearest[:, chunk.reshape(-1), :].view(rows, chunk.shape[0], -1)  # (R, b, w*k)
+        per_bank = _mean_of_k_smallest(gathered, k)
+        usable = torch.isfinite(per_bank)
+        sums += torch.where(usable, per_bank, 0.0).sum(dim=1)
+        counts += usable.sum(dim=1)
+    return sums, counts
+
+
+def memory_scores_exact(
+    features: torch.Tensor | np.ndarray,
+    banks: np.ndarray,
+    *,
+    k: int = 1,
+    leave_self_out: bool = True,
+    device: str | torch.device = "cpu",
+    block_images: int | None = None,
+    max_block_bytes: int | None = None,
+    on_block: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Memory-ensemble maps of one class, all banks in one pass (see the module docstring).
+
+    Query blocks are streamed: besides the class features (N * P * D float32 on
+    ``device``) the working memory is about ``4 * q*P * (c*P + (N+1)*k + b*w*k + B)``
+    bytes for q query images per block, c database images per product, b banks per
+    reduction chunk and w distinct images per bank (see :func:`plan_exact_blocks`),
+    which keeps it near ``max_block_bytes`` unless a single image already exceeds it.
+
+    Args:
+        features: (N, P, D) L2-normalised patch features (any float dtype; computed in float32).
+        banks: (B, m) image indices of each bank, as from :func:`draw_banks`.
+        k: nearest neighbours per score (1 in the paper).
+        leave_self_out: never match an image against itself (see the module docstring).
+        device: torch device for the matrix products.
+        block_images: query images per block; default from ``max_block_bytes``.
+        max_block_bytes: working-memory target of one block, in bytes; default
+            :data:`CPU_BLOCK_BYTES` on the CPU, :data:`GPU_BLOCK_BYTES` elsewhere.
+        on_block: called with (images done, N) after every query block.
+
+    Returns:
+        (N, P) float32 CPU tensor of memory scores (cosine distances, higher = more anomalous).
+    """
+    features = _as_features(features, device)
+    n_images, n_patches, dim = features.shape
+    banks = _check_banks(banks, n_images)
+    _check_k(k, n_patches)
+    if max_block_bytes is None:
+        max_block_bytes = CPU_BLOCK_BYTES if features.device.type == "cpu" else GPU_BLOCK_BYTES
+    member_table = _padded_members(banks, pad_index=n_images).to(device)
+    plan = plan_exact_blocks(
+        n_images,
+        n_patches,
+        k=k,
+        n_banks=len(banks),
+        bank_width=member_table.shape[1],
+        max_block_bytes=max_block_bytes,
+        block_images=block_images,
+    )
+    maps = torch.empty(n_images, n_patches, dtype=torch.float32)
+    for start in range(0, n_images, plan.query_images):
+        stop = min(n_images, start + plan.query_images)
+        block_maps = _exact_block(features, start, stop, member_table, k, leave_self_out, plan)
+        maps[start:stop] = block_maps.cpu()
+        _report(on_block, stop, n_images)
+    return maps
+
+
+def _exact_block(
+    features: torch.Tensor,
+    start: int,
+    stop: int,
+    member_table: torch.Tensor,
+    k: int,
+    leave_self_out: bool,
+    plan: ExactPlan,
+) -> torch.Tensor:
+    """(stop-start, P) memory scores of query images start..stop-1."""
+    n_images, n_patches, dim = features.shape
+    block = stop - start
+    rows = block * n_patches
+    nearest = torch.empty(rows, n_images + 1, k, dtype=torch.float32, device=features.device)
+    _nearest_similarities(features[start:stop].reshape(rows, dim), features, k, plan.database_images, nearest)
+    torch.sub(1.0, nearest, out=nearest)  # similarities -> distances, ascending along k
+    nearest[:, n_images, :] = math.inf
+    if leave_self_out:
+        own = nearest.view(block, n_patches, n_images + 1, k)
+        own[torch.arange(block), :, torch.arange(start, stop), :] = math.inf
+    sums, counts = _reduce_over_banks(nearest, member_table, k, plan.bank_chunk)
+    scores = sums / counts
+    unscored = counts == 0
+    if unscored.any():
+        # No bank held another image: fall back to every other image of the class.
+        fallback = _mean_of_k_smallest(nearest[unscored, :n_images, :].reshape(int(unscored.sum()), -1), k)
+        scores[unscored] = torch.where(torch.isfinite(fallback), fallback, math.nan)
+    return scores.view(block, n_patches)
+
+
+# ---------------------------------------------------------------------------
+# FAISS engine
+
+
+def _search_distances(
+    faiss_index, queries: np.ndarray, k: int, n_patches: int, exclude_position: np.ndarray | None
+) -> np.ndarray:
+    """Mean distance of each query row to its k nearest indexed rows, NaN where fewer than k are found.
+
+    Args:
+        faiss_index: index over the patches of a list of images, P rows per image.
+        queries: (R, D) query patches.
+        k: neighbours per score.
+        n_patches: P, rows per indexed image.
+        exclude_position: (R,) position, within the indexed images, of the image each
+            query row must not match (its own), or None to allow every row.
+
+    Returns:
+        (R,) float64 mean cosine distances.
+    """
+    search_k = k if exclude_position is None else min(k + n_patches, faiss_index.ntotal)
+    similarities, ids = knn.search_inner_product(faiss_index, queries, search_k)
+    if exclude_position is not None:
+        own = (ids // n_patches) == exclude_position[:, None]
+        similarities = np.where(own & (ids >= 0), -np.inf, similarities)
+        similarities = -np.sort(-similarities, axis=1)
+    top = similarities[:, :k].astype(np.float64)
+    distances = 1.0 - top
+    distances[~np.isfinite(top)] = np.nan
+    return distances.mean(axis=1)
+
+
+def _accumulate(sums: np.ndarray, counts: np.ndarray, images: np.ndarray, distances: np.ndarray) -> None:
+    """Add one bank's (len(images), P) distances to the running sums, skipping NaN (nothing found)."""
+    found = ~np.isnan(distances)
+    sums[images] += np.where(found, distances, 0.0)
+    counts[images] += found
+
+
+def memory_scores_faiss(
+    features: torch.Tensor | np.ndarray,
+    banks: np.ndarray,
+    *,
+    k: int = 1,
+    leave_self_out: bool = True,
+    use_gpu: bool | None = None,
+    index: knn.IndexKind = "flat",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    seed: int = 0,
+    on_block: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Memory-ensemble maps of one class with one FAISS index per bank.
+
+    Images outside a bank search its index for their k nearest patches. Under
+    leave-self-out the bank's own members search the same index for k + P
+    neighbours and drop those of their own image (at most P), which is exact for
+    ``index="flat"`` and costs a larger result heap for about ``ratio`` of the
+    queries. Total work is about ``B * ratio`` all-against-all passes.
+    (faiss-gpu limits k + P to 2048.)
+
+    With ``index="ivf"`` the search is approximate; a patch for which a bank returns
+    no neighbour skips that bank.
+
+    Args:
+        features: (N, P, D) L2-normalised patch features.
+        banks: (B, m) image indices of each bank, as from :func:`draw_banks`.
+        k: nearest neighbours per score.
+        leave_self_out: never match an image against itself (see the module docstring).
+        use_gpu: faiss-gpu on/off; None uses it when available.
+        index: "flat" (exact) or "ivf" (approximate).
+        nlist: IVF lists per bank index (default :func:`medsclean.knn.default_nlist`).
+        nprobe: IVF lists visited per query (default :func:`medsclean.knn.default_nprobe`).
+        seed: seed of the IVF k-means.
+        on_block: called with (banks done, B) after every bank.
+
+    Returns:
+        (N, P) float32 CPU tensor of memory scores.
+    """
+    array = np.ascontiguousarray(_as_features(features).numpy())
+    n_images, n_patches, dim = array.shape
+    banks = _check_banks(banks, n_images)
+    _check_k(k, n_patches)
+    sums = np.zeros((n_images, n_patches))
+    counts = np.zeros((n_images, n_patches))
+    options = dict(index=index, use_gpu=use_gpu, nlist=nlist, nprobe=nprobe, seed=seed)
+    for done, members in enumerate(bank_members(banks), start=1):
+        faiss_index = knn.build_inner_product_index(array[members].reshape(-1, dim), **options)
+        if leave_self_out:
+            outside = np.setdiff1d(np.arange(n_images), members)
+            inside = members if len(members) > 1 else members[:0]  # a bank of only i is skipped for i
+        else:
+            outside, inside = np.arange(n_images), members[:0]
+        for images, is_member in ((outside, False), (inside, True)):
+            if len(images) == 0:
+                continue
+            exclude = np.repeat(np.searchsorted(members, images), n_patches) if is_member else None
+            distances = _search_distances(faiss_index, array[images].reshape(-1, dim), k, n_patches, exclude)
+            _accumulate(sums, counts, images, distances.reshape(len(images), n_patches))
+        _report(on_block, done, len(banks))
+    scores = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    unscored = np.flatnonzero((counts == 0).any(axis=1))
+    if len(unscored) and n_images > 1:
+        # No bank held another image: fall back to every other image of the class.
+        faiss_index = knn.build_inner_product_index(array.reshape(-1, dim), **options)
+        exclude = np.repeat(unscored, n_patches)
+        fallback = _search_distances(faiss_index, array[unscored].reshape(-1, dim), k, n_patches, exclude)
+        scores[unscored] = np.where(counts[unscored] == 0, fallback.reshape(-1, n_patches), scores[unscored])
+    return torch.from_numpy(scores.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------
+# Engine choice, image scores, classes
+
+
+class EngineChoice(NamedTuple):
+    """The engine ``auto`` picked and why, in one line for the log."""
+
+    name: Literal["exact", "faiss"]
+    reason: str
+
+
+def exact_flops(n_images: int, n_patches: int, dim: int) -> float:
+    """FLOPs of the exact engine's distance products: 2 * N^2 * P^2 * D."""
+    return 2.0 * n_images**2 * n_patches**2 * dim
+
+
+def bank_flops(n_images: int, n_patches: int, dim: int, *, n_banks: int = 100, ratio: float = 0.1) -> float:
+    """FLOPs of searching every bank separately (FAISS engine, reference): 2 * N*P * m*P * D * B."""
+    return 2.0 * n_images * n_patches * bank_size(n_images, ratio) * n_patches * dim * n_banks
+
+
+def choose_engine(
+    n_images: int,
+    n_patches: int,
+    dim: int,
+    *,
+    device: str | torch.device,
+    faiss_gpu: bool | None = None,
+    n_banks: int = 100,
+    ratio: float = 0.1,
+) -> EngineChoice:
+    """The engine ``--engine auto`` runs for one class.
+
+    The exact engine does the least work (one all-against-all pass instead of about
+    ``B * ratio``), so it wins wherever torch has the fastest device. FAISS is picked
+    only when faiss-gpu sees a GPU that torch was not given.
+
+    Args:
+        n_images: N, images in the class (the largest class when one engine serves all).
+        n_patches: P, patches per image.
+        dim: D, feature width.
+        device: the torch device the exact engine would run on.
+        faiss_gpu: whether faiss-gpu sees a GPU; None asks :func:`medsclean.knn.gpu_count`.
+        n_banks: B.
+        ratio: bank ratio.
+
+    Returns:
+        (name, reason); unpacks as a pair.
+    """
+    device = torch.device(device)
+    if faiss_gpu is None:
+        faiss_gpu = knn.gpu_count() > 0
+    one_pass = exact_flops(n_images, n_patches, dim)
+    per_bank = bank_flops(n_images, n_patches, dim, n_banks=n_banks, ratio=ratio)
+    work = f"exact {one_pass / 1e12:.3g} TFLOP vs per-bank search {per_bank / 1e12:.3g} TFLOP"
+    if device.type != "cpu":
+        return EngineChoice("exact", f"torch on {device}: {work}")
+    if faiss_gpu:
+        return EngineChoice("faiss", f"faiss-gpu sees a GPU and torch runs on the CPU ({work})")
+    return EngineChoice("exact", f"CPU only: {work}")
+
+
+def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top1pct") -> torch.Tensor:
+    """One score per image from its patch map.
+
+    Args:
+        maps: (N, P) patch scores, higher = more anomalous.
+        aggregate: "top1pct", the mean of the max(1, P // 100) largest values (the
+            reference code's image score; P // 100 equals its int(0.01 * P)), or "max".
+
+    Returns:
+        (N,) float32 image scores; NaN for a map holding NaN.
+    """
+    maps = torch.as_tensor(maps).float()
+    if maps.ndim != 2:
+        raise ValueError(f"maps must be (N, P), got shape {tuple(maps.shape)}")
+    if aggregate == "max":
+        return maps.amax(dim=1)
+    if aggregate == "top1pct":
+        count = max(1, maps.shape[1] // 100)
+        return maps.topk(count, dim=1).values.mean(dim=1)
+    raise UsageError(f"unknown image aggregate {aggregate!r}; use 'top1pct' or 'max'")
+
+
+def stable_class_hash(label: Hashable) -> int:
+    """A 64-bit hash of ``str(label)`` that is the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(str(label).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def class_generator(seed: int, label: Hashable) -> np.random.Generator:
+    """The bank generator of one class, derived from the run seed and the class name."""
+    return np.random.default_rng([seed, stable_class_hash(label)])
+
+
+def _group_images(classes: Sequence[Hashable], per_class: bool) -> dict[Hashable, np.ndarray]:
+    if not per_class:
+        return {ALL_CLASSES: np.arange(len(classes))}
+    groups: dict[Hashable, list[int]] = {}
+    for position, label in enumerate(classes):
+        groups.setdefault(label, []).append(position)
+    return {label: np.asarray(positions, dtype=np.int64) for label, positions in groups.items()}
+
+
+def score_classes(
+    features: torch.Tensor | np.ndarray,
+    classes: Sequence[Hashable],
+    *,
+    n_banks: int = 100,
+    ratio: float = 0.1,
+    k: int = 1,
+    replace: bool = True,
+    per_class: bool = True,
+    leave_self_out: bool = True,
+    engine: EngineName = "auto",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    faiss_index: knn.IndexKind = "flat",
+    max_block_bytes: int | None = None,
+    on_engine: Callable[[Hashable, EngineChoice], None] | None = None,
+    on_progress: Callable[[Hashable, int, int], None] | None = None,
+    on_class: Callable[[Hashable], None] | None = None,
+) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
+    """Memory-ensemble maps of a whole training set, class by class.
+
+    Each class (or, with ``per_class=False``, the whole set under the key
+    :data:`ALL_CLASSES`) draws its banks from :func:`class_generator` (seed, class
+    name), so a class's banks do not depend on the other classes or on image order
+    across classes, and the same seed gives identical output.
+
+    Args:
+        features: (N, P, D) L2-normalised patch features of all images.
+        classes: N class labels, one per image.
+        n_banks: B banks per class.
+        ratio: fraction of the class per bank.
+        k: nearest neighbours per score.
+        replace: draw banks with replacement (the paper) or without.
+        per_class: score each class against its own images, or all images together.
+        leave_self_out: never match an image against itself.
+        engine: "exact", "faiss" or "auto" (:func:`choose_engine`).
+        seed: non-negative run seed.
+        device: torch device of the exact engine.
+        faiss_index: "flat" or "ivf" for the FAISS engine.
+        max_block_bytes: block memory target of the exact engine (default by device).
+        on_engine: called with (class, EngineChoice) before a class is scored.
+        on_progress: called with (class, done, total) as a class advances.
+        on_class: called with the class label when a class is finished.
+
+    Returns:
+        maps: (N, P) float32 memory scores in the input order.
+        banks: class -> (B, m) int64 tensor of banks as positions into ``features``.
+
+    Raises:
+        DataError: a class has a single image under leave-self-out.
+        UsageError: an unknown engine or an invalid option.
+    """
+    features = _as_feature_tensor(features)  # stays float16 if stored so; engines widen one class at a time
+    if len(classes) != features.shape[0]:
+        raise ValueError(f"got {len(classes)} class labels for {features.shape[0]} feature maps")
+    if engine not in ("auto", "exact", "faiss"):
+        raise UsageError(f"unknown engine {engine!r}; use 'auto', 'exact' or 'faiss'")
+    n_images, n_patches, dim = features.shape
+    maps = torch.empty(n_images, n_patches, dtype=torch.float32)
+    banks_per_class: dict[Hashable, torch.Tensor] = {}
+    for label, positions in _group_images(classes, per_class).items():
+        if leave_self_out and len(positions) < 2:
+            raise DataError(
+                f"class {label!r} has a single training image, so leave-self-out has no memory for it; "
+                "add images to the class or pass --include-self"
+            )
+        generator = class_generator(seed, label)
+        local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator)
+        choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio)
+        if on_engine is not None:
+            on_engine(label, choice)
+        progress = None if on_progress is None else (lambda done, total, label=label: on_progress(label, done, total))
+        options = dict(k=k, leave_self_out=leave_self_out, on_block=progress)
+        if choice.name == "exact":
+            options.update(device=device, max_block_bytes=max_block_bytes)
+        else:
+            options.update(index=faiss_index, seed=seed)
+        engine_function = memory_scores_exact if choice.name == "exact" else memory_scores_faiss
+        rows = torch.from_numpy(positions)
+        maps[rows] = engine_function(features[rows], local_banks, **options)
+        banks_per_class[label] = torch.from_numpy(positions[local_banks])
+        if on_class is not None:
+            on_class(label)
+    return maps, banks_per_class
+
+
+def _resolve_engine(
+    engine: EngineName, n_images: int, n_patches: int, dim: int, device, n_banks: int, ratio: float
+) -> EngineChoice:
+    if engine == "auto":
+        return choose_engine(
+            n_images, n_patches, dim, device=device, faiss_gpu=knn.gpu_count() > 0, n_banks=n_banks, ratio=ratio
+        )
+    return EngineChoice(engine, f"--engine {engine}")
