@@ -42,6 +42,8 @@ StrictOpt = Annotated[bool, typer.Option("--strict", help="Fail on an unreadable
 PresetOpt = Annotated[str, typer.Option("--preset", help="auto (paper on GPU, cpu otherwise), cpu or paper.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per encoder batch.")]
 WorkersOpt = Annotated[int, typer.Option("--num-workers", help="Image-decoding worker processes.")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Square resize before the crop [default: preset].")]
+CropOpt = Annotated[Optional[int], typer.Option("--crop", help="Centre-crop side [default: preset].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")]
 
 BanksOpt = Annotated[int, typer.Option("--banks", help="Number of random memories B.")]
@@ -106,8 +108,8 @@ def extract(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     preset: PresetOpt = "auto",
-    resize: Annotated[Optional[int], typer.Option(help="Square resize before the crop [default: preset].")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="Centre-crop side [default: preset].")] = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch_size: BatchOpt = None,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -138,11 +140,11 @@ def extract(
 
 
 def _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size=None, num_workers=2,
-         layout="auto", masks=None, class_from="top", strict=False, split="train"):
+         layout="auto", masks=None, class_from="top", strict=False, split="train", resize=None, crop=None):
     from . import pipeline
 
     return pipeline.build_run(images=images, work=work, backbone=backbone, weights=weights, random_init=random_init,
-                              preset=preset, batch_size=batch_size, num_workers=num_workers, device=device,
+                              preset=preset, resize=resize, crop=crop, batch_size=batch_size, num_workers=num_workers, device=device,
                               seed=seed, layout=layout, split=split, masks=masks, class_from=class_from,
                               strict=strict, quiet=quiet)
 
@@ -178,6 +180,8 @@ def score(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     preset: PresetOpt = "auto",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch_size: BatchOpt = None,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -195,7 +199,7 @@ def score(
 
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
-                   num_workers, layout, masks, class_from, strict)
+                   num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
         results = pipeline.score_stage(run, _score_cfg(banks, ratio, k, replace, per_class, include_self, engine,
                                                        aggregate, seed), force=force)
     except MedscleanError as exc:
@@ -225,6 +229,8 @@ def distill(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     preset: PresetOpt = "auto",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch_size: BatchOpt = None,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -242,7 +248,7 @@ def distill(
 
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
-                   num_workers, layout, masks, class_from, strict)
+                   num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
         results = pipeline.distill_stage(
             run, _score_cfg(banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
             _distill_cfg(run, iters, loss, width, depth, heads), force=force)
@@ -277,6 +283,8 @@ def select(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     preset: PresetOpt = "auto",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch_size: BatchOpt = None,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -295,7 +303,7 @@ def select(
 
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
-                   num_workers, layout, masks, class_from, strict)
+                   num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
         select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
                                   batch_size=run.preset.batch_size)
         results = pipeline.select_stage(
@@ -342,6 +350,8 @@ def evaluate(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     preset: PresetOpt = "auto",
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
     batch_size: BatchOpt = None,
     num_workers: WorkersOpt = 2,
     device: DeviceOpt = "auto",
@@ -357,7 +367,7 @@ def evaluate(
 
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
-                   num_workers, "auto", None, "top", strict)
+                   num_workers, "auto", None, "top", strict, resize=resize, crop=crop)
         eval_cfg = EvalConfig(model=model, size=size, sigma=sigma, kernel=kernel, top_ratio=top_ratio,
                               mask_threshold=mask_threshold, fpr_limit=fpr_limit)
         select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
