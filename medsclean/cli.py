@@ -26,7 +26,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-ImagesArg = Annotated[Path, typer.Argument(help="Image folder or MVTec-layout dataset root.", show_default=False)]
+ImagesArg = Annotated[Path, typer.Argument(help="Image folder or MVTec-layout dataset root.", show_default=False,
+                                          metavar="IMAGES")]
 WorkOpt = Annotated[Path, typer.Option("--work", help="Work folder for cached stages (never inside the images).")]
 BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", help="timm model name [default: from the preset].")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="Local .safetensors/.pth backbone weights, loaded strictly.")]
