@@ -94,7 +94,8 @@ def preprocess_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
     Returns:
         float32 array of shape (3, crop, crop).
     """
-    resized = img.resize((spec.resize, spec.resize), _RESAMPLE[spec.interpolation])
+    size = (spec.resize, spec.resize)
+    resized = img if img.size == size else img.resize(size, _RESAMPLE[spec.interpolation])
     off = (spec.resize - spec.crop) // 2
     cropped = resized.crop((off, off, off + spec.crop, off + spec.crop))
     arr = np.asarray(cropped, dtype=np.float32) / 255.0

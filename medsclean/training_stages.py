@@ -38,6 +38,11 @@ def _train_config(iters: int, batch_size: int, checkpoint_every: int, **override
     return TrainConfig(iters=iters, batch_size=batch_size, checkpoint_every=checkpoint_every, **overrides)
 
 
+def warmup_steps(iters: int) -> int:
+    """Linear warm-up length: the paper's 100 steps (1 % of 10k), at least 10, shorter for short runs."""
+    return min(100, max(10, iters // 100), max(1, iters // 2))
+
+
 def load_groups(features: Artifact) -> tuple[list, dict]:
     from .extract import load_features
 
@@ -108,7 +113,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     if force:
         (partial / CHECKPOINT).unlink(missing_ok=True)
     train_cfg = _train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every, loss=cfg.loss, lr=cfg.lr,
-                              final_lr=cfg.final_lr, warmup=min(cfg.warmup, max(1, cfg.iters // 10)))
+                              final_lr=cfg.final_lr, warmup=min(cfg.warmup, warmup_steps(cfg.iters)))
     with reporter.task("distill", total=cfg.iters) as task:
         history = distill(model, groups, targets, train_cfg, seed=seed, device=device,
                           on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
@@ -203,8 +208,8 @@ def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: Selec
     base = distilled.tensors("maps.safetensors")
     partial = store.partial_dir("select", key)
     train_cfg = replace(_train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every),
-                        p_final=cfg.p_final, p_ramp=cfg.p_ramp, k_mad=cfg.k,
-                        warmup=min(100, max(1, cfg.iters // 10)),
+                        p_final=cfg.p_final, p_ramp=cfg.ramp_steps, k_mad=cfg.k,
+                        warmup=warmup_steps(cfg.iters),
                         **{k: v for k, v in distilled.manifest["train"].items()
                            if k in ("lr", "final_lr", "weight_decay", "eps", "grad_clip")})
     with reporter.task("select", total=cfg.iters) as task:

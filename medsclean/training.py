@@ -1,0 +1,494 @@
+"""Steps 2 and 3 as training loops over stored encoder features.
+
+`distill` (Step 2) teaches a freshly initialised `ReconstructionModel` to reproduce the
+Step-1 memory-ensemble maps. `progressive_select` (Step 3) fine-tunes the distilled model
+as a detector on a clean subset that it re-selects before every pass over the data.
+The encoder never runs: both work on the stored (N, L, C_g) float16 groups, moving one
+batch at a time to the device in float32.
+
+Determinism and resuming: the data order comes from a private torch.Generator and the
+dropout masks from the global torch RNG, which both loops fork (torch.random.fork_rng)
+and seed from `seed` on entry, so the caller's RNG is untouched and two runs with the
+same seed on the same device and thread count give the same weights. A checkpoint holds
+the model, the optimiser state, both RNG states and the current pass order; resuming
+from it reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DataError, MedscleanError, UsageError
+from .losses import LOSS_KINDS, hard_mining_cosine_loss, map_regression_loss, p_schedule
+from .model import ModelConfig, ReconstructionModel
+from .optim import StableAdamW, load_optimizer_state_tensors, optimizer_state_tensors, warm_cosine_lr
+from .selection import alpha, blend_scores, image_scores, select_per_class
+
+StepCallback = Callable[[int, dict], None]
+"""on_step(step, record): step = iterations done (1..iters); record = {"loss", "lr"}."""
+CheckpointCallback = Callable[[dict[str, Tensor], dict], None]
+"""checkpoint(state, meta): flat CPU tensors (safe to keep or save) and JSON-able metadata."""
+Resume = tuple[dict[str, Tensor], dict]
+"""A (state, meta) pair exactly as handed to a checkpoint callback."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters shared by Step 2 and Step 3 (each has its own iteration count).
+
+    Attributes:
+        iters: optimisation steps (T in Step 3).
+        batch_size: images per step; a training set smaller than this is used whole.
+        lr: peak learning rate, reached after the warm-up.
+        final_lr: learning rate at the last step (cosine decay).
+        warmup: linear warm-up steps from 0.
+        weight_decay: decoupled weight decay of StableAdamW.
+        eps: StableAdamW epsilon.
+        grad_clip: max global L2 norm of the gradient.
+        loss: Step-2 map loss, "mse" or "l1" (times 10).
+        p_final: Step-3 hard-mining share of damped easy points, reached after p_ramp steps.
+        p_ramp: steps of the linear ramp of p.
+        mining_factor: gradient multiplier of the easy points in Step 3.
+        k_mad: Step-3 selection margin in MADs at t = T.
+        checkpoint_every: steps between checkpoint callbacks; 0 = only at the end.
+    """
+
+    iters: int
+    batch_size: int = 16
+    lr: float = 2e-3
+    final_lr: float = 2e-4
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    eps: float = 1e-10
+    grad_clip: float = 0.1
+    loss: str = "mse"
+    p_final: float = 0.5
+    p_ramp: int = 1000
+    mining_factor: float = 0.1
+    k_mad: float = 3.0
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise UsageError(f"iters must be >= 1, not {self.iters}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, not {self.batch_size}")
+        if self.loss not in LOSS_KINDS:
+            raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, not {self.loss!r}")
+        if not 0.0 <= self.p_final <= 1.0:
+            raise UsageError(f"p_final must lie in [0, 1], not {self.p_final}")
+        if self.checkpoint_every < 0:
+            raise UsageError(f"checkpoint_every must be >= 0, not {self.checkpoint_every}")
+
+    def to_dict(self) -> dict:
+        """JSON-able form; `TrainConfig(**d)` rebuilds it."""
+        return asdict(self)
+
+
+@dataclass
+class SelectionResult:
+    """Outcome of Step 3.
+
+    Attributes:
+        keep: (N,) bool, True for images selected as clean by the final re-selection at t = T.
+        eta: (N,) float64 selection scores at t = T (the fine-tuned model's image scores).
+        rounds: one record per re-selection, in order: {"t", "alpha", "tau": {class: float},
+            "kept": {class: int}, "size": {class: int}}; the last one (t = T) has "final": True.
+        history: {"loss": [...], "lr": [...]} per iteration.
+    """
+
+    keep: np.ndarray
+    eta: np.ndarray
+    rounds: list[dict]
+    history: dict[str, list[float]]
+
+
+@dataclass
+class _Progress:
+    """What a loop must remember between steps besides the model and optimiser."""
+
+    step: int = 0
+    order: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    position: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "lr": []})
+
+
+def check_features(config: ModelConfig, groups: Sequence[Tensor]) -> tuple[int, int]:
+    """Check stored groups against a model config.
+
+    Args:
+        config: the model that will read them.
+        groups: G tensors (N, L, C_g).
+
+    Returns:
+        (N, P): number of images and of spatial tokens, P = L - n_prefix.
+
+    Raises:
+        DataError: on a count, shape or width that does not fit.
+    """
+    if len(groups) != len(config.group_dims):
+        raise DataError(
+            f"stored features have {len(groups)} reconstruction groups but the model expects "
+            f"{len(config.group_dims)}: recompute the features with the model's backbone"
+        )
+    n_images, length = groups[0].shape[:2] if groups[0].ndim == 3 else (0, 0)
+    for index, (tensor, width) in enumerate(zip(groups, config.group_dims)):
+        if tensor.ndim != 3 or tuple(tensor.shape) != (n_images, length, width):
+            raise DataError(
+                f"stored feature group {index} has shape {tuple(tensor.shape)}, expected "
+                f"({n_images}, {length}, {width}): recompute the features"
+            )
+    if n_images < 1:
+        raise DataError("no stored features: the training set is empty")
+    if length <= config.n_prefix:
+        raise DataError(f"stored features have {length} tokens, not more than n_prefix={config.n_prefix}")
+    return n_images, length - config.n_prefix
+
+
+def _check_maps(maps: Tensor | np.ndarray, shape: tuple[int, int], what: str) -> Tensor:
+    values = torch.as_tensor(maps, dtype=torch.float32)
+    if tuple(values.shape) != shape:
+        raise DataError(
+            f"{what} have shape {tuple(values.shape)} but the features hold {shape[0]} images of "
+            f"{shape[1]} patches: recompute them from the same features"
+        )
+    return values
+
+
+def _derive_seeds(seed: int) -> tuple[int, int]:
+    shuffle_seed, dropout_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(shuffle_seed), int(dropout_seed)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@contextmanager
+def _private_rng(device: torch.device, seed: int):
+    """Fork the global CPU (and this CUDA device's) RNG and seed it; the caller's streams are restored after."""
+    devices = [_cuda_index(device)] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(_cuda_index(device)):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def _rng_tensors(device: torch.device, shuffler: torch.Generator) -> dict[str, Tensor]:
+    states = {"rng.torch": torch.get_rng_state(), "rng.shuffle": shuffler.get_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _batches_per_pass(n_selected: int, batch_size: int) -> int:
+    """drop_last batching; a set smaller than one batch forms a single batch."""
+    if n_selected == 0:
+        return 0
+    return max(1, n_selected // batch_size)
+
+
+def _batch(order: Tensor, position: int, batch_size: int) -> Tensor:
+    size = min(batch_size, len(order))
+    return order[position * size : (position + 1) * size]
+
+
+def _checkpoint_state(model, optimizer, shuffler, device, progress: _Progress) -> dict[str, Tensor]:
+    state = {f"model.{name}": value.detach().cpu().clone() for name, value in model.state_dict().items()}
+    state.update({f"optim.{name}": value for name, value in optimizer_state_tensors(optimizer).items()})
+    state.update(_rng_tensors(device, shuffler))
+    state["data.order"] = progress.order.clone()
+    return state
+
+
+def _checkpoint_meta(stage: str, cfg: TrainConfig, n_images: int, progress: _Progress, extra: dict) -> dict:
+    return {
+        "stage": stage,
+        "step": progress.step,
+        "iters": cfg.iters,
+        "n_images": n_images,
+        "pass_position": progress.position,
+        "history": {name: list(values) for name, values in progress.history.items()},
+        **extra,
+    }
+
+
+def _restore(
+    resume: Resume, stage: str, cfg: TrainConfig, n_images: int, model, optimizer, shuffler, device
+) -> _Progress:
+    state, meta = resume
+    if meta.get("stage") != stage:
+        raise UsageError(f"the checkpoint to resume is from stage {meta.get('stage')!r}, not {stage!r}")
+    if meta.get("iters") != cfg.iters or meta.get("n_images") != n_images:
+        raise UsageError(
+            f"the checkpoint was written for {meta.get('iters')} iterations on {meta.get('n_images')} images, "
+            f"this run has {cfg.iters} on {n_images}: resume with the original settings or start afresh"
+        )
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    optimizer_state = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
+    load_optimizer_state_tensors(optimizer, optimizer_state)
+    torch.set_rng_state(state["rng.torch"])
+    shuffler.set_state(state["rng.shuffle"])
+    if device.type == "cuda" and "rng.cuda" in state:
+        torch.cuda.set_rng_state(state["rng.cuda"], device)
+    history = {name: list(values) for name, values in meta["history"].items()}
+    return _Progress(meta["step"], state["data.order"].long().clone(), meta["pass_position"], history)
+
+
+def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: float, grad_clip: float) -> None:
+    """One update: backward, clip the global gradient norm, step at learning rate lr."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+
+
+def _run_iterations(
+    model: ReconstructionModel,
+    groups: Sequence[Tensor],
+    cfg: TrainConfig,
+    *,
+    stage: str,
+    seed: int,
+    device: torch.device,
+    batch_loss: Callable[[list[Tensor], Tensor, int], Tensor],
+    next_pass: Callable[[int], Tensor],
+    on_step: StepCallback | None,
+    checkpoint: CheckpointCallback | None,
+    resume: Resume | None,
+    extra_meta: Callable[[], dict] = dict,
+) -> dict[str, list[float]]:
+    """The loop shared by both steps: passes of shuffled batches until cfg.iters steps.
+
+    batch_loss(batch_groups, batch_indices, step) gives the loss of one batch;
+    next_pass(step) gives the image indices of the next pass (non-empty).
+    """
+    n_images = groups[0].shape[0]
+    params = list(model.parameters())
+    optimizer = StableAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    shuffle_seed, dropout_seed = _derive_seeds(seed)
+    shuffler = torch.Generator().manual_seed(shuffle_seed)
+    with _private_rng(device, dropout_seed):
+        progress = _Progress()
+        if resume is not None:
+            progress = _restore(resume, stage, cfg, n_images, model, optimizer, shuffler, device)
+        while progress.step < cfg.iters:
+            if progress.position >= _batches_per_pass(len(progress.order), cfg.batch_size):
+                selected = next_pass(progress.step)
+                progress.order = selected[torch.randperm(len(selected), generator=shuffler)]
+                progress.position = 0
+            batch = _batch(progress.order, progress.position, cfg.batch_size)
+            progress.position += 1
+            model.train()
+            batch_groups = [g[batch].to(device=device, dtype=torch.float32) for g in groups]
+            loss = batch_loss(batch_groups, batch, progress.step)
+            loss_value = float(loss.item())
+            if not np.isfinite(loss_value):
+                raise MedscleanError(
+                    f"{stage}: the loss became {loss_value} at iteration {progress.step}; lower the learning rate"
+                )
+            lr = warm_cosine_lr(
+                progress.step, base_lr=cfg.lr, final_lr=cfg.final_lr, warmup=cfg.warmup, total=cfg.iters
+            )
+            _optimise(optimizer, params, loss, lr, cfg.grad_clip)
+            progress.step += 1
+            progress.history["loss"].append(loss_value)
+            progress.history["lr"].append(lr)
+            if on_step is not None:
+                on_step(progress.step, {"loss": loss_value, "lr": lr})
+            due = cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0
+            if checkpoint is not None and (due or progress.step == cfg.iters):
+                meta = _checkpoint_meta(stage, cfg, n_images, progress, extra_meta())
+                checkpoint(_checkpoint_state(model, optimizer, shuffler, device, progress), meta)
+    return progress.history
+
+
+def distill(
+    model: ReconstructionModel,
+    groups: Sequence[Tensor],
+    targets: Tensor | np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    on_step: StepCallback | None = None,
+    checkpoint: CheckpointCallback | None = None,
+    resume: Resume | None = None,
+) -> dict[str, list[float]]:
+    """Step 2: train the model to reproduce the memory-ensemble maps, 10 * MSE (or L1).
+
+    All images, shuffled again every pass, batches of cfg.batch_size with the last
+    incomplete batch dropped (fewer images than one batch: each step uses them all).
+    StableAdamW, warm-up + cosine learning rate, gradient-norm clipping.
+
+    Args:
+        model: freshly initialised model (its seed fixes the start); trained in place
+            and moved to `device`.
+        groups: G stored tensors (N, L, C_g), usually float16 on the CPU.
+        targets: (N, H*W) Step-1 maps of the same images, same patch order.
+        cfg: hyper-parameters.
+        seed: fixes data order and dropout.
+        device: where to train.
+        on_step: called after every step.
+        checkpoint: called every cfg.checkpoint_every steps and after the last one.
+        resume: a (state, meta) checkpoint of this same run to continue from.
+
+    Returns:
+        History {"loss": [...], "lr": [...]}, one value per step since the start of the run.
+    """
+    device = torch.device(device)
+    n_images, n_patches = check_features(model.config, groups)
+    target_maps = _check_maps(targets, (n_images, n_patches), "Step-1 maps")
+    model.to(device)
+    everyone = torch.arange(n_images)
+
+    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        prediction = model.anomaly_map(batch_groups)
+        return map_regression_loss(prediction, target_maps[batch].to(device), cfg.loss)
+
+    return _run_iterations(
+        model, groups, cfg, stage="distill", seed=seed, device=device, batch_loss=batch_loss,
+        next_pass=lambda step: everyone, on_step=on_step, checkpoint=checkpoint, resume=resume,
+    )
+
+
+def compute_maps(
+    model: ReconstructionModel,
+    groups: Sequence[Tensor],
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Anomaly maps of every image in eval mode (no dropout), without gradients.
+
+    Args:
+        model: the model; moved to `device`, its train/eval mode restored afterwards.
+        groups: G stored tensors (N, L, C_g).
+        batch_size: images per forward pass.
+        device: where to run.
+
+    Returns:
+        (N, H*W) float32 maps on the CPU.
+    """
+    device = torch.device(device)
+    n_images, _ = check_features(model.config, groups)
+    was_training = model.training
+    model.to(device).eval()
+    maps = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_images, batch_size):
+                batch = [g[start : start + batch_size].to(device=device, dtype=torch.float32) for g in groups]
+                maps.append(model.anomaly_map(batch).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(maps)
+
+
+def _round_record(t: int, total: int, keep: np.ndarray, tau: dict[str, float], labels: np.ndarray) -> dict:
+    return {
+        "t": t,
+        "alpha": alpha(t, total),
+        "tau": tau,
+        "kept": {name: int(keep[labels == name].sum()) for name in tau},
+        "size": {name: int((labels == name).sum()) for name in tau},
+    }
+
+
+def progressive_select(
+    model: ReconstructionModel,
+    groups: Sequence[Tensor],
+    classes: Sequence[str],
+    base_maps: Tensor | np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    on_round: Callable[[dict], None] | None = None,
+    on_step: StepCallback | None = None,
+    checkpoint: CheckpointCallback | None = None,
+    resume: Resume | None = None,
+) -> SelectionResult:
+    """Step 3: fine-tune the distilled model on a clean subset re-selected before every pass.
+
+    Before each pass, at iteration t of T = cfg.iters: eta_t = (1 - alpha_t) * s0 +
+    alpha_t * s_theta, with s0 the image scores of `base_maps` (the frozen distilled
+    model's) and s_theta those of the current model (eval mode); per class keep eta_t <
+    median + k_mad * (t/T) * MAD. Then one shuffled drop_last pass over the kept images
+    (all of them in one batch if fewer than a batch), each batch one step of the global
+    cosine loss with hard mining (p ramps to p_final over p_ramp steps), with a fresh
+    optimiser and learning-rate schedule identical to Step 2's. After T steps one last
+    re-selection at t = T (alpha = 1, full margin) gives the final clean set: the model
+    is evaluated after its last update rather than at the start of its last pass.
+
+    Args:
+        model: the distilled model, fine-tuned in place and moved to `device`.
+        groups: G stored tensors (N, L, C_g).
+        classes: N class names; selection is per class, training on all kept images together.
+        base_maps: (N, H*W) maps of the distilled model (`compute_maps` before fine-tuning).
+        cfg: hyper-parameters (iters = T).
+        seed: fixes data order and dropout.
+        device: where to train.
+        on_round: called with each round record (see `SelectionResult.rounds`).
+        on_step: called after every step, as for `distill`.
+        checkpoint: as for `distill`; meta also holds "rounds".
+        resume: a (state, meta) checkpoint of this same run.
+
+    Returns:
+        The final selection, its scores, every round and the loss history.
+
+    Raises:
+        MedscleanError: when a re-selection keeps no image at all.
+    """
+    device = torch.device(device)
+    n_images, n_patches = check_features(model.config, groups)
+    if len(classes) != n_images:
+        raise DataError(f"{len(classes)} class labels for {n_images} images: they must match one to one")
+    labels = np.asarray(classes, dtype=object)
+    base_scores = image_scores(_check_maps(base_maps, (n_images, n_patches), "distilled-model maps").numpy())
+    total = cfg.iters
+    rounds: list[dict] = [dict(r) for r in resume[1].get("rounds", [])] if resume is not None else []
+    model.to(device)
+
+    def reselect(t: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        current = base_scores
+        if alpha(t, total) > 0:
+            current = image_scores(compute_maps(model, groups, batch_size=cfg.batch_size, device=device).numpy())
+        eta = blend_scores(base_scores, current, t, total)
+        keep, tau = select_per_class(eta, labels.tolist(), t, total, cfg.k_mad)
+        return keep, eta, _round_record(t, total, keep, tau, labels)
+
+    def next_pass(t: int) -> Tensor:
+        keep, _, record = reselect(t)
+        rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+        if not keep.any():
+            raise MedscleanError(f"selection at iteration {t} kept no image (every class tied or has one image)")
+        return torch.from_numpy(np.flatnonzero(keep))
+
+    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        enc_groups, dec_groups = model(batch_groups)
+        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
+        return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
+
+    history = _run_iterations(
+        model, groups, cfg, stage="select", seed=seed, device=device, batch_loss=batch_loss, next_pass=next_pass,
+        on_step=on_step, checkpoint=checkpoint, resume=resume, extra_meta=lambda: {"rounds": [dict(r) for r in rounds]},
+    )
+    keep, eta, record = reselect(total)
+    record["final"] = True
+    rounds.append(record)
+    if on_round is not None:
+        on_round(record)
+    return SelectionResult(keep=keep, eta=eta, rounds=rounds, history=history)

@@ -1,0 +1,83 @@
+"""The Step-3 selection rule against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsclean.errors import MedscleanError
+from medsclean.selection import (
+    alpha,
+    blend_scores,
+    image_scores,
+    median_absolute_deviation,
+    select_per_class,
+    threshold,
+)
+
+
+def test_alpha_reaches_one_halfway():
+    assert alpha(0, 10) == 0.0
+    assert alpha(2, 10) == pytest.approx(0.4)
+    assert alpha(5, 10) == 1.0
+    assert alpha(8, 10) == 1.0
+
+
+def test_blend_scores_hand_computed():
+    s0, s_theta = np.array([1.0, 2.0]), np.array([3.0, 0.0])
+    np.testing.assert_allclose(blend_scores(s0, s_theta, 0, 10), [1.0, 2.0])
+    # t = 1 of 10: alpha = 0.2 -> 0.8 * s0 + 0.2 * s_theta
+    np.testing.assert_allclose(blend_scores(s0, s_theta, 1, 10), [1.4, 1.6])
+    np.testing.assert_allclose(blend_scores(s0, s_theta, 7, 10), [3.0, 0.0])
+
+
+def test_mad_is_unscaled_median_absolute_deviation():
+    # median 3, |x - 3| = [2, 1, 0, 1, 97] -> median 1
+    assert median_absolute_deviation([1, 2, 3, 4, 100]) == 1.0
+    # median 2.5, |x - 2.5| = [1.5, .5, .5, 1.5] -> median 1.0
+    assert median_absolute_deviation([1, 2, 3, 4]) == 1.0
+
+
+def test_threshold_grows_from_median_with_t():
+    eta = [1, 2, 3, 4, 100]
+    assert threshold(eta, 0, 10) == 3.0
+    assert threshold(eta, 5, 10, k=3.0) == pytest.approx(3 + 3 * 0.5 * 1)
+    assert threshold(eta, 10, 10, k=1.0) == pytest.approx(4.0)
+
+
+def test_selection_is_strict_at_the_threshold():
+    keep, tau = select_per_class([1, 2, 3, 4, 100], ["c"] * 5, 0, 10)
+    assert tau == {"c": 3.0}
+    assert keep.tolist() == [True, True, False, False, False]  # 3 == tau is rejected
+    keep, _ = select_per_class([1, 2, 3, 4, 100], ["c"] * 5, 5, 10, k=3.0)  # tau = 4.5
+    assert keep.tolist() == [True, True, True, True, False]
+    keep, tau = select_per_class([1, 2, 3, 4], ["c"] * 4, 0, 10)  # even count: median 2.5
+    assert tau == {"c": 2.5} and keep.tolist() == [True, True, False, False]
+
+
+def test_all_tied_class_and_single_image_class_keep_nothing():
+    keep, tau = select_per_class([5.0, 5.0, 5.0], ["c"] * 3, 10, 10, k=3.0)
+    assert tau == {"c": 5.0} and not keep.any()
+    keep, tau = select_per_class([0.2], ["lonely"], 10, 10)
+    assert tau == {"lonely": 0.2} and not keep.any()
+
+
+def test_selection_is_per_class():
+    eta = [1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 0.5]
+    classes = ["b", "a", "b", "a", "b", "a", "z"]
+    keep, tau = select_per_class(eta, classes, 0, 10)
+    assert list(tau) == ["a", "b", "z"]
+    assert tau == {"a": 20.0, "b": 2.0, "z": 0.5}
+    assert keep.tolist() == [True, True, False, False, False, False, False]
+
+
+def test_non_finite_scores_raise():
+    with pytest.raises(MedscleanError, match="NaN"):
+        select_per_class([1.0, float("nan")], ["a", "a"], 0, 10)
+
+
+@pytest.mark.parametrize("n_patches, k", [(50, 1), (250, 2), (1000, 10), (784, 7)])
+def test_image_scores_are_top_one_percent_means(n_patches, k):
+    maps = np.random.default_rng(n_patches).random((3, n_patches))
+    expected = np.sort(maps, axis=1)[:, ::-1][:, :k].mean(axis=1)
+    np.testing.assert_allclose(image_scores(maps), expected)
