@@ -551,21 +551,20 @@ def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top
 
     Args:
         maps: (N, P) patch scores, higher = more anomalous.
-        aggregate: "top1pct", the mean of the max(1, P // 100) largest values (the
-            reference code's image score; P // 100 equals its int(0.01 * P)), or "max".
+        aggregate: "top1pct", the mean of the max(1, int(0.01 * P)) largest values (the
+            reference code's image score), or "max".
 
     Returns:
         (N,) float32 image scores; NaN for a map holding NaN.
     """
+    from .maps import topk_mean_score
+
     maps = torch.as_tensor(maps).float()
     if maps.ndim != 2:
         raise ValueError(f"maps must be (N, P), got shape {tuple(maps.shape)}")
-    if aggregate == "max":
-        return maps.amax(dim=1)
-    if aggregate == "top1pct":
-        count = max(1, maps.shape[1] // 100)
-        return maps.topk(count, dim=1).values.mean(dim=1)
-    raise UsageError(f"unknown image aggregate {aggregate!r}; use 'top1pct' or 'max'")
+    if aggregate not in ("top1pct", "max"):
+        raise UsageError(f"unknown image aggregate {aggregate!r}; use 'top1pct' or 'max'")
+    return topk_mean_score(maps, ratio=0.01 if aggregate == "top1pct" else 0.0)
 
 
 def stable_class_hash(label: Hashable) -> int:
