@@ -68,8 +68,8 @@ def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memo
                            device: str) -> np.ndarray:
     """(N_test, H·W) memory-ensemble maps of test images against the training set's memories.
 
-    Each class reuses the exact banks of the Step-1 run (image indices within the class's
-    training images), so the test images meet the same memories as the training images did.
+    Each class reuses the exact banks of the Step-1 run (stored as positions in the whole
+    training set), so the test images meet the same memories as the training images did.
     """
     import torch
 
@@ -88,8 +88,11 @@ def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memo
                             f"(--model select or distill) or add training images of that class")
         train_idx = [i for i, c in enumerate(train_classes) if c == cls or not per_class]
         test_idx = [i for i, c in enumerate(test_classes) if c == cls]
+        local = np.full(len(train_classes), -1, np.int64)  # stored banks hold positions in the whole set
+        local[train_idx] = np.arange(len(train_idx))
+        class_banks = local[banks[f"banks/{key}"].numpy()]
         both = torch.cat([train_memory[train_idx], test_memory[test_idx]])
-        maps = memory_scores_exact(both, banks[f"banks/{key}"].numpy(), leave_self_out=False, device=device)
+        maps = memory_scores_exact(both, class_banks, leave_self_out=False, device=device)
         out[test_idx] = maps[len(train_idx):].numpy()
     return out
 

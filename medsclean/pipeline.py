@@ -252,7 +252,8 @@ def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, p
     from .training_stages import load_groups
 
     records = _records_in_order(test_ds, test_art)
-    if cfg.model == "memory":
+    memory_selection = cfg.model == "select" and results["select"].artifact.manifest["model"] is None
+    if cfg.model == "memory" or memory_selection:  # `select --method memory` trains no model
         from .extract import load_features
 
         memory = load_features(test_art, ["index", "memory"])["memory"]

@@ -145,3 +145,16 @@ def test_eval_memory_model_on_folder_without_test_split_is_a_clear_error(tmp_pat
     res = runner.invoke(app, ["eval", str(tmp_path / "imgs"), "--work", str(tmp_path / "w"), "--model", "memory",
                               "--resize", "64", "--crop", "64", "--num-workers", "0", "--banks", "4"])
     assert res.exit_code == 1 and "nothing to evaluate" in res.output
+
+
+def test_eval_memory_ensemble_and_memory_selection(noisy):
+    """Test images meet the training memories of their own class (banks are stored as set positions)."""
+    work = noisy / "work-eval-memory"
+    common = ["--work", str(work), "--resize", "128", "--crop", "128", "--num-workers", "0", "--banks", "20",
+              "--json", "-q"]
+    detector = json.loads(_invoke(["eval", str(noisy / "noisy"), "--model", "memory", *common]).stdout)["detector"]
+    assert [r["class"] for r in detector] == ["brick", "gravel", "mean"]
+    assert all(r["image_auroc"] > 0.7 for r in detector)
+    payload = json.loads(_invoke(["eval", str(noisy / "noisy"), "--method", "memory", *common]).stdout)
+    assert payload["detector"][:2] == detector[:2]  # a memory selection has no model: the ensemble scores
+    assert payload["cleaning"][-1]["contaminants"] == 8 and payload["stages"]["select"]["cached"] is False
