@@ -84,7 +84,9 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 def main() -> None:
     """Console-script entry point."""
-    os.environ.setdefault("KMP_DUPLICATE_LIB_OK", "TRUE")
+    # OpenMP threads that spin while waiting make torch up to 40x slower whenever another process
+    # holds a core (measured: docs/benchmarks.md); passive waiting costs little on an idle machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:
