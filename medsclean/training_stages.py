@@ -23,6 +23,7 @@ from .store import Artifact, Store, digest, load_tensors, save_tensors
 from .ui import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
+MIN_CLASS_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,10 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
         return StageResult(art, True, time.perf_counter() - t0)
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
+    for name in sorted(set(classes)):
+        if classes.count(name) < MIN_CLASS_SIZE:
+            reporter.warn(f"class {name!r} has only {classes.count(name)} images: its median/MAD threshold is "
+                          f"unreliable (a 1-image class is always rejected); merge classes with --class-from none")
     memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double().numpy()
     if cfg.method == "memory":
         from .selection import select_per_class
