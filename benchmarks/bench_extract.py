@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the CLI's setting, for both sides of the comparison
+
 
 def make_images(folder: Path, n: int, size: int, seed: int) -> None:
     from skimage import data

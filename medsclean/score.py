@@ -74,12 +74,18 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
             reporter.info(f"scores: engine {choice.name} ({choice.reason})")
         chosen.append(choice.name)
 
-    n_groups = len(set(classes)) if cfg.per_class else 1
-    with reporter.task("score memories", total=n_groups) as task:
+    finished: dict = {}  # images done per class, so that the bar advances block by block
+
+    def on_progress(name, done: int, total: int) -> None:
+        task.update(completed=sum(finished.values()) + done, description=f"score {name}")
+        if done == total:
+            finished[name] = total
+
+    with reporter.task("score", total=len(images)) as task:
         maps, banks = score_classes(
             memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
             per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
-            device=device, faiss_index=index, on_engine=on_engine, on_class=lambda name: task.advance(1))
+            device=device, faiss_index=index, on_engine=on_engine, on_progress=on_progress)
     if index == "ivf":
         engine = "ivf"
     elif chosen:
