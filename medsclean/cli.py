@@ -330,6 +330,10 @@ def evaluate(
                                                 "[default: WORK/eval].")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write PNG overlays and report.html here.")] = None,
     report_top: Annotated[int, typer.Option("--report-top", help="Most suspicious images pictured.")] = 24,
+    test: Annotated[Optional[Path], typer.Option("--test", help="Folder of labelled test images (default: "
+                                                 "the MVTec root's test split).")] = None,
+    test_masks: Annotated[Optional[Path], typer.Option("--test-masks", help="Masks of the --test images, "
+                                                       "paired by file stem.")] = None,
     size: Annotated[int, typer.Option("--size", help="Side of the evaluation maps.")] = 256,
     sigma: Annotated[float, typer.Option("--sigma", help="Gaussian blur sigma (0 = none).")] = 4.0,
     kernel: Annotated[int, typer.Option("--kernel", help="Gaussian blur support (odd).")] = 5,
@@ -378,7 +382,8 @@ def evaluate(
         payload = pipeline.eval_stage(
             run, _score_cfg(banks, ratio, 1, True, True, False, engine, "top1pct", seed),
             _distill_cfg(run, distill_iters, "mse", width, depth, heads), select_cfg, eval_cfg,
-            out_dir=out or run.work / "eval", report_dir=report, report_top=report_top)
+            out_dir=out or run.work / "eval", report_dir=report, report_top=report_top, test_dir=test,
+            test_masks=test_masks)
     except MedscleanError as exc:
         raise _fail(exc) from None
     if as_json:

@@ -184,7 +184,7 @@ def print_select_table(summary: dict) -> None:
 
 def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,
                eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None,
-               report_top: int = 24) -> dict:
+               report_top: int = 24, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
     """Evaluate the detector on the test split and, where contaminants are known, the cleaning.
 
     Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
@@ -208,12 +208,12 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     sections: dict[str, list[dict]] = {}
     test_maps = None
     train_ds = run.dataset()
-    if train_ds.layout == "mvtec" and any((c / "test").is_dir() for c in _categories(train_ds.root)):
-        test_run = dataclasses.replace(run, data=dataclasses.replace(run.data, split="test"))
-        test_features = run_extract(test_run.dataset(), run.store(), run.extract, stage="features-test",
+    test_ds = _test_dataset(run, train_ds, test_dir, test_masks)
+    if test_ds is not None:
+        test_features = run_extract(test_ds, run.store(), run.extract, stage="features-test",
                                     strict=run.data.strict, reporter=run.reporter)
         _log_extract(run.reporter, test_features)
-        test_maps = _test_maps(run, test_run.dataset(), test_features.artifact, results, eval_cfg, grid, preprocess)
+        test_maps = _test_maps(run, test_ds, test_features.artifact, results, eval_cfg, grid, preprocess)
         sections["detector"] = ev.detector_metrics(test_maps, eval_cfg)
     train_maps = None
     if "select" in results and any(r.label == 1 for r in train_ds.records):
@@ -236,10 +236,19 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     return payload
 
 
-def _categories(root: Path) -> list[Path]:
+def _test_dataset(run: Run, train_ds: Dataset, test_dir: Path | None, test_masks: Path | None) -> Dataset | None:
+    """The labelled test set: `--test DIR --test-masks DIR`, else the MVTec root's test split, else none."""
     from .data import mvtec_categories
+    from .errors import UsageError
 
-    return mvtec_categories(root)
+    if test_dir is not None:
+        if test_masks is None:
+            raise UsageError("--test needs --test-masks DIR: test images are labelled by their masks "
+                             "(an image without a non-empty mask is normal)")
+        return discover(test_dir, layout="folder", masks=test_masks, class_from=run.data.class_from)
+    if train_ds.layout == "mvtec" and any((c / "test").is_dir() for c in mvtec_categories(train_ds.root)):
+        return discover(train_ds.root, layout="mvtec", split="test")
+    return None
 
 
 def _records_in_order(dataset: Dataset, art) -> list:

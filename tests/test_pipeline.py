@@ -158,3 +158,28 @@ def test_eval_memory_ensemble_and_memory_selection(noisy):
     payload = json.loads(_invoke(["eval", str(noisy / "noisy"), "--method", "memory", *common]).stdout)
     assert payload["detector"][:2] == detector[:2]  # a memory selection has no model: the ensemble scores
     assert payload["cleaning"][-1]["contaminants"] == 8 and payload["stages"]["select"]["cached"] is False
+
+
+def test_eval_on_a_plain_test_folder_with_masks(noisy, tmp_path):
+    import shutil
+
+    data = noisy / "data"
+    for i, src in enumerate(sorted((data / "brick" / "train" / "good").glob("*.png"))):
+        (tmp_path / "train" / "brick").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / "train" / "brick" / f"t{i:02d}.png")
+    (tmp_path / "test" / "brick").mkdir(parents=True)
+    (tmp_path / "masks").mkdir()
+    for i, src in enumerate(sorted((data / "brick" / "test").glob("*/*.png"))):
+        shutil.copy(src, tmp_path / "test" / "brick" / f"q{i:02d}.png")
+        mask = data / "brick" / "ground_truth" / src.parent.name / f"{src.stem}_mask.png"
+        if mask.is_file():
+            shutil.copy(mask, tmp_path / "masks" / f"q{i:02d}_mask.png")
+    common = ["--work", str(tmp_path / "w"), "--resize", "128", "--crop", "128", "--num-workers", "0",
+              "--banks", "20", "--model", "memory", "--json", "-q"]
+    res = runner.invoke(app, ["eval", str(tmp_path / "train"), "--test", str(tmp_path / "test"), *common])
+    assert res.exit_code == 2 and "--test-masks" in res.output
+    payload = json.loads(_invoke(["eval", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+                                  "--test-masks", str(tmp_path / "masks"), *common]).stdout)
+    brick = payload["detector"][0]
+    assert brick["class"] == "brick" and brick["images"] == 10 and brick["anomalous"] == 6
+    assert brick["image_auroc"] > 0.7 and 0.0 < brick["aupro"] <= 1.0
