@@ -3,11 +3,12 @@
 `distill` (Step 2) teaches a freshly initialised `ReconstructionModel` to reproduce the
 Step-1 memory-ensemble maps. `progressive_select` (Step 3) fine-tunes the distilled model
 as a detector on a clean subset that it re-selects before every pass over the data.
-The encoder never runs: both work on the stored (N, L, C_g) float16 groups, moving one
+`train_detector` trains the same detector on a fixed subset (the benchmark's baselines).
+The encoder never runs: all work on the stored (N, L, C_g) float16 groups, moving one
 batch at a time to the device in float32.
 
 Determinism and resuming: the data order comes from a private torch.Generator and the
-dropout masks from the global torch RNG, which both loops fork (torch.random.fork_rng)
+dropout masks from the global torch RNG, which every loop forks (torch.random.fork_rng)
 and seed from `seed` on entry, so the caller's RNG is untouched and two runs with the
 same seed on the same device and thread count give the same weights. A checkpoint holds
 the model, the optimiser state, both RNG states and the current pass order; resuming
@@ -359,6 +360,64 @@ def distill(
     return _run_iterations(
         model, groups, cfg, stage="distill", seed=seed, device=device, batch_loss=batch_loss,
         next_pass=lambda step: everyone, on_step=on_step, checkpoint=checkpoint, resume=resume,
+    )
+
+
+def train_detector(
+    model: ReconstructionModel,
+    groups: Sequence[Tensor],
+    subset: np.ndarray,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    on_step: StepCallback | None = None,
+) -> dict[str, list[float]]:
+    """Train a reconstruction detector, Dinomaly-style, on a fixed subset of the images.
+
+    The baselines of a cleaning run: every image (no cleaning), the images a selection
+    kept, or the truly normal ones (an upper bound). Shuffled drop_last passes over the
+    subset (all of it in one batch if smaller than a batch), each batch one step of the
+    global cosine loss with hard mining (p ramps to cfg.p_final over cfg.p_ramp steps;
+    Dinomaly alone uses p_final 0.9), with the optimiser and learning-rate schedule of
+    `distill`. Images outside the subset are never read.
+
+    Args:
+        model: usually freshly initialised; trained in place and moved to `device`.
+        groups: G stored tensors (N, L, C_g).
+        subset: (N,) bool, True for the images to train on; at least one.
+        cfg: hyper-parameters (iters, batch_size, p_final, p_ramp, mining_factor, optimiser).
+        seed: fixes data order and dropout.
+        device: where to train.
+        on_step: called after every step, as for `distill`.
+
+    Returns:
+        History {"loss": [...], "lr": [...]}, one value per step.
+
+    Raises:
+        DataError: when the subset is not an (N,) bool array or selects no image.
+    """
+    device = torch.device(device)
+    n_images, _ = check_features(model.config, groups)
+    chosen = np.asarray(subset)
+    if chosen.dtype != np.bool_ or chosen.shape != (n_images,):
+        raise DataError(
+            f"the training subset must be an ({n_images},) bool array, one flag per stored image, "
+            f"not {chosen.dtype} of shape {chosen.shape}"
+        )
+    if not chosen.any():
+        raise DataError("the training subset selects no image: keep at least one image to train on")
+    members = torch.from_numpy(np.flatnonzero(chosen))
+    model.to(device)
+
+    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        enc_groups, dec_groups = model(batch_groups)
+        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
+        return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
+
+    return _run_iterations(
+        model, groups, cfg, stage="detector", seed=seed, device=device, batch_loss=batch_loss,
+        next_pass=lambda step: members, on_step=on_step, checkpoint=None, resume=None,
     )
 
 

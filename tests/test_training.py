@@ -15,7 +15,7 @@ from medsclean.losses import hard_mining_cosine_loss, hard_mining_weights, map_r
 from medsclean.model import ModelConfig, ReconstructionModel
 from medsclean.optim import StableAdamW, warm_cosine_lr
 from medsclean.selection import image_scores
-from medsclean.training import TrainConfig, compute_maps, distill, progressive_select
+from medsclean.training import TrainConfig, compute_maps, distill, progressive_select, train_detector
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -298,3 +298,61 @@ def test_progressive_select_resumed_equals_uninterrupted():
     assert again.rounds == result.rounds
     np.testing.assert_array_equal(again.keep, result.keep)
     np.testing.assert_array_equal(again.eta, result.eta)
+
+
+# ---------------------------------------------------------------- detector on a fixed subset
+
+
+def test_train_detector_never_reads_images_outside_the_subset():
+    groups, _ = _synthetic_problem(n_images=14, outliers=(3, 11))
+    subset = np.ones(14, dtype=bool)
+    subset[[3, 11, 12]] = False
+    cfg = TrainConfig(iters=7, batch_size=4, warmup=2, p_final=0.9, p_ramp=3)  # 2 full batches a pass
+    reference = _tiny_model()
+    reference_history = train_detector(reference, groups, subset, cfg, seed=2)
+
+    # Oracle 1: the excluded rows shuffled among themselves and overwritten with noise change nothing.
+    gen = torch.Generator().manual_seed(7)
+    scrambled = [g.clone() for g in groups]
+    for g in scrambled:
+        g[~torch.from_numpy(subset)] = torch.randn(3, *g.shape[1:], generator=gen).half()[[2, 0, 1]]
+    other = _tiny_model()
+    assert train_detector(other, scrambled, subset, cfg, seed=2) == reference_history
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in reference.state_dict().items())
+
+    # Oracle 2: the same training on the kept rows alone gives the same weights bit for bit.
+    compact = _tiny_model()
+    kept_rows = torch.from_numpy(np.flatnonzero(subset))
+    train_detector(compact, [g[kept_rows] for g in groups], np.ones(11, dtype=bool), cfg, seed=2)
+    assert all(torch.equal(v, compact.state_dict()[k]) for k, v in reference.state_dict().items())
+
+
+def test_train_detector_learns_to_reconstruct_its_subset():
+    groups, _ = _synthetic_problem(n_images=12, outliers=(3,))
+    subset = np.arange(12) != 3
+    model = _tiny_model()
+    before = compute_maps(model, groups)[torch.from_numpy(subset)].mean().item()
+    history = train_detector(model, groups, subset, TrainConfig(iters=40, batch_size=4, warmup=5, p_final=0.9,
+                                                                p_ramp=10), seed=0)
+    after = compute_maps(model, groups)[torch.from_numpy(subset)].mean().item()
+    assert len(history["loss"]) == 40 and history["lr"][0] == 0.0
+    assert np.mean(history["loss"][-5:]) < 0.5 * np.mean(history["loss"][:5])
+    assert after < 0.5 * before
+
+
+def test_train_detector_uses_a_subset_smaller_than_a_batch_whole():
+    groups, _ = _synthetic_problem(n_images=8, outliers=(3,))
+    few = np.zeros(8, dtype=bool)
+    few[[0, 5]] = True
+    history = train_detector(_tiny_model(), groups, few, TrainConfig(iters=3, batch_size=4, warmup=1), seed=0)
+    assert len(history["loss"]) == 3
+    # every step is one batch of both images: the same run as with a batch size of exactly 2
+    exact_batch = train_detector(_tiny_model(), groups, few, TrainConfig(iters=3, batch_size=2, warmup=1), seed=0)
+    assert exact_batch == history
+
+
+@pytest.mark.parametrize("subset", [np.zeros(8, dtype=bool), np.ones(7, dtype=bool), np.ones(8, dtype=int)])
+def test_train_detector_rejects_an_unusable_subset(subset):
+    groups, _ = _synthetic_problem(n_images=8, outliers=(3,))
+    with pytest.raises(DataError, match="subset"):
+        train_detector(_tiny_model(), groups, subset, TrainConfig(iters=1), seed=0)
