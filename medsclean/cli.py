@@ -82,11 +82,20 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """
 
 
+def limit_openmp_spinning() -> None:
+    """Bound how long idle OpenMP threads spin before sleeping (must run before torch is imported).
+
+    With the default (long) spinning, torch ran up to 40x slower whenever another process held a
+    core; a 2000-iteration spin keeps idle-machine speed and most of passive waiting's robustness
+    (measured in docs/benchmarks.md). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "2000")
+
+
 def main() -> None:
     """Console-script entry point."""
-    # OpenMP threads that spin while waiting make torch up to 40x slower whenever another process
-    # holds a core (measured: docs/benchmarks.md); passive waiting costs little on an idle machine.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    limit_openmp_spinning()
     try:
         app(standalone_mode=True)
     except KeyboardInterrupt:
