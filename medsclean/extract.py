@@ -81,7 +81,6 @@ def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: st
         if art is not None:
             return ExtractResult(art, True, len(art.manifest["images"]), len(art.manifest["skipped"]),
                                  time.perf_counter() - t0)
-    import torch
 
     from .backbone import load_encoder
 

@@ -189,7 +189,6 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
 
     Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
     """
-    import dataclasses
 
     from . import evaluate as ev
     from .store import write_json_atomic, write_text_atomic

@@ -17,7 +17,7 @@ from medsclean.extract import load_features, run_extract
 from medsclean.store import Store
 from medsclean.ui import SilentReporter
 
-from .helpers import crops, make_mvtec, save_png, texture
+from .helpers import crops, save_png, texture
 
 runner = CliRunner()
 SMALL = ["--resize", "64", "--crop", "64", "--num-workers", "0", "--batch-size", "4"]
