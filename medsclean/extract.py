@@ -17,7 +17,7 @@ import numpy as np
 from .config import ExtractConfig, resolve_device
 from .data import Dataset
 from .errors import DataError
-from .images import Preprocess, decode_image, preprocess_array
+from .images import Preprocess, decode_image, normalise, resize_crop
 from .store import Artifact, Store, digest, load_tensors, save_tensors, tensor_specs
 from .ui import Reporter
 
@@ -44,7 +44,11 @@ def features_key(dataset: Dataset, cfg: ExtractConfig) -> str:
 
 
 class _ImageFolderDataset:
-    """Decodes and preprocesses images in loader workers; a bad file yields its error, not a crash."""
+    """Decodes, resizes and crops images in loader workers; a bad file yields its error, not a crash.
+
+    Workers return 8-bit pixels (a quarter of the float32 bytes to pass between processes);
+    the main process normalises whole batches.
+    """
 
     def __init__(self, paths: list[Path], spec: Preprocess):
         self.paths, self.spec = paths, spec
@@ -54,7 +58,7 @@ class _ImageFolderDataset:
 
     def __getitem__(self, i: int):
         try:
-            return i, preprocess_array(decode_image(self.paths[i]), self.spec), None
+            return i, resize_crop(decode_image(self.paths[i]), self.spec), None
         except DataError as exc:
             return i, None, str(exc)
 
@@ -124,7 +128,7 @@ def _extract_shards(encoder, paths, todo, partial: Path, cfg: ExtractConfig, dev
                     raise DataError(err.replace("or skip it (the default without --strict)", "or drop --strict"))
                 skipped.append({"index": i, "path": str(paths[i]), "error": err})
         if ok:
-            x = torch.from_numpy(np.stack([a for _, a in ok])).to(device)
+            x = torch.from_numpy(normalise(np.stack([a for _, a in ok]), encoder.preprocess)).to(device)
             with torch.inference_mode():
                 out = encoder(x)
             buffer.setdefault("index", []).append(torch.tensor([i for i, _ in ok], dtype=torch.int64))

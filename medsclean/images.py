@@ -88,19 +88,32 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resize_crop(img: Image.Image, spec: Preprocess) -> np.ndarray:
+    """Resize to a square and centre-crop, keeping 8-bit pixels (cheap to pass between processes).
+
+    Returns:
+        uint8 array of shape (crop, crop, 3).
+    """
+    size = (spec.resize, spec.resize)
+    resized = img if img.size == size else img.resize(size, _RESAMPLE[spec.interpolation])
+    off = (spec.resize - spec.crop) // 2
+    return np.asarray(resized.crop((off, off, off + spec.crop, off + spec.crop)), dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """uint8 (..., H, W, 3) pixels → float32 (..., 3, H, W), scaled to [0, 1] then mean/std normalised."""
+    arr = pixels.astype(np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
+
+
 def preprocess_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """Resize, centre-crop and normalise an RGB image.
 
     Returns:
         float32 array of shape (3, crop, crop).
     """
-    size = (spec.resize, spec.resize)
-    resized = img if img.size == size else img.resize(size, _RESAMPLE[spec.interpolation])
-    off = (spec.resize - spec.crop) // 2
-    cropped = resized.crop((off, off, off + spec.crop, off + spec.crop))
-    arr = np.asarray(cropped, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return normalise(resize_crop(img, spec), spec)
 
 
 def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
