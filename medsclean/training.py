@@ -363,6 +363,17 @@ def distill(
     )
 
 
+def _hard_mining_loss(model: ReconstructionModel, cfg: TrainConfig):
+    """The Step-3 / Dinomaly batch loss: global cosine with hard mining, p ramping per step."""
+
+    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        enc_groups, dec_groups = model(batch_groups)
+        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
+        return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
+
+    return batch_loss
+
+
 def train_detector(
     model: ReconstructionModel,
     groups: Sequence[Tensor],
@@ -410,10 +421,7 @@ def train_detector(
     members = torch.from_numpy(np.flatnonzero(chosen))
     model.to(device)
 
-    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
-        enc_groups, dec_groups = model(batch_groups)
-        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
-        return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
+    batch_loss = _hard_mining_loss(model, cfg)
 
     return _run_iterations(
         model, groups, cfg, stage="detector", seed=seed, device=device, batch_loss=batch_loss,
@@ -536,10 +544,7 @@ def progressive_select(
             raise MedscleanError(f"selection at iteration {t} kept no image (every class tied or has one image)")
         return torch.from_numpy(np.flatnonzero(keep))
 
-    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
-        enc_groups, dec_groups = model(batch_groups)
-        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
-        return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
+    batch_loss = _hard_mining_loss(model, cfg)
 
     history = _run_iterations(
         model, groups, cfg, stage="select", seed=seed, device=device, batch_loss=batch_loss, next_pass=next_pass,
