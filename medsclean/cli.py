@@ -56,6 +56,8 @@ IncludeSelfOpt = Annotated[bool, typer.Option("--include-self",
                                               help="Match an image against its own patches (reference code).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="auto, exact, faiss, or ivf (approximate).")]
 AggregateOpt = Annotated[str, typer.Option("--aggregate", help="Image score: top1pct (mean of top 1%) or max.")]
+MinBankOpt = Annotated[Optional[int], typer.Option(
+    "--min-bank", help="Floor on the images per memory, for small classes [default: preset].")]
 DistillItersOpt = Annotated[Optional[int], typer.Option("--distill-iters", help="Step-2 iterations [default: preset].")]
 LossOpt = Annotated[str, typer.Option("--loss", help="Step-2 loss: mse or l1 (times 10).")]
 WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Decoder width [default: preset].")]
@@ -161,19 +163,15 @@ def _run(images, work, backbone, weights, random_init, preset, device, seed, qui
                               strict=strict, quiet=quiet)
 
 
-def _score_cfg(banks, ratio, k, replace, per_class, include_self, engine, aggregate, seed):
-    from .config import ScoreConfig
-
-    return ScoreConfig(banks=banks, ratio=ratio, k=k, replace=replace, per_class=per_class,
-                       include_self=include_self, engine=engine, aggregate=aggregate, seed=seed)
+def _score_cfg(run, banks, ratio, k, replace, per_class, include_self, engine, aggregate, seed, min_bank=None):
+    overrides = {} if min_bank is None else {"min_bank": min_bank}
+    return run.preset.score_config(banks=banks, ratio=ratio, k=k, replace=replace, per_class=per_class,
+                                   include_self=include_self, engine=engine, aggregate=aggregate, seed=seed,
+                                   **overrides)
 
 
 def _distill_cfg(run, iters, loss, width, depth, heads):
-    from .config import DistillConfig
-
-    p = run.preset
-    return DistillConfig(iters=iters or p.distill_iters, width=width if width is not None else p.width,
-                         depth=depth or p.depth, heads=heads or p.heads, batch_size=p.batch_size, loss=loss)
+    return run.preset.distill_config(iters=iters, loss=loss, width=width, depth=depth, heads=heads)
 
 
 @app.command()
@@ -188,6 +186,7 @@ def score(
     include_self: IncludeSelfOpt = False,
     engine: EngineOpt = "auto",
     aggregate: AggregateOpt = "top1pct",
+    min_bank: MinBankOpt = None,
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
@@ -212,8 +211,8 @@ def score(
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
                    num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
-        results = pipeline.score_stage(run, _score_cfg(banks, ratio, k, replace, per_class, include_self, engine,
-                                                       aggregate, seed), force=force)
+        results = pipeline.score_stage(run, _score_cfg(run, banks, ratio, k, replace, per_class, include_self, engine,
+                                                       aggregate, seed, min_bank), force=force)
     except MedscleanError as exc:
         raise _fail(exc) from None
     art = results["scores"].artifact
@@ -262,7 +261,7 @@ def distill(
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
                    num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
         results = pipeline.distill_stage(
-            run, _score_cfg(banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
+            run, _score_cfg(run, banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
             _distill_cfg(run, iters, loss, width, depth, heads), force=force)
     except MedscleanError as exc:
         raise _fail(exc) from None
@@ -276,8 +275,14 @@ def select(
     images: ImagesArg,
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the clean list here (one path per line).")] = None,
     work: WorkOpt = DEFAULT_WORK,
-    method: Annotated[str, typer.Option("--method", help="meds (Steps 1-3) or memory (Step 1 scores only).")] = "meds",
+    method: Annotated[str, typer.Option("--method", help="meds (Steps 1-3), memory (Step-1 ensemble only), knn "
+                                        "(full-bank nearest neighbour) or iterative (kNN with a shrinking memory).")] = "meds",
     k: Annotated[float, typer.Option("--k", help="Threshold margin in median absolute deviations at t = T.")] = 3.0,
+    cut: Annotated[Optional[str], typer.Option("--cut", help="Final cut on the scores per class: mixture (two-component "
+                                               "fit, MAD fallback), mad (median + k MAD) or otsu [default: preset].")] = None,
+    reject_fraction: Annotated[Optional[float], typer.Option(
+        "--reject-fraction", help="Reject exactly this share of each class (the most suspicious), instead of --cut.")] = None,
+    min_bank: MinBankOpt = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations T [default: preset].")] = None,
     distill_iters: DistillItersOpt = None,
     loss: LossOpt = "mse",
@@ -311,15 +316,15 @@ def select(
 ) -> None:
     """Step 3: select the clean images (running any missing stage first) and write the clean list."""
     from . import pipeline
-    from .config import SelectConfig
 
     try:
         run = _run(images, work, backbone, weights, random_init, preset, device, seed, quiet, batch_size,
                    num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
-        select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
-                                  batch_size=run.preset.batch_size)
+        select_cfg = run.preset.select_config(method=method, iters=iters, k=k, cut=cut,
+                                              reject_fraction=reject_fraction)
         results = pipeline.select_stage(
-            run, _score_cfg(banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed),
+            run, _score_cfg(run, banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed,
+                            min_bank),
             _distill_cfg(run, distill_iters, loss, width, depth, heads), select_cfg, force=force)
         summary = pipeline.select_summary(run, results, images, out)
     except MedscleanError as exc:
@@ -351,8 +356,8 @@ def evaluate(
     mask_threshold: Annotated[float, typer.Option("--mask-threshold", help="GT binarisation: mask > this "
                                                   "(0 reproduces the reference's > 0).")] = 0.5,
     fpr_limit: Annotated[float, typer.Option("--fpr-limit", help="AUPRO integration limit.")] = 0.3,
-    method: Annotated[str, typer.Option("--method", help="Selection method when select must run: meds or "
-                                        "memory.")] = "meds",
+    method: Annotated[str, typer.Option("--method", help="Selection method when select must run: meds, "
+                                        "memory, knn or iterative.")] = "meds",
     k: Annotated[float, typer.Option("--k", help="Selection threshold margin in MADs.")] = 3.0,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations [default: preset].")] = None,
     distill_iters: DistillItersOpt = None,
@@ -378,7 +383,6 @@ def evaluate(
 ) -> None:
     """Measure the detector on the labelled test split and the cleaning on known contaminants."""
     from . import pipeline
-    from .config import SelectConfig
     from .evaluate import EvalConfig
 
     try:
@@ -386,10 +390,9 @@ def evaluate(
                    num_workers, "auto", None, "top", strict, resize=resize, crop=crop)
         eval_cfg = EvalConfig(model=model, size=size, sigma=sigma, kernel=kernel, top_ratio=top_ratio,
                               mask_threshold=mask_threshold, fpr_limit=fpr_limit)
-        select_cfg = SelectConfig(method=method, iters=iters or run.preset.select_iters, k=k,
-                                  batch_size=run.preset.batch_size)
+        select_cfg = run.preset.select_config(method=method, iters=iters, k=k)
         payload = pipeline.eval_stage(
-            run, _score_cfg(banks, ratio, 1, True, True, False, engine, "top1pct", seed),
+            run, _score_cfg(run, banks, ratio, 1, True, True, False, engine, "top1pct", seed),
             _distill_cfg(run, distill_iters, "mse", width, depth, heads), select_cfg, eval_cfg,
             out_dir=out or run.work / "eval", report_dir=report, report_top=report_top, test_dir=test,
             test_masks=test_masks)
@@ -418,7 +421,6 @@ def demo(
 ) -> None:
     """Generate a contaminated demo dataset from real images, clean it with MeDS, and evaluate."""
     from . import pipeline
-    from .config import SelectConfig
     from .demo import DemoConfig, prepare_demo_data
     from .evaluate import EvalConfig
 
@@ -431,9 +433,9 @@ def demo(
         run = _run(noisy, work, None, None, False, preset, device, seed, quiet)
         report = run.work / "demo" / "report"
         payload = pipeline.eval_stage(
-            run, _score_cfg(100, 0.1, 1, True, True, False, "auto", "top1pct", seed),
+            run, _score_cfg(run, 100, 0.1, 1, True, True, False, "auto", "top1pct", seed),
             _distill_cfg(run, distill_iters, "mse", None, None, None),
-            SelectConfig(iters=iters or run.preset.select_iters, batch_size=run.preset.batch_size),
+            run.preset.select_config(iters=iters),
             EvalConfig(), out_dir=run.work / "demo" / "eval", report_dir=report)
     except MedscleanError as exc:
         raise _fail(exc) from None

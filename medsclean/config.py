@@ -7,7 +7,7 @@ machine reuse the cache.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import UsageError
@@ -60,6 +60,9 @@ class ScoreConfig:
     aggregate: str = "top1pct"
     seed: int = 0
     device: str = "auto"
+    min_bank: int = 1
+    refine_rounds: int = 0
+    refine_drop: float = 0.1
 
     def key_fields(self) -> dict:
         fields = asdict(self)
@@ -80,6 +83,11 @@ class ScoreConfig:
             raise UsageError(f"--aggregate must be top1pct or max, not {self.aggregate!r}")
         if self.engine not in ("auto", "exact", "faiss", "ivf"):
             raise UsageError(f"--engine must be auto, exact, faiss or ivf, not {self.engine!r}")
+        if self.min_bank < 1:
+            raise UsageError(f"--min-bank must be at least 1, not {self.min_bank}")
+        if self.refine_rounds < 0 or not 0.0 < self.refine_drop < 1.0 or self.refine_rounds * self.refine_drop >= 1.0:
+            raise UsageError(f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "
+                             f"not {self.refine_rounds} rounds of {self.refine_drop}")
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,22 @@ class DistillConfig:
     checkpoint_every: int = 200
 
 
+METHODS = ("meds", "memory", "knn", "iterative")
+CUTS = ("mixture", "mad", "otsu")
+REFINE_ROUNDS = 3
+REFINE_DROP = 0.1
+
+
 @dataclass(frozen=True)
 class SelectConfig:
-    """Step 3: progressive selection and fine-tuning, or selection on memory scores alone."""
+    """Step 3 and the final cut.
+
+    Methods: "meds" (Steps 1-3), "memory" (Step-1 ensemble scores only), "knn" (full-bank
+    leave-self-out nearest neighbour, PatchCore-style) and "iterative" (kNN re-scored against
+    a memory that drops the most suspicious share each round, SROC-style). The final clean set
+    is the cut `cut` (or `reject_fraction`) applied per class to the final scores; with
+    cut "mad" and method meds that is the paper's Step-3 rule at t = T.
+    """
 
     method: str = "meds"
     iters: int = 10_000
@@ -110,6 +131,8 @@ class SelectConfig:
     p_ramp: int | None = None
     batch_size: int = 16
     checkpoint_every: int = 200
+    cut: str = "mad"
+    reject_fraction: float | None = None
 
     @property
     def ramp_steps(self) -> int:
@@ -117,10 +140,21 @@ class SelectConfig:
         return self.p_ramp if self.p_ramp is not None else min(1000, max(1, self.iters // 10))
 
     def __post_init__(self) -> None:
-        if self.method not in ("meds", "memory"):
-            raise UsageError(f"--method must be meds or memory, not {self.method!r}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.k < 0:
             raise UsageError(f"--k must be >= 0, not {self.k}")
+        if self.cut not in CUTS:
+            raise UsageError(f"--cut must be one of {', '.join(CUTS)}, not {self.cut!r}")
+        if self.reject_fraction is not None and not 0.0 <= self.reject_fraction < 1.0:
+            raise UsageError(f"--reject-fraction must lie in [0, 1), not {self.reject_fraction}")
+
+    def step1(self, score: ScoreConfig) -> ScoreConfig:
+        """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN."""
+        if self.method in ("meds", "memory"):
+            return score
+        return replace(score, banks=1, ratio=1.0, replace=False, min_bank=1,
+                       refine_rounds=REFINE_ROUNDS if self.method == "iterative" else 0, refine_drop=REFINE_DROP)
 
 
 @dataclass(frozen=True)
@@ -137,7 +171,25 @@ class Preset:
     distill_iters: int
     select_iters: int
     batch_size: int = 16
+    min_bank: int = 1
+    cut: str = "mad"
     extra: dict = field(default_factory=dict)
+
+    def score_config(self, **overrides) -> ScoreConfig:
+        """Step-1 options: the preset's bank floor unless overridden."""
+        return ScoreConfig(**{"min_bank": self.min_bank, **overrides})
+
+    def distill_config(self, **overrides) -> DistillConfig:
+        """Step-2 options: the preset's decoder and iterations; None in `overrides` means unset."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return DistillConfig(**{"iters": self.distill_iters, "width": self.width, "depth": self.depth,
+                                "heads": self.heads, "batch_size": self.batch_size, **given})
+
+    def select_config(self, **overrides) -> SelectConfig:
+        """Step-3 options and the final cut: the preset's iterations and cut; None means unset."""
+        given = {k: v for k, v in overrides.items() if v is not None or k == "reject_fraction"}
+        return SelectConfig(**{"iters": self.select_iters, "batch_size": self.batch_size, "cut": self.cut,
+                               **given})
 
 
 PAPER = Preset(name="paper", backbone="vit_base_patch14_reg4_dinov2", resize=448, crop=392, width=None,

@@ -54,19 +54,28 @@ CPU_BLOCK_BYTES = 256 * _MIB
 """Default working-memory target of one exact-engine block on the CPU."""
 GPU_BLOCK_BYTES = 2048 * _MIB
 """Default working-memory target of one exact-engine block on a GPU."""
+TABLE_BYTES = 2048 * _MIB
+"""Largest :func:`nearest_table` iterative refinement keeps in memory; above it, one pass per round."""
+
+
+def table_bytes(n_images: int, n_patches: int, k: int = 1) -> int:
+    """Bytes of a class's :func:`nearest_table`: 4 * N^2 * P * k."""
+    return _FLOAT_BYTES * n_images * n_images * n_patches * k
 
 
 # ---------------------------------------------------------------------------
 # Banks
 
 
-def bank_size(n_images: int, ratio: float) -> int:
-    """Images per bank: ceil(ratio * n_images), at least 1.
+def bank_size(n_images: int, ratio: float, min_images: int = 1) -> int:
+    """Images per bank: ceil(ratio * n_images), at least ``min_images``, at most n_images.
 
     The product is rounded to 9 decimals first so that float error cannot add an
-    image (0.3 * 10 is 3.0000000000000004 in floating point; this gives 3).
+    image (0.3 * 10 is 3.0000000000000004 in floating point; this gives 3). The floor
+    keeps the memories of small classes from becoming a handful of images (72 images at
+    ratio 0.1 would give banks of 8).
     """
-    return max(1, math.ceil(round(ratio * n_images, 9)))
+    return min(max(n_images, 1), max(1, min_images, math.ceil(round(ratio * n_images, 9))))
 
 
 def draw_banks(
@@ -76,6 +85,7 @@ def draw_banks(
     *,
     replace: bool = True,
     generator: np.random.Generator,
+    min_images: int = 1,
 ) -> np.ndarray:
     """Draw the image indices of each memory bank.
 
@@ -87,6 +97,7 @@ def draw_banks(
             within a bank) or without (the Real-IAD variant). Banks are always
             drawn independently of each other.
         generator: the source of randomness.
+        min_images: floor on the bank size (see :func:`bank_size`).
 
     Returns:
         (B, m) int64 image indices in [0, N), m = :func:`bank_size`.
@@ -97,7 +108,7 @@ def draw_banks(
         raise UsageError(f"the number of banks must be at least 1, got {n_banks}; raise --banks")
     if not 0.0 < ratio <= 1.0:
         raise UsageError(f"the bank ratio must lie in (0, 1], got {ratio}; fix --ratio")
-    width = bank_size(n_images, ratio)
+    width = bank_size(n_images, ratio, min_images)
     if replace:
         return generator.integers(0, n_images, size=(n_banks, width), dtype=np.int64)
     rows = [generator.choice(n_images, size=width, replace=False) for _ in range(n_banks)]
@@ -359,11 +370,30 @@ def _exact_block(
     nearest = torch.empty(rows, n_images + 1, k, dtype=torch.float32, device=features.device)
     _nearest_similarities(features[start:stop].reshape(rows, dim), features, k, plan.database_images, nearest)
     torch.sub(1.0, nearest, out=nearest)  # similarities -> distances, ascending along k
+    return _scores_from_nearest(nearest, start, stop, member_table, k, leave_self_out, plan.bank_chunk)
+
+
+def _scores_from_nearest(
+    nearest: torch.Tensor,
+    start: int,
+    stop: int,
+    member_table: torch.Tensor,
+    k: int,
+    leave_self_out: bool,
+    bank_chunk: int,
+) -> torch.Tensor:
+    """(stop-start, P) scores from the (rows, N+1, k) nearest distances of query images start..stop-1.
+
+    Overwrites the padding column N (and, leaving self out, each query's own image) with +inf.
+    """
+    block = stop - start
+    n_images = nearest.shape[1] - 1
+    n_patches = nearest.shape[0] // block
     nearest[:, n_images, :] = math.inf
     if leave_self_out:
         own = nearest.view(block, n_patches, n_images + 1, k)
         own[torch.arange(block), :, torch.arange(start, stop), :] = math.inf
-    sums, counts = _reduce_over_banks(nearest, member_table, k, plan.bank_chunk)
+    sums, counts = _reduce_over_banks(nearest, member_table, k, bank_chunk)
     scores = sums / counts
     unscored = counts == 0
     if unscored.any():
@@ -371,6 +401,79 @@ def _exact_block(
         fallback = _mean_of_k_smallest(nearest[unscored, :n_images, :].reshape(int(unscored.sum()), -1), k)
         scores[unscored] = torch.where(torch.isfinite(fallback), fallback, math.nan)
     return scores.view(block, n_patches)
+
+
+def nearest_table(
+    features: torch.Tensor | np.ndarray,
+    *,
+    queries: torch.Tensor | np.ndarray | None = None,
+    k: int = 1,
+    device: str | torch.device = "cpu",
+    max_block_bytes: int | None = None,
+    on_block: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Every patch's k nearest cosine distances to every image of the class, self included.
+
+    The exact engine's intermediate kept whole: any set of memories over these images
+    (banks, a full bank, a shrinking memory) is then a reduction of this table
+    (:func:`scores_from_table`) instead of another pass over the features.
+
+    Args:
+        features: (N, P, D) L2-normalised patch features.
+        queries: (Q, P, D) images to look up instead of the class itself (e.g. test images).
+        k: distances kept per (patch, image) pair, ascending.
+        device: torch device of the matrix products.
+        max_block_bytes: working-memory target of one block (default by device).
+        on_block: called with (images done, N) after every query block.
+
+    Returns:
+        (Q, P, N, k) float32 CPU tensor (Q = N without `queries`); 4 * Q * N * P * k bytes.
+    """
+    features = _as_features(features, device)
+    queries = features if queries is None else _as_features(queries, device)
+    n_images, n_patches, dim = features.shape
+    n_queries = queries.shape[0]
+    _check_k(k, n_patches)
+    if max_block_bytes is None:
+        max_block_bytes = CPU_BLOCK_BYTES if features.device.type == "cpu" else GPU_BLOCK_BYTES
+    plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=1, bank_width=1, max_block_bytes=max_block_bytes)
+    table = torch.empty(n_queries, n_patches, n_images, k, dtype=torch.float32)
+    for start in range(0, n_queries, plan.query_images):
+        stop = min(n_queries, start + plan.query_images)
+        rows = (stop - start) * n_patches
+        nearest = torch.empty(rows, n_images + 1, k, dtype=torch.float32, device=features.device)
+        _nearest_similarities(queries[start:stop].reshape(rows, dim), features, k, plan.database_images, nearest)
+        table[start:stop] = (1.0 - nearest[:, :n_images]).view(stop - start, n_patches, n_images, k).cpu()
+        _report(on_block, stop, n_queries)
+    return table
+
+
+def scores_from_table(table: torch.Tensor, banks: np.ndarray, *, leave_self_out: bool = True,
+                      block_images: int = 16) -> torch.Tensor:
+    """Memory-ensemble maps from a :func:`nearest_table`: equal to :func:`memory_scores_exact`
+    on the same features and banks.
+
+    Args:
+        table: (N, P, N, k) nearest distances.
+        banks: (B, m) image indices of each bank.
+        leave_self_out: never match an image against itself.
+        block_images: query images reduced together.
+
+    Returns:
+        (N, P) float32 maps.
+    """
+    n_images, n_patches, _, k = table.shape
+    banks = _check_banks(banks, n_images)
+    member_table = _padded_members(banks, pad_index=n_images)
+    bank_chunk = max(1, min(len(banks), 64))
+    maps = torch.empty(n_images, n_patches, dtype=torch.float32)
+    for start in range(0, n_images, block_images):
+        stop = min(n_images, start + block_images)
+        rows = (stop - start) * n_patches
+        nearest = torch.empty(rows, n_images + 1, k, dtype=torch.float32)
+        nearest[:, :n_images] = table[start:stop].reshape(rows, n_images, k)
+        maps[start:stop] = _scores_from_nearest(nearest, start, stop, member_table, k, leave_self_out, bank_chunk)
+    return maps
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +705,11 @@ def score_classes(
     device: str | torch.device = "cpu",
     faiss_index: knn.IndexKind = "flat",
     max_block_bytes: int | None = None,
+    min_bank: int = 1,
+    refine_rounds: int = 0,
+    refine_drop: float = 0.1,
+    aggregate: Aggregate = "top1pct",
+    tables: dict[Hashable, torch.Tensor] | None = None,
     on_engine: Callable[[Hashable, EngineChoice], None] | None = None,
     on_progress: Callable[[Hashable, int, int], None] | None = None,
     on_class: Callable[[Hashable], None] | None = None,
@@ -627,6 +735,15 @@ def score_classes(
         device: torch device of the exact engine.
         faiss_index: "flat" or "ivf" for the FAISS engine.
         max_block_bytes: block memory target of the exact engine (default by device).
+        min_bank: floor on the images per bank (:func:`bank_size`).
+        refine_rounds: iterative refinement (SROC-style), for a single full bank: after
+            scoring, keep the ``1 - r * refine_drop`` least suspicious share of the class
+            as the memory and score every image again against it, r = 1..refine_rounds
+            (see :func:`refine_memory`).
+        refine_drop: share of the class dropped from the memory per round.
+        aggregate: image score that ranks images during refinement.
+        tables: class -> its :func:`nearest_table`, precomputed; such a class is scored from
+            its table (the same maps, no pass over the features).
         on_engine: called with (class, EngineChoice) before a class is scored.
         on_progress: called with (class, done, total) as a class advances.
         on_class: called with the class label when a class is finished.
@@ -654,7 +771,8 @@ def score_classes(
                 "add images to the class or pass --include-self"
             )
         generator = class_generator(seed, label)
-        local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator)
+        local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator,
+                                 min_images=min_bank)
         choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio)
         if on_engine is not None:
             on_engine(label, choice)
@@ -666,11 +784,60 @@ def score_classes(
             options.update(index=faiss_index, seed=seed)
         engine_function = memory_scores_exact if choice.name == "exact" else memory_scores_faiss
         rows = torch.from_numpy(positions)
-        maps[rows] = engine_function(features[rows], local_banks, **options)
+        score_against = lambda bank, rows=rows: engine_function(features[rows], bank, **options)  # noqa: E731
+        table = (tables or {}).get(label)
+        if table is None and refine_rounds and choice.name == "exact" and \
+                table_bytes(len(positions), n_patches, k) <= TABLE_BYTES:
+            table = nearest_table(features[rows], k=k, device=device, max_block_bytes=max_block_bytes,
+                                  on_block=progress)
+        if table is not None:
+            score_against = lambda bank, table=table: scores_from_table(  # noqa: E731
+                table, bank, leave_self_out=leave_self_out)
+        if refine_rounds:
+            local_banks, maps[rows] = refine_memory(score_against, len(positions), rounds=refine_rounds,
+                                                    drop=refine_drop, aggregate=aggregate)
+        else:
+            maps[rows] = score_against(local_banks)
         banks_per_class[label] = torch.from_numpy(positions[local_banks])
         if on_class is not None:
             on_class(label)
     return maps, banks_per_class
+
+
+def refine_memory(
+    score_against: Callable[[np.ndarray], torch.Tensor],
+    n_images: int,
+    *,
+    rounds: int,
+    drop: float,
+    aggregate: Aggregate = "top1pct",
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Iterative refinement of a full-bank memory: score, shrink the memory, score again.
+
+    Round 0 scores every image against all others (leave-self-out kNN). Round r keeps the
+    n - round(r * drop * n) images with the lowest scores of round r - 1 as the memory
+    (at least 2) and scores every image against it, so suspicious images stop vouching for
+    each other one share at a time.
+
+    Args:
+        score_against: maps a (1, m) bank of image indices to (N, P) maps of all N images.
+        n_images: N.
+        rounds: refinement rounds after the first scoring.
+        drop: share of the class removed from the memory per round.
+        aggregate: image score used to rank images.
+
+    Returns:
+        bank: (1, m) int64 indices of the final memory.
+        maps: (N, P) maps of the last round.
+    """
+    bank = np.arange(n_images, dtype=np.int64)[None, :]
+    maps = score_against(bank)
+    for r in range(1, rounds + 1):
+        keep = max(2, n_images - round(r * drop * n_images))
+        order = np.argsort(image_scores(maps, aggregate=aggregate).numpy(), kind="stable")
+        bank = np.sort(order[:keep])[None, :]
+        maps = score_against(bank)
+    return bank, maps
 
 
 def _resolve_engine(

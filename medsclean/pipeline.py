@@ -118,7 +118,7 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
         results = distill_stage(run, score_cfg, distill_cfg)
         distilled = results["distill"].artifact
     else:
-        results, distilled = score_stage(run, score_cfg), None
+        results, distilled = score_stage(run, cfg.step1(score_cfg)), None
     results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
                                    cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter)
     _log_stage(run.reporter, "select", results["select"])

@@ -53,6 +53,19 @@ def scores_csv(images: list[dict], scores) -> str:
     return buf.getvalue()
 
 
+def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **options):
+    """(N, P) Step-1 maps and the banks per class for `cfg`; `options` go to `memory.score_classes`
+    (callbacks, precomputed `tables`)."""
+    from .memory import score_classes
+
+    engine, index = ("faiss", "ivf") if cfg.engine == "ivf" else (cfg.engine, "flat")
+    return score_classes(
+        memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
+        per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
+        device=device, faiss_index=index, min_bank=cfg.min_bank, refine_rounds=cfg.refine_rounds,
+        refine_drop=cfg.refine_drop, aggregate=cfg.aggregate, **options)
+
+
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
               reporter: Reporter) -> ScoreResult:
     """Compute (or reuse) the Step-1 maps for every extracted image."""
@@ -61,12 +74,11 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     if not force and (art := store.cached(STAGE, key)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .extract import load_features
-    from .memory import image_scores, score_classes
+    from .memory import image_scores
 
     memory = load_features(features, ["index", "memory"])["memory"]
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
-    engine, index = ("faiss", "ivf") if cfg.engine == "ivf" else (cfg.engine, "flat")
     chosen = []
 
     def on_engine(name, choice) -> None:
@@ -82,13 +94,9 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
             finished[name] = total
 
     with reporter.task("score", total=len(images)) as task:
-        maps, banks = score_classes(
-            memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
-            per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
-            device=device, faiss_index=index, on_engine=on_engine, on_progress=on_progress)
-    if index == "ivf":
-        engine = "ivf"
-    elif chosen:
+        maps, banks = step1_maps(memory, classes, cfg, device=device, on_engine=on_engine, on_progress=on_progress)
+    engine = cfg.engine
+    if engine != "ivf" and chosen:
         engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))
     per_image = image_scores(maps, aggregate=cfg.aggregate)
     import torch

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,25 @@ class StageResult:
     seconds: float
 
 
-def _train_config(iters: int, batch_size: int, checkpoint_every: int, **overrides):
+def distill_train_config(cfg: DistillConfig):
+    """The Step-2 `TrainConfig` of a `distill` stage."""
     from .training import TrainConfig
 
-    return TrainConfig(iters=iters, batch_size=batch_size, checkpoint_every=checkpoint_every, **overrides)
+    return TrainConfig(iters=cfg.iters, batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
+                       loss=cfg.loss, lr=cfg.lr, final_lr=cfg.final_lr,
+                       warmup=min(cfg.warmup, warmup_steps(cfg.iters)))
+
+
+def select_train_config(cfg: SelectConfig, distill_train: dict):
+    """The Step-3 `TrainConfig`: Step 2's optimiser settings (`distill_train`, a `TrainConfig` dict)
+    with a fresh schedule of `cfg.iters` steps and the hard-mining ramp."""
+    from .training import TrainConfig
+
+    inherited = {k: v for k, v in distill_train.items()
+                 if k in ("lr", "final_lr", "weight_decay", "eps", "grad_clip")}
+    return TrainConfig(iters=cfg.iters, batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
+                       p_final=cfg.p_final, p_ramp=cfg.ramp_steps, k_mad=cfg.k,
+                       warmup=warmup_steps(cfg.iters), **inherited)
 
 
 def warmup_steps(iters: int) -> int:
@@ -113,8 +128,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     partial = store.partial_dir("distill", key)
     if force:
         (partial / CHECKPOINT).unlink(missing_ok=True)
-    train_cfg = _train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every, loss=cfg.loss, lr=cfg.lr,
-                              final_lr=cfg.final_lr, warmup=min(cfg.warmup, warmup_steps(cfg.iters)))
+    train_cfg = distill_train_config(cfg)
     with reporter.task("distill", total=cfg.iters) as task:
         history = distill(model, groups, targets, train_cfg, seed=seed, device=device,
                           on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
@@ -171,20 +185,16 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
             reporter.warn(f"class {name!r} has only {classes.count(name)} images: its median/MAD threshold is "
                           f"unreliable (a 1-image class is always rejected); merge classes with --class-from none")
     memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double().numpy()
-    if cfg.method == "memory":
-        from .selection import select_per_class
-
-        keep, tau = select_per_class(memory_scores, classes, 1, 1, cfg.k)
-        rounds = [{"t": 0, "alpha": 1.0, "tau": tau, "final": True,
-                   "kept": {c: int(keep[np.asarray(classes) == c].sum()) for c in tau},
-                   "size": {c: classes.count(c) for c in tau}}]
-        eta, distilled_scores, files = memory_scores, None, {}
-        model_cfg = None
-    else:
-        keep, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
-                                                                device=device, reporter=reporter)
+    if cfg.method == "meds":
+        _, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
+                                                             device=device, reporter=reporter)
         files = {"model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
         model_cfg = model.config.to_dict()
+    else:
+        eta, distilled_scores, files, model_cfg = memory_scores, None, {}, None
+        rounds = [{"t": 0, "alpha": 1.0, "final": True}]
+    keep, tau = final_cut(eta, classes, cfg)
+    rounds[-1].update(final_cut_record(keep, tau, classes, cfg))
     import torch
 
     files["selection.safetensors"] = {"eta": torch.from_numpy(np.asarray(eta, dtype=np.float64)).float(),
@@ -203,6 +213,23 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
     return StageResult(art, False, time.perf_counter() - t0)
 
 
+def final_cut(eta, classes: list[str], cfg: SelectConfig) -> tuple[np.ndarray, dict[str, float]]:
+    """The clean set: per class, the images whose final score is below the cut `cfg.cut`
+    (or below the top `cfg.reject_fraction` when set)."""
+    from .thresholds import cut_per_class
+
+    params = {"mad": {"k": cfg.k}, "mixture": {"k_fallback": cfg.k}, "otsu": {}}[cfg.cut]
+    return cut_per_class(np.asarray(eta, dtype=np.float64), classes, cfg.cut,
+                         reject_fraction=cfg.reject_fraction, **params)
+
+
+def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str], cfg: SelectConfig) -> dict:
+    labels = np.asarray(classes, dtype=object)
+    rule = f"top {cfg.reject_fraction:g}" if cfg.reject_fraction is not None else cfg.cut
+    return {"cut": rule, "tau": tau, "kept": {c: int(keep[labels == c].sum()) for c in tau},
+            "size": {c: int((labels == c).sum()) for c in tau}}
+
+
 def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: SelectConfig, key: str, *, seed: int,
                device: str, reporter: Reporter):
     from .training import progressive_select
@@ -212,11 +239,7 @@ def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: Selec
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
     partial = store.partial_dir("select", key)
-    train_cfg = replace(_train_config(cfg.iters, cfg.batch_size, cfg.checkpoint_every),
-                        p_final=cfg.p_final, p_ramp=cfg.ramp_steps, k_mad=cfg.k,
-                        warmup=warmup_steps(cfg.iters),
-                        **{k: v for k, v in distilled.manifest["train"].items()
-                           if k in ("lr", "final_lr", "weight_decay", "eps", "grad_clip")})
+    train_cfg = select_train_config(cfg, distilled.manifest["train"])
     with reporter.task("select", total=cfg.iters) as task:
         result = progressive_select(model, groups, classes, base["maps"], train_cfg, seed=seed, device=device,
                                     on_step=_progress_callback(task), checkpoint=_checkpointer(partial),

@@ -1,0 +1,258 @@
+"""Rules that choose the final cut tau on one class's image scores eta.
+
+Pure NumPy (SciPy for one root). Scores are "higher = more anomalous"; an image is kept
+when eta < tau (strict, as in selection.py), so an image scoring exactly tau is rejected.
+
+Shared conventions of cut_mad, cut_otsu and cut_mixture:
+- tau is never at or below the class median: tau >= the next float above the median,
+  so every image scoring at most the median is kept (at most half the class is rejected).
+- A class whose scores are all equal (MAD = 0) keeps every image: tau is the next float
+  above the common score. This differs from selection.threshold, which keeps none.
+cut_fraction follows neither: it rejects the count it is asked for (see its docstring).
+Every rule raises MedscleanError on NaN or infinite scores and ValueError on none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import brentq
+
+from .errors import MedscleanError
+from .selection import median_absolute_deviation
+
+RULES = ("mixture", "mad", "otsu")
+
+_EM_ITERATIONS = 200
+_EM_TOLERANCE = 1e-8  # on the mean log-likelihood per image
+_VAR_FLOOR = 1e-6  # component variances stay above this share of the data's variance
+_LOG_OFFSET = 1.0  # log(eta - min + c * (median - min)): c, chosen by measurement
+
+
+def _validated(scores: ArrayLike) -> np.ndarray:
+    """(n,) float64 copy of the scores; ValueError when empty, MedscleanError when not finite."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D array, not shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise MedscleanError(
+            "selection scores contain NaN or infinity: the model diverged; lower the learning rate and rerun"
+        )
+    return x
+
+
+def _above(value: float) -> float:
+    """The next float above value: the smallest tau that keeps an image scoring value."""
+    return float(np.nextafter(value, np.inf))
+
+
+def _floored(tau: float, x: np.ndarray) -> float:
+    """tau raised, when needed, to just above the median of x (n,)."""
+    return max(float(tau), _above(float(np.median(x))))
+
+
+def cut_mad(scores: ArrayLike, k: float = 3.0) -> float:
+    """tau = median + k * MAD (unscaled MAD, as selection.py) of scores (n,).
+
+    Floored just above the median, so MAD = 0 (e.g. all scores equal) keeps the median's ties.
+    """
+    x = _validated(scores)
+    return _floored(np.median(x) + k * median_absolute_deviation(x), x)
+
+
+def cut_fraction(scores: ArrayLike, fraction: float) -> float:
+    """tau rejecting the m = floor(fraction * n + 1/2) highest of scores (n,) (halves round up).
+
+    Ties at the boundary are kept together: every image scoring the same as the highest kept
+    image is kept, so fewer than m are rejected when ties straddle the boundary (an all-equal
+    class keeps everything unless m = n). tau lies midway between the highest kept score and
+    the lowest rejected one; m = 0 gives the next float above the maximum, m = n the minimum.
+    """
+    x = _validated(scores)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), not {fraction}")
+    s = np.sort(x)
+    n, m = s.size, int(np.floor(fraction * s.size + 0.5))
+    if m == 0:
+        return _above(s[-1])
+    if m >= n:
+        return float(s[0])
+    kept_max = s[n - m - 1]
+    rejected = s[s > kept_max]
+    if rejected.size == 0:
+        return _above(kept_max)
+    tau = kept_max / 2 + rejected[0] / 2
+    return float(tau) if tau > kept_max else _above(kept_max)
+
+
+def _otsu_edge(x: np.ndarray, bins: int) -> float:
+    """Upper edge of the last lower-class bin of Otsu's split of a `bins`-bin histogram of x (n,).
+
+    Needs min(x) < max(x). An image scoring exactly the edge falls in the upper bin (np.histogram).
+    """
+    counts, edges = np.histogram(x, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0, w1 = np.cumsum(counts)[:-1], np.cumsum(counts[::-1])[::-1][1:]
+    s0, s1 = np.cumsum(counts * centers)[:-1], np.cumsum((counts * centers)[::-1])[::-1][1:]
+    between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2  # w0 >= 1 (min) and w1 >= 1 (max)
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def cut_otsu(scores: ArrayLike, bins: int = 64) -> float:
+    """Otsu's cut of scores (n,): maximise the between-class variance over `bins` histogram bins.
+
+    tau is the upper edge of the lower class's last bin (skimage's threshold_otsu returns that
+    bin's centre, half a bin lower), floored just above the median: Otsu always splits a class
+    in two, so on a clean class the floor still rejects up to half of it.
+    """
+    x = _validated(scores)
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, not {bins}")
+    if x.min() == x.max():
+        return _above(x[0])
+    return _floored(_otsu_edge(x, bins), x)
+
+
+def _log_transform(x: np.ndarray) -> tuple[np.ndarray, Callable[[float], float]]:
+    """y = log(x - min + c * (median - min)) for x (n,), and its inverse."""
+    lo = float(x.min())
+    offset = _LOG_OFFSET * max(float(np.median(x)) - lo, 1e-3 * (float(x.max()) - lo))
+    return np.log(x - lo + offset), lambda y: float(np.exp(y)) + lo - offset
+
+
+def _em(y: np.ndarray, high: np.ndarray, var_floor: float) -> tuple | None:
+    """EM from the hard split `high` (n,) bool; (weights, means, sigmas) (2,) each, mean log-lik."""
+    resp, previous = high.astype(np.float64), -np.inf
+    for _ in range(_EM_ITERATIONS):
+        nk = np.array([resp.size - resp.sum(), resp.sum()])
+        if nk.min() < 1e-3:
+            return None  # one component died: the data look like a single Gaussian
+        r = np.stack([1.0 - resp, resp], axis=1)  # (n, 2)
+        mu = (r * y[:, None]).sum(axis=0) / nk
+        var = np.maximum((r * (y[:, None] - mu) ** 2).sum(axis=0) / nk, var_floor)
+        w = nk / resp.size
+        logp = np.log(w) - 0.5 * np.log(2 * np.pi * var) - (y[:, None] - mu) ** 2 / (2 * var)
+        norm = np.logaddexp(logp[:, 0], logp[:, 1])
+        resp, loglik = np.exp(logp[:, 1] - norm), float(norm.mean())
+        if loglik - previous < _EM_TOLERANCE:
+            break
+        previous = loglik
+    order = np.argsort(mu)
+    return w[order], mu[order], np.sqrt(var[order]), loglik
+
+
+def _fit_two_gaussians(y: np.ndarray) -> tuple | None:
+    """Two-component Gaussian mixture on y (n,) by EM, best of three deterministic starts.
+
+    Starts split y at Otsu's cut, the median and the 90th percentile. Returns (weights, means,
+    sigmas), each (2,) with means ascending, and the mean log-likelihood; None when every start
+    collapses to one component. Needs min(y) < max(y).
+    """
+    var_floor = _VAR_FLOOR * float(np.var(y))
+    splits = (_otsu_edge(y, 64), float(np.median(y)), float(np.quantile(y, 0.9)))
+    fits = [_em(y, y >= s, var_floor) for s in splits if 0 < np.count_nonzero(y >= s) < y.size]
+    fits = [f for f in fits if f is not None]
+    return max(fits, key=lambda f: f[3]) if fits else None
+
+
+def _posterior_crossing(fit: tuple, min_separation: float, max_weight: float) -> float | None:
+    """Point between the means where the high component's posterior is 0.5, if the fit passes.
+
+    The fit passes when the high weight <= max_weight and Ashman's D = sqrt(2)|mu1 - mu0| /
+    sqrt(s0^2 + s1^2) >= min_separation, and the posterior crosses 0.5 between the means.
+    """
+    w, mu, sd, _ = fit
+    if w[1] > max_weight or np.sqrt(2) * (mu[1] - mu[0]) / np.hypot(sd[0], sd[1]) < min_separation:
+        return None
+
+    def log_ratio(t: float) -> float:
+        z = (t - mu) / sd
+        return float(np.log(w[1] / sd[1]) - z[1] ** 2 / 2 - np.log(w[0] / sd[0]) + z[0] ** 2 / 2)
+
+    if log_ratio(mu[0]) >= 0 or log_ratio(mu[1]) <= 0:
+        return None
+    return float(brentq(log_ratio, mu[0], mu[1], xtol=1e-12 * (1 + abs(mu[1]))))
+
+
+def cut_mixture(
+    scores: ArrayLike,
+    *,
+    k_fallback: float = 3.0,
+    min_separation: float = 3.0,
+    max_weight: float = 0.5,
+    log: bool = True,
+) -> float:
+    """Cut of scores (n,) where a two-Gaussian mixture's high component takes over.
+
+    The mixture is fitted by EM on log(eta - min + (median - min)) when `log` (anomaly scores
+    are right-skewed), else on eta. A clean class has no second component, so the fit is used
+    only when the high weight <= max_weight and Ashman's D >= min_separation; otherwise, and
+    for n < 5, tau = cut_mad(scores, k_fallback). tau is floored just above the median.
+    """
+    x = _validated(scores)
+    if x.size < 5 or x.min() == x.max():
+        return cut_mad(x, k_fallback)
+    y, back = _log_transform(x) if log else (x, float)
+    fit = _fit_two_gaussians(y)
+    cut = None if fit is None else _posterior_crossing(fit, min_separation, max_weight)
+    if cut is None:
+        return cut_mad(x, k_fallback)
+    return _floored(back(cut), x)
+
+
+_CUTS: dict[str, Callable[..., float]] = {"mixture": cut_mixture, "mad": cut_mad, "otsu": cut_otsu}
+
+
+def _rule(rule: str) -> Callable[..., float]:
+    if rule not in _CUTS:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
+    return _CUTS[rule]
+
+
+def choose_cut(scores: ArrayLike, rule: str, **params: float | bool) -> float:
+    """tau of scores (n,) by the named rule (one of RULES), params passed on to it."""
+    return _rule(rule)(scores, **params)
+
+
+def cut_per_class(
+    scores: ArrayLike,
+    classes: Sequence[str],
+    rule: str,
+    *,
+    reject_fraction: float | None = None,
+    **params: float | bool,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Cut each class on its own, keeping the images strictly below their class's tau.
+
+    Args:
+        scores: (N,) image scores.
+        classes: N class names, one per image.
+        rule: one of RULES; params are passed on to it.
+        reject_fraction: when given, every class uses cut_fraction(..., reject_fraction) instead.
+
+    Returns:
+        keep: (N,) bool, True for images kept as clean.
+        tau: threshold per class, classes in sorted order.
+
+    Raises:
+        MedscleanError: when a score is NaN or infinite (training diverged).
+    """
+    cut = _rule(rule)
+    x = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(classes, dtype=object)
+    if x.shape != (len(labels),):
+        raise ValueError(f"{x.shape[0] if x.ndim else 0} scores for {len(labels)} class labels")
+    if x.size:
+        _validated(x)
+    keep = np.zeros(x.size, dtype=bool)
+    tau: dict[str, float] = {}
+    for name in sorted(set(labels.tolist())):
+        members = labels == name
+        if reject_fraction is not None:
+            tau[name] = cut_fraction(x[members], reject_fraction)
+        else:
+            tau[name] = cut(x[members], **params)
+        keep[members] = x[members] < tau[name]
+    return keep, tau

@@ -1,0 +1,123 @@
+"""Step-1 baselines and tables: full-bank kNN, iterative refinement, the bank floor, the nearest table.
+
+Oracles: the naive per-memory search of tests/memory_oracle.py and brute-force loops written here
+from the definitions.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from medsclean.config import CPU, PAPER, ScoreConfig, SelectConfig
+from medsclean.errors import UsageError
+from medsclean.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
+                              refine_memory, score_classes, scores_from_table)
+
+from .memory_oracle import naive_memory_scores
+
+
+def _features(n=10, p=6, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, p, d))
+    return f / np.linalg.norm(f, axis=-1, keepdims=True)
+
+
+def _knn_oracle(f: np.ndarray, members=None) -> np.ndarray:
+    """(N, P) cosine distance of each patch to its nearest patch in the memory, leaving the image out."""
+    n = f.shape[0]
+    members = range(n) if members is None else members
+    out = np.zeros(f.shape[:2])
+    for i in range(n):
+        others = [j for j in members if j != i]
+        memory = f[others].reshape(-1, f.shape[2])
+        out[i] = (1.0 - f[i] @ memory.T).min(axis=1)
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("leave_self_out", [True, False])
+def test_scores_from_table_match_the_naive_search(k, leave_self_out):
+    f = _features()
+    banks = draw_banks(10, 25, 0.3, generator=np.random.default_rng(1))
+    table = nearest_table(torch.from_numpy(f).float(), k=k)
+    assert table.shape == (10, 6, 10, k)
+    got = scores_from_table(table, banks, leave_self_out=leave_self_out).numpy()
+    want = naive_memory_scores(f, banks, k=k, leave_self_out=leave_self_out)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_table_of_queries_is_their_distance_to_each_image():
+    f, q = _features(), _features(n=3, seed=5)
+    table = nearest_table(torch.from_numpy(f).float(), queries=torch.from_numpy(q).float())
+    want = np.zeros((3, 6, 10))
+    for a in range(3):
+        for j in range(10):
+            want[a, :, j] = (1 - q[a] @ f[j].T).min(axis=1)
+    np.testing.assert_allclose(table[..., 0].numpy(), want, atol=1e-5)
+
+
+def test_method_knn_is_the_full_bank_leave_self_out_nearest_neighbour():
+    f = _features(n=12)
+    cfg = SelectConfig(method="knn").step1(ScoreConfig(min_bank=4))
+    assert (cfg.banks, cfg.ratio, cfg.replace, cfg.min_bank) == (1, 1.0, False, 1)
+    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 12, n_banks=cfg.banks, ratio=cfg.ratio,
+                                replace=cfg.replace, engine="exact")
+    np.testing.assert_allclose(maps.numpy(), _knn_oracle(f), atol=1e-5)
+    assert sorted(banks["a"][0].tolist()) == list(range(12))
+
+
+def test_iterative_refinement_drops_the_most_suspicious_share_per_round():
+    f = _features(n=20, seed=3)
+    f[15:] = _features(n=5, seed=9)[:, :, :]  # unrelated images: they score high
+    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 20, n_banks=1, ratio=1.0, replace=False,
+                                refine_rounds=2, refine_drop=0.1, engine="exact")
+    # Brute force: score against all, keep the 18 lowest, rescore, keep the 16 lowest, rescore.
+    memory = list(range(20))
+    for keep in (18, 16):
+        scores = image_scores(_knn_oracle(f, memory)).numpy()
+        memory = sorted(np.argsort(scores, kind="stable")[:keep].tolist())
+    np.testing.assert_allclose(maps.numpy(), _knn_oracle(f, memory), atol=1e-5)
+    assert banks["a"][0].tolist() == memory
+
+
+def test_refinement_through_the_engine_equals_refinement_through_the_table():
+    f = torch.from_numpy(_features(n=15, seed=4)).float()
+    table = nearest_table(f)
+    via_engine = refine_memory(lambda b: memory_scores_exact(f, b), 15, rounds=3, drop=0.1)
+    via_table = refine_memory(lambda b: scores_from_table(table, b), 15, rounds=3, drop=0.1)
+    assert via_engine[0].tolist() == via_table[0].tolist()
+    torch.testing.assert_close(via_engine[1], via_table[1])
+
+
+def test_bank_floor_for_small_classes():
+    assert bank_size(72, 0.1) == 8
+    assert bank_size(72, 0.1, min_images=16) == 16
+    assert bank_size(300, 0.1, min_images=16) == 30
+    assert bank_size(10, 0.1, min_images=16) == 10  # never more than the class
+    banks = draw_banks(72, 5, 0.1, generator=np.random.default_rng(0), min_images=16)
+    assert banks.shape == (5, 16)
+    # The floor at 1 draws exactly what the paper's rule draws.
+    np.testing.assert_array_equal(draw_banks(50, 7, 0.1, generator=np.random.default_rng(3)),
+                                  draw_banks(50, 7, 0.1, generator=np.random.default_rng(3), min_images=1))
+
+
+def test_paper_preset_keeps_the_papers_rule():
+    assert PAPER.min_bank == 1 and PAPER.cut == "mad"
+    assert PAPER.score_config().ratio == 0.1 and PAPER.score_config().banks == 100
+    select = PAPER.select_config()
+    assert (select.iters, select.k, select.cut, select.reject_fraction) == (10_000, 3.0, "mad", None)
+    assert PAPER.distill_config().iters == 10_000
+
+
+def test_preset_overrides_and_validation():
+    assert CPU.select_config(iters=7).iters == 7
+    assert CPU.select_config(iters=None).iters == CPU.select_iters
+    assert CPU.distill_config(iters=0 or None).iters == CPU.distill_iters
+    with pytest.raises(UsageError, match="--method"):
+        SelectConfig(method="bogus")
+    with pytest.raises(UsageError, match="--cut"):
+        SelectConfig(cut="bogus")
+    with pytest.raises(UsageError, match="--reject-fraction"):
+        SelectConfig(reject_fraction=1.0)
+    with pytest.raises(UsageError, match="--min-bank"):
+        ScoreConfig(min_bank=0)
