@@ -1,0 +1,474 @@
+"""Independent image-and-defect generator for the accuracy benchmark (generator "suite_data/1").
+
+Good images are views of real photographs that install offline with scikit-image and
+scikit-learn: `tissue` (skimage immunohistochemistry, 512x512) random crops of 50 % +- 8 % of
+the side with random 90-degree turns and flips; `retina` (skimage retina, 1411x1411) a fixed
+centre framing of 90 % of the side with +-1.5 % shift, +-2 % scale, +-2 degree jitter; `china`
+and `flower` (sklearn sample images, 427x640) random crops of 55 % +- 8 % of the shorter side.
+All get a +-4 % brightness and contrast jitter. Defects (`DEFECT_KINDS`) are procedural; the
+mask of a defect holds exactly the pixels that changed by >= 1 grey level in some channel.
+
+Conventions: images are square RGB uint8 arrays (size, size, 3), masks bool (size, size);
+lengths and coordinates are in pixels of the output image, points are (y, x), angles are in
+degrees unless named `theta` (radians).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from scipy.signal import lfilter
+from scipy.spatial import cKDTree
+
+GENERATOR = "suite_data/1"
+CATEGORIES = ("tissue", "retina", "china", "flower")
+BASE_KINDS = ("thin_scratch", "crack", "stain", "missing_material", "extra_material", "blur",
+              "colour_shift")
+DEFECT_KINDS = BASE_KINDS + ("border",)
+LINE_KINDS = ("thin_scratch", "crack")
+FRAME = 3            # px: a border defect has mask pixels in this outer frame, others have none
+MIN_PIXELS = 40      # px: the smallest mask of any defect
+MIN_AREA = 0.002     # fraction of the image: the smallest mask of a non-line defect
+MAX_AREA = 0.06      # fraction of the image: the largest mask of any defect
+MAX_TRIES = 200
+_CROP = {"tissue": (0.50, True), "china": (0.55, False), "flower": (0.55, False)}
+
+
+# ---------------------------------------------------------------- good images
+@lru_cache(maxsize=None)
+def _base(category: str) -> Image.Image:
+    """The full-resolution source photograph of `category`, as an RGB PIL image."""
+    if category in ("tissue", "retina"):
+        from skimage import data
+        arr = data.immunohistochemistry() if category == "tissue" else data.retina()
+    else:
+        from sklearn.datasets import load_sample_images
+        bunch = load_sample_images()
+        arr = next(im for f, im in zip(bunch.filenames, bunch.images)
+                   if Path(f).name == f"{category}.jpg")
+    return Image.fromarray(np.ascontiguousarray(arr[..., :3], dtype=np.uint8), "RGB")
+
+
+@lru_cache(maxsize=8)
+def _retina_scaled(size: int) -> np.ndarray:
+    """The whole retina photo resized so that 90 % of its side spans `size` px; float32 (S, S, 3)."""
+    side = round(size / 0.9)
+    return np.asarray(_base("retina").resize((side, side), Image.LANCZOS), np.float32)
+
+
+def _affine(img: np.ndarray, angle: float, shift, scale: float = 1.0, out_shape=None,
+            order: int = 1, mode: str = "reflect") -> np.ndarray:
+    """`img` (H, W) or (H, W, C) rotated by `angle` degrees about its centre, zoomed by `scale`
+    and moved by `shift` = (dy, dx) px; float32 of shape `out_shape` (H', W') (default H, W)."""
+    out_shape = tuple(out_shape or img.shape[:2])
+    t = np.deg2rad(angle)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]) / scale
+    c_in, c_out = (np.array(img.shape[:2]) - 1) / 2, (np.array(out_shape) - 1) / 2
+    offset = c_in - rot @ (c_out + np.asarray(shift, float))
+    if img.ndim == 3:
+        rot, offset = np.pad(rot, ((0, 1), (0, 1))), np.append(offset, 0.0)
+        rot[2, 2], out_shape = 1.0, out_shape + img.shape[2:]
+    return ndimage.affine_transform(img.astype(np.float32), rot, offset, out_shape,
+                                    order=order, mode=mode)
+
+
+def _random_crop(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random square crop of the category's photo resized to `size`; float32 (size, size, 3)."""
+    base, (frac, flips) = _base(category), _CROP[category]
+    w, h = base.size
+    side = min(w, h) * (frac + rng.uniform(-0.08, 0.08))
+    y0, x0 = rng.uniform(0, h - side), rng.uniform(0, w - side)
+    arr = np.asarray(base.resize((size, size), Image.LANCZOS, box=(x0, y0, x0 + side, y0 + side)))
+    if flips:
+        arr = np.rot90(arr, int(rng.integers(4)))
+        arr = arr[:, ::-1] if rng.random() < 0.5 else arr
+    return arr.astype(np.float32)
+
+
+def _retina_frame(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The centre framing of the retina with small jitter; float32 (size, size, 3)."""
+    angle, scale = rng.uniform(-2, 2), 1 + rng.uniform(-0.02, 0.02)
+    shift = rng.uniform(-0.015, 0.015, 2) * size
+    return _affine(_retina_scaled(size), angle, shift, scale, (size, size), mode="nearest")
+
+
+def render_good(category: str, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """One defect-free image of `category`: uint8 (size, size, 3)."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    img = _retina_frame(rng, size) if category == "retina" else _random_crop(category, rng, size)
+    brightness, contrast = 1 + rng.uniform(-0.04, 0.04, 2)
+    img = (img - img.mean()) * contrast + img.mean() * brightness
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- geometry
+def _edge_point(rng: np.random.Generator, side: int):
+    """A point (y, x) within 2 px of a random image edge and the inward normal `theta` (rad)."""
+    along, depth, edge = rng.uniform(0.1, 0.9) * (side - 1), rng.uniform(0, 2), int(rng.integers(4))
+    points = [(depth, along), (side - 1 - depth, along), (along, depth), (along, side - 1 - depth)]
+    return np.array(points[edge]), (np.pi / 2, -np.pi / 2, 0.0, np.pi)[edge]
+
+
+def _centre(rng: np.random.Generator, side: int, border: bool, margin: float) -> np.ndarray:
+    """A defect centre (y, x): on an edge for border defects, else `margin` px inside."""
+    if border:
+        return _edge_point(rng, side)[0]
+    margin = min(margin, 0.4 * side)
+    return rng.uniform(margin, side - 1 - margin, 2)
+
+
+def _curve_start(rng: np.random.Generator, side: int, border: bool, length: float):
+    """Start point (y, x) and heading `theta` (rad) of a curve of `length` px."""
+    if border:
+        start, normal = _edge_point(rng, side)
+        return start, normal + rng.uniform(-np.pi / 3, np.pi / 3)
+    theta = rng.uniform(0, 2 * np.pi)
+    centre = rng.uniform(0.3, 0.7, 2) * side
+    return centre - length / 2 * np.array([np.sin(theta), np.cos(theta)]), theta
+
+
+def _fit_inside(curves: list[np.ndarray], side: int, margin: float = 5) -> list[np.ndarray]:
+    """Polylines (N, 2) moved together so that they lie `margin` px inside the image."""
+    pts = np.vstack(curves)
+    lo, hi = pts.min(0), pts.max(0)
+    shift = np.maximum(margin - lo, 0) + np.minimum(side - 1 - margin - hi, 0)
+    return [c + shift for c in curves]
+
+
+def _coverage(pts: np.ndarray, widths: np.ndarray, shape) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1], float32 (H, W), of the polyline `pts` (N, 2) whose width
+    in px varies along it as `widths` (N,)."""
+    s = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(pts, axis=0).T))])
+    t = np.linspace(0, s[-1], max(2, int(s[-1] / 0.25) + 1))
+    dense = np.stack([np.interp(t, s, pts[:, 0]), np.interp(t, s, pts[:, 1])], 1)
+    w = np.interp(t, s, widths)
+    reach = w.max() / 2 + 1
+    lo = np.maximum(np.floor(dense.min(0) - reach), 0).astype(int)
+    hi = np.minimum(np.ceil(dense.max(0) + reach) + 1, shape).astype(int)
+    cov = np.zeros(shape, np.float32)
+    if np.any(hi <= lo):
+        return cov
+    yy, xx = np.mgrid[lo[0]:hi[0], lo[1]:hi[1]]
+    d, idx = cKDTree(dense).query(np.c_[yy.ravel(), xx.ravel()], distance_upper_bound=reach)
+    near = np.clip(w[np.minimum(idx, len(w) - 1)] / 2 + 0.5 - d, 0, 1)
+    cov[lo[0]:hi[0], lo[1]:hi[1]] = near.reshape(yy.shape)
+    return cov
+
+
+def _blob_site(g: np.ndarray, rng, border: bool, frac: tuple, rough: float) -> np.ndarray:
+    """Bool (H, W): an ellipse covering a fraction in `frac` of the image, with random aspect
+    and angle, placed for a border or inner defect, whose outline is perturbed by smoothed
+    noise of relative amplitude `rough` (0: a clean ellipse)."""
+    shape, area = g.shape[:2], rng.uniform(*frac) * g.shape[0] * g.shape[1]
+    centre = _centre(rng, shape[0], border, margin=1.6 * np.sqrt(area / np.pi) + 6)
+    aspect, th = rng.uniform(0.45, 1.0), rng.uniform(0, np.pi)
+    a = np.sqrt(area / (np.pi * aspect))
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    dy, dx = yy - centre[0], xx - centre[1]
+    u, v = dx * np.cos(th) + dy * np.sin(th), -dx * np.sin(th) + dy * np.cos(th)
+    rho = np.hypot(u / a, v / (a * aspect))
+    if rough:
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), max(1.0, a * aspect / 2))
+        rho = rho + rough * noise / (noise.std() + 1e-9)
+    return rho < 1
+
+
+def _soft(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """`mask` (H, W) feathered by a Gaussian of `sigma` px: alpha in [0, 1], float32 (H, W)."""
+    return ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+
+
+# ---------------------------------------------------------------- defect models
+# Each model takes the good image g (float32 H x W x 3, 0..255), the rng and whether the defect
+# must touch the border; it returns the defective image (float, any range) and the support
+# (bool H x W) outside which nothing may change.
+
+def _thin_scratch(g, rng, border):
+    """A 1-2 px wide cubic Bezier line, 20-60 % of the side long, lighter or darker."""
+    side = g.shape[0]
+    length = rng.uniform(0.2, 0.6) * side
+    start, theta = _curve_start(rng, side, border, length)
+    u, n = np.array([np.sin(theta), np.cos(theta)]), np.array([np.cos(theta), -np.sin(theta)])
+    ctrl = [start, start + u * length / 3 + n * rng.normal(0, 0.2 * length),
+            start + 2 * u * length / 3 + n * rng.normal(0, 0.2 * length), start + u * length]
+    t = np.linspace(0, 1, 96)[:, None]
+    pts = ((1 - t) ** 3 * ctrl[0] + 3 * (1 - t) ** 2 * t * ctrl[1]
+           + 3 * (1 - t) * t ** 2 * ctrl[2] + t ** 3 * ctrl[3])
+    pts = start + (pts - start) * length / np.hypot(*np.diff(pts, axis=0).T).sum()
+    pts = pts if border else _fit_inside([pts], side)[0]
+    cov = _coverage(pts, np.full(len(pts), rng.uniform(1.0, 2.0)), g.shape[:2])
+    local = g[cov > 0].mean() if cov.any() else 128.0
+    lighter = rng.random() < 0.5 if 60 < local < 190 else local <= 60
+    k = rng.uniform(0.45, 0.9)
+    target = g + (255 - g) * k if lighter else g * (1 - k)
+    return g + cov[..., None] * (target - g), cov > 0
+
+
+def _walk(start, theta: float, length: float, rng) -> np.ndarray:
+    """A jagged random walk (N, 2) of 1-px steps whose heading wanders around `theta` (rad)."""
+    n = max(2, int(length))
+    heading = theta + lfilter([1.0], [1.0, -0.93], rng.normal(0, 0.15, n))
+    return np.vstack([start, start + np.cumsum(np.stack([np.sin(heading), np.cos(heading)], 1), 0)])
+
+
+def _crack(g, rng, border):
+    """A dark jagged crack: a trunk of 25-45 % of the side, 1.6-3 px tapering to 1 px, with
+    2-3 side branches."""
+    side = g.shape[0]
+    length = rng.uniform(0.25, 0.45) * side
+    start, theta = _curve_start(rng, side, border, length)
+    trunk = _walk(start, theta, length, rng)
+    widths = np.linspace(rng.uniform(1.6, 3.0), 1.0, len(trunk))
+    curves, curve_widths = [trunk], [widths]
+    for _ in range(int(rng.integers(2, 4))):            # 2-3 side branches off the trunk
+        i = int(rng.integers(len(trunk) // 5, len(trunk) * 4 // 5))
+        heading = np.arctan2(*(trunk[i + 1] - trunk[i]))
+        branch = _walk(trunk[i], heading + rng.choice([-1, 1]) * rng.uniform(0.4, 1.1),
+                       rng.uniform(0.25, 0.5) * length, rng)
+        curves.append(branch)
+        curve_widths.append(np.linspace(max(0.75 * widths[i], 1.0), 1.0, len(branch)))
+    curves = curves if border else _fit_inside(curves, side)
+    cov = np.max([_coverage(c, w, g.shape[:2]) for c, w in zip(curves, curve_widths)], axis=0)
+    return g * (1 - rng.uniform(0.55, 0.85) * cov[..., None]), cov > 0
+
+
+def _stain(g, rng, border):
+    """A low-contrast irregular blotch: a colour shift of 8-20 % of the local intensity range."""
+    blob = _blob_site(g, rng, border, (0.006, 0.04), rough=0.55)
+    if not blob.any():
+        return g, blob
+    alpha = _soft(blob, rng.uniform(1.0, 2.5))
+    lum = g.mean(-1)[ndimage.binary_dilation(blob, iterations=5)]   # range floored at 40 levels
+    amp = rng.uniform(0.08, 0.20) * max(np.percentile(lum, 98) - np.percentile(lum, 2), 40.0)
+    colour = rng.normal(0, 0.5, 3) + rng.choice([-1.0, 1.0])
+    return g + alpha[..., None] * amp * colour / np.abs(colour).max(), alpha > 1e-3
+
+
+def _missing_material(g, rng, border):
+    """A chipped polygon filled with a flat dark (or bright background) colour, darker
+    towards its rim, with a soft shadow around it."""
+    from skimage.draw import polygon
+    side = g.shape[0]
+    r = np.sqrt(rng.uniform(0.005, 0.035) * side * side / np.pi)
+    cy, cx = _centre(rng, side, border, margin=1.3 * r + 8)
+    n = int(rng.integers(5, 9))
+    ang, rad = np.sort(rng.uniform(0, 2 * np.pi, n)), r * rng.uniform(0.65, 1.3, n)
+    hole = np.zeros(g.shape[:2], bool)
+    hole[polygon(cy + rad * np.sin(ang), cx + rad * np.cos(ang), shape=hole.shape)] = True
+    lum = g.mean(-1)
+    if rng.random() < 0.7:                               # a dark hole
+        fill = g.reshape(-1, 3).mean(0) * rng.uniform(0.12, 0.35)
+    else:                                                # the bright background showing through
+        fill = g[lum >= np.percentile(lum, 97)].mean(0)
+    rim = np.clip(ndimage.distance_transform_edt(hole) / rng.uniform(2, 5), 0, 1)
+    shadow = _soft(hole, rng.uniform(1.5, 3.0))
+    out = np.where(hole[..., None], fill * (0.65 + 0.35 * rim)[..., None],
+                   g * (1 - 0.55 * shadow[..., None]))
+    return out, hole | (shadow > 1e-3)
+
+
+def _extra_material(g, rng, border):
+    """A blob of foreign texture: the same image turned by 90 degrees and shifted, or a
+    tinted noise pattern."""
+    side = g.shape[0]
+    blob = _blob_site(g, rng, border, (0.006, 0.04), rough=0.3)
+    if rng.random() < 0.5:      # texture from elsewhere in the same image, turned by 90 degrees
+        shift = tuple(int(s) for s in rng.integers(side // 4, 3 * side // 4, 2))
+        foreign = np.roll(np.rot90(g, int(rng.choice([1, 3]))), shift, axis=(0, 1))
+    else:                       # a tinted noise pattern
+        noise = sum(ndimage.gaussian_filter(rng.standard_normal(g.shape[:2]), s) * w
+                    for s, w in ((1.0, 1.0), (3.0, 2.0)))
+        tint = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 0.8),
+                                            rng.uniform(0.35, 0.85))) * 255
+        foreign = tint * (1 + 0.25 * noise / (noise.std() + 1e-9))[..., None]
+    alpha = _soft(blob, 0.8) * rng.uniform(0.85, 1.0)
+    return g + alpha[..., None] * (foreign - g), alpha > 1e-3
+
+
+def _blur(g, rng, border):
+    """A disk or ellipse blurred with a Gaussian of sigma 3-6 px, feathered over 1.5 px."""
+    blob = _blob_site(g, rng, border, (0.008, 0.045), rough=0.0)
+    sigma = rng.uniform(3.0, 6.0)
+    alpha = _soft(blob, 1.5)
+    return g + alpha[..., None] * (ndimage.gaussian_filter(g, (sigma, sigma, 0)) - g), alpha > 1e-3
+
+
+def _colour_shift(g, rng, border):
+    """An irregular region whose hue turns by 20-60 degrees or whose saturation collapses
+    or saturates."""
+    from skimage.color import hsv2rgb, rgb2hsv
+    blob = _blob_site(g, rng, border, (0.006, 0.04), rough=0.25)
+    hsv = rgb2hsv(g / 255.0)
+    mode = rng.random()
+    if mode < 0.6:                                       # hue rotated by 20-60 degrees
+        hsv[..., 0] = (hsv[..., 0] + rng.choice([-1, 1]) * rng.uniform(20, 60) / 360) % 1
+    elif mode < 0.8:                                     # washed out
+        hsv[..., 1] *= rng.uniform(0.05, 0.3)
+    else:                                                # over-saturated
+        hsv[..., 1] = 1 - (1 - hsv[..., 1]) * rng.uniform(0.1, 0.4)
+    alpha = _soft(blob, 1.2)
+    return g + alpha[..., None] * (hsv2rgb(hsv) * 255 - g), alpha > 1e-3
+
+
+_MODELS = {"thin_scratch": _thin_scratch, "crack": _crack, "stain": _stain,
+           "missing_material": _missing_material, "extra_material": _extra_material,
+           "blur": _blur, "colour_shift": _colour_shift}
+
+
+def _apply(good: np.ndarray, out: np.ndarray, support: np.ndarray):
+    """Round `out` to uint8 and keep it only where it differs from `good` inside `support`."""
+    new = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    mask = support & (np.abs(new.astype(np.int16) - good).max(-1) >= 1)
+    img = good.copy()
+    img[mask] = new[mask]
+    return img, mask
+
+
+def _acceptable(mask: np.ndarray, kind: str, border: bool) -> bool:
+    """Whether `mask` meets the area bounds of `kind` and touches the frame iff `border`."""
+    n, total = int(mask.sum()), mask.size
+    low = MIN_PIXELS if kind in LINE_KINDS else max(MIN_PIXELS, MIN_AREA * total)
+    frame = mask.copy()
+    frame[FRAME:-FRAME, FRAME:-FRAME] = False
+    return low <= n <= MAX_AREA * total and bool(frame.any()) == border
+
+
+def make_defect(good: np.ndarray, kind: str, rng: np.random.Generator):
+    """A defect of `kind` on `good` (uint8 (H, W, 3), square): (image uint8 (H, W, 3), mask bool
+    (H, W)). Pixels outside the mask equal `good`; each mask pixel differs by >= 1 in a channel.
+    `border` picks one of the other kinds at random and places it on an image edge."""
+    if kind not in DEFECT_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {DEFECT_KINDS}")
+    g, border = good.astype(np.float32), kind == "border"
+    for _ in range(MAX_TRIES):
+        sub = BASE_KINDS[int(rng.integers(len(BASE_KINDS)))] if border else kind
+        img, mask = _apply(good, *_MODELS[sub](g, rng, border))
+        if _acceptable(mask, sub, border):
+            return img, mask
+    raise RuntimeError(f"no acceptable {kind} defect in {MAX_TRIES} draws")
+
+
+# ---------------------------------------------------------------- dataset writer
+def _rng(seed: int, category: str, split: str, index: int) -> np.random.Generator:
+    """The generator of one image: independent of how many other images are drawn."""
+    key = [seed, zlib.crc32(category.encode()), zlib.crc32(split.encode()), index]
+    return np.random.default_rng(np.random.SeedSequence(key))
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    """Write `arr` (uint8 (H, W, 3) or (H, W)) as a PNG, creating folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+def _write_category(root: Path, cat: str, n_train: int, n_good: int, n_defect: int,
+                    size: int, seed: int) -> dict:
+    """Write one category in MVTec-AD layout under `root`; returns {split folder: image count}."""
+    for split, n in (("train/good", n_train), ("test/good", n_good)):
+        for i in range(n):
+            _save(root / split / f"{i:03d}.png", render_good(cat, _rng(seed, cat, split, i), size))
+    counts = {"train/good": n_train, "test/good": n_good}
+    for i in range(n_defect):
+        kind, j = DEFECT_KINDS[i % len(DEFECT_KINDS)], i // len(DEFECT_KINDS)
+        rng = _rng(seed, cat, "test/defect", i)
+        img, mask = make_defect(render_good(cat, rng, size), kind, rng)
+        _save(root / "test" / kind / f"{j:03d}.png", img)
+        _save(root / "ground_truth" / kind / f"{j:03d}_mask.png", mask.astype(np.uint8) * 255)
+        counts[f"test/{kind}"] = counts.get(f"test/{kind}", 0) + 1
+    return counts
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` onto `out`, replacing an existing `out` (a sibling, so renames are atomic)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def generate(out: Path, *, categories=CATEGORIES, n_train: int = 80, n_test_good: int = 20,
+             n_test_defect: int = 40, size: int = 256, seed: int = 0,
+             overwrite: bool = False) -> dict:
+    """Write an MVTec-AD-layout dataset to `out` and return its summary (also in
+    `out/suite-data.json`). Defect kinds go round-robin over `DEFECT_KINDS`; images are
+    `size` px square. Written in a sibling temporary folder and renamed onto `out`; refuses a
+    non-empty `out` unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
+    if set(categories) - set(CATEGORIES):
+        raise ValueError(f"unknown categories {sorted(set(categories) - set(CATEGORIES))}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        counts = {cat: _write_category(tmp / cat, cat, n_train, n_test_good, n_test_defect, size, seed)
+                  for cat in categories}
+        summary = {"generator": GENERATOR, "seed": seed, "size": size,
+                   "categories": list(categories), "defect_kinds": list(DEFECT_KINDS),
+                   "counts": counts}
+        (tmp / "suite-data.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+# ---------------------------------------------------------------- repeated defects
+def repeat_copies(image: np.ndarray, mask: np.ndarray, n: int, rng: np.random.Generator):
+    """`n` copies of one defect image (uint8 (H, W, 3)) and its mask (bool (H, W)), each rotated
+    by U(-3, 3) degrees and moved by U(-3 %, 3 %) of the side along each axis: list of
+    (image uint8 (H, W, 3), mask bool (H, W)); the image is reflect-padded, the mask zero-padded
+    and resampled nearest. A draw that empties the mask or leaves the image unchanged is redrawn."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        raise ValueError("the defect mask is empty")
+    copies = []
+    for _ in range(100 * max(n, 1)):
+        if len(copies) == n:
+            break
+        angle, shift = rng.uniform(-3, 3), rng.uniform(-0.03, 0.03, 2) * np.array(mask.shape)
+        img = np.clip(np.rint(_affine(image, angle, shift)), 0, 255).astype(np.uint8)
+        moved = _affine(mask, angle, shift, order=0, mode="constant") > 0.5
+        if moved.any() and not np.array_equal(img, image):
+            copies.append((img, moved))
+    if len(copies) < n:
+        raise RuntimeError("could not keep the defect inside the image")
+    return copies
+
+
+def write_repeats(root: Path, copies: int = 2, seed: int = 0) -> dict:
+    """For every `<cat>/test/<defect>/NNN.png` under `root` (not `good`), write `copies`
+    transformed copies to `<cat>/repeats/<defect>/NNN_r{j}.png` with masks in
+    `<cat>/repeats_gt/<defect>/NNN_r{j}_mask.png`; returns {copy path: original path}, both
+    relative to `root` (POSIX)."""
+    root, mapping = Path(root), {}
+    for test in sorted(p for p in root.glob("*/test") if p.is_dir()):
+        cat = test.parent
+        for folder in sorted(p for p in test.iterdir() if p.is_dir() and p.name != "good"):
+            for src in sorted(folder.glob("*.png")):
+                image = np.asarray(Image.open(src).convert("RGB"))
+                mask_path = cat / "ground_truth" / folder.name / f"{src.stem}_mask.png"
+                mask = np.asarray(Image.open(mask_path).convert("L")) > 0
+                rng = _rng(seed, cat.name, f"repeats/{folder.name}", zlib.crc32(src.stem.encode()))
+                for j, (img, m) in enumerate(repeat_copies(image, mask, copies, rng), start=1):
+                    dst = cat / "repeats" / folder.name / f"{src.stem}_r{j}.png"
+                    _save(dst, img)
+                    _save(cat / "repeats_gt" / folder.name / f"{src.stem}_r{j}_mask.png",
+                          m.astype(np.uint8) * 255)
+                    mapping[dst.relative_to(root).as_posix()] = src.relative_to(root).as_posix()
+    return mapping
