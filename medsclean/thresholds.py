@@ -3,12 +3,10 @@
 Pure NumPy (SciPy for one root). Scores are "higher = more anomalous"; an image is kept
 when eta < tau (strict, as in selection.py), so an image scoring exactly tau is rejected.
 
-Shared conventions of cut_mad, cut_otsu and cut_mixture:
-- tau is never at or below the class median: tau >= the next float above the median,
-  so every image scoring at most the median is kept (at most half the class is rejected).
-- A class whose scores are all equal (MAD = 0) keeps every image: tau is the next float
-  above the common score. This differs from selection.threshold, which keeps none.
-cut_fraction follows neither: it rejects the count it is asked for (see its docstring).
+cut_mad, cut_otsu and cut_mixture never put tau at or below the class median (tau >= the
+next float above it): every image scoring at most the median is kept, so at most half the
+class is rejected, and a class whose scores are all equal keeps every image (unlike
+selection.threshold, which keeps none). cut_fraction rejects the count asked for instead.
 Every rule raises MedscleanError on NaN or infinite scores and ValueError on none.
 """
 
@@ -28,7 +26,6 @@ RULES = ("mixture", "mad", "otsu")
 _EM_ITERATIONS = 200
 _EM_TOLERANCE = 1e-8  # on the mean log-likelihood per image
 _VAR_FLOOR = 1e-6  # component variances stay above this share of the data's variance
-_LOG_OFFSET = 1.0  # log(eta - min + c * (median - min)): c, chosen by measurement
 
 
 def _validated(scores: ArrayLike) -> np.ndarray:
@@ -88,10 +85,7 @@ def cut_fraction(scores: ArrayLike, fraction: float) -> float:
 
 
 def _otsu_edge(x: np.ndarray, bins: int) -> float:
-    """Upper edge of the last lower-class bin of Otsu's split of a `bins`-bin histogram of x (n,).
-
-    Needs min(x) < max(x). An image scoring exactly the edge falls in the upper bin (np.histogram).
-    """
+    """Upper edge of the lower class's last bin in Otsu's split of x (n,), min(x) < max(x)."""
     counts, edges = np.histogram(x, bins=bins)
     centers = (edges[:-1] + edges[1:]) / 2
     w0, w1 = np.cumsum(counts)[:-1], np.cumsum(counts[::-1])[::-1][1:]
@@ -116,9 +110,12 @@ def cut_otsu(scores: ArrayLike, bins: int = 64) -> float:
 
 
 def _log_transform(x: np.ndarray) -> tuple[np.ndarray, Callable[[float], float]]:
-    """y = log(x - min + c * (median - min)) for x (n,), and its inverse."""
+    """y = log(x - min + (median - min)) for x (n,), and its inverse.
+
+    The offset (median - min) beat 0.1x, 0.3x and 3x it on the synthetic sets of the tests.
+    """
     lo = float(x.min())
-    offset = _LOG_OFFSET * max(float(np.median(x)) - lo, 1e-3 * (float(x.max()) - lo))
+    offset = max(float(np.median(x)) - lo, 1e-3 * (float(x.max()) - lo))
     return np.log(x - lo + offset), lambda y: float(np.exp(y)) + lo - offset
 
 
@@ -177,12 +174,8 @@ def _posterior_crossing(fit: tuple, min_separation: float, max_weight: float) ->
 
 
 def cut_mixture(
-    scores: ArrayLike,
-    *,
-    k_fallback: float = 3.0,
-    min_separation: float = 3.0,
-    max_weight: float = 0.5,
-    log: bool = True,
+    scores: ArrayLike, *, k_fallback: float = 3.0, min_separation: float = 3.0,
+    max_weight: float = 0.5, log: bool = True,
 ) -> float:
     """Cut of scores (n,) where a two-Gaussian mixture's high component takes over.
 
@@ -190,6 +183,9 @@ def cut_mixture(
     are right-skewed), else on eta. A clean class has no second component, so the fit is used
     only when the high weight <= max_weight and Ashman's D >= min_separation; otherwise, and
     for n < 5, tau = cut_mad(scores, k_fallback). tau is floored just above the median.
+    Measured on synthetic classes: log=True halves the mixture's false rejections at 5-10 %
+    contamination; min_separation 3 (not Ashman's usual 2) keeps a clean class of 100-200
+    images at cut_mad's rejection rate, where 2 accepted chance splits rejecting up to half.
     """
     x = _validated(scores)
     if x.size < 5 or x.min() == x.max():
@@ -217,12 +213,8 @@ def choose_cut(scores: ArrayLike, rule: str, **params: float | bool) -> float:
 
 
 def cut_per_class(
-    scores: ArrayLike,
-    classes: Sequence[str],
-    rule: str,
-    *,
-    reject_fraction: float | None = None,
-    **params: float | bool,
+    scores: ArrayLike, classes: Sequence[str], rule: str, *,
+    reject_fraction: float | None = None, **params: float | bool,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Cut each class on its own, keeping the images strictly below their class's tau.
 
@@ -250,9 +242,7 @@ def cut_per_class(
     tau: dict[str, float] = {}
     for name in sorted(set(labels.tolist())):
         members = labels == name
-        if reject_fraction is not None:
-            tau[name] = cut_fraction(x[members], reject_fraction)
-        else:
-            tau[name] = cut(x[members], **params)
+        fixed = reject_fraction is not None
+        tau[name] = cut_fraction(x[members], reject_fraction) if fixed else cut(x[members], **params)
         keep[members] = x[members] < tau[name]
     return keep, tau
