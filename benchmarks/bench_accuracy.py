@@ -59,7 +59,8 @@ from medsclean.selection import select_per_class
 from medsclean.store import Store, digest
 from medsclean.synth import DEFAULT_CATEGORIES, generate_dataset
 from medsclean.training import TrainConfig, compute_maps, distill, progressive_select, train_detector
-from medsclean.training_stages import model_config_for, warmup_steps
+from medsclean.training_stages import (distill_train_config, model_config_for, select_train_config,
+                                       warmup_steps)
 from medsclean.ui import SilentReporter
 
 METHODS = ("no cleaning", "memory selection", "MeDS", "clean upper bound")
@@ -198,17 +199,14 @@ def step1_scores(data: NoisySet, seed: int, device: str) -> tuple[torch.Tensor, 
 
 def run_meds(data: NoisySet, maps: torch.Tensor, encoder: dict, s: Settings, seed: int):
     """Steps 2 and 3 with the settings the `distill` and `select` stages use."""
-    dcfg = distill_config(s)
+    dcfg = replace(distill_config(s), checkpoint_every=0)
     model = fresh_model(encoder, s, seed)
-    distill(model, data.groups, maps, TrainConfig(
-        iters=dcfg.iters, batch_size=dcfg.batch_size, loss=dcfg.loss, lr=dcfg.lr, final_lr=dcfg.final_lr,
-        warmup=min(dcfg.warmup, warmup_steps(dcfg.iters)), checkpoint_every=0), seed=seed, device=s.device)
+    distill_train = distill_train_config(dcfg)
+    distill(model, data.groups, maps, distill_train, seed=seed, device=s.device)
     base_maps = compute_maps(model, data.groups, device=s.device)
-    scfg = SelectConfig(iters=s.iters, k=s.k, batch_size=dcfg.batch_size)
-    tcfg = TrainConfig(iters=scfg.iters, batch_size=scfg.batch_size, lr=dcfg.lr, final_lr=dcfg.final_lr,
-                       warmup=warmup_steps(scfg.iters), p_final=scfg.p_final, p_ramp=scfg.ramp_steps,
-                       k_mad=scfg.k, checkpoint_every=0)
-    result = progressive_select(model, data.groups, data.classes, base_maps, tcfg, seed=seed, device=s.device)
+    scfg = SelectConfig(iters=s.iters, k=s.k, batch_size=dcfg.batch_size, checkpoint_every=0)
+    result = progressive_select(model, data.groups, data.classes, base_maps,
+                                select_train_config(scfg, distill_train.to_dict()), seed=seed, device=s.device)
     return model, result
 
 

@@ -121,3 +121,38 @@ def test_preset_overrides_and_validation():
         SelectConfig(reject_fraction=1.0)
     with pytest.raises(UsageError, match="--min-bank"):
         ScoreConfig(min_bank=0)
+
+
+def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
+    """`select --method knn --reject-fraction 0.25`: scores are the brute-force leave-self-out kNN on the
+    stored features, and exactly the top quarter of each class is rejected."""
+    import csv
+    import json
+
+    from typer.testing import CliRunner
+
+    from medsclean.cli import app
+    from medsclean.extract import load_features
+    from medsclean.store import Store
+
+    from .helpers import make_mvtec
+
+    root = make_mvtec(tmp_path / "data", n_train=8, size=64)
+    work = tmp_path / "work"
+    res = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "knn",
+                                   "--reject-fraction", "0.25", "--resize", "64", "--crop", "64",
+                                   "--num-workers", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["method"] == "knn"
+    assert all(c["rejected"] == 2 for c in summary["classes"].values())
+    with open(work / "select" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    features = load_features(Store(work).load("features"), ["index", "memory"])["memory"].float().numpy()
+    for cls in ("brick", "gravel"):
+        idx = [i for i, r in enumerate(rows) if r["class"] == cls]
+        want = image_scores(_knn_oracle(features[idx].astype(np.float64))).numpy()
+        got = np.array([float(rows[i]["final_eta"]) for i in idx])
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        rejected = {i for i in idx if rows[i]["kept"] == "0"}
+        assert rejected == {idx[j] for j in np.argsort(-want)[:2]}
