@@ -157,8 +157,14 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None) 
                                              if row["path"] in kept_paths))
     return {"clean_list": str(Path(out).resolve()) if out is not None else None,
             "select_dir": str(art.path), "method": art.manifest["config"]["method"],
+            "cut": _cut_name(art.manifest["config"]),
             "classes": per_class, "kept": art.manifest["kept"], "rejected": art.manifest["rejected"],
             "tau": art.manifest["tau"], "stages": stage_times(results)}
+
+
+def _cut_name(config: dict) -> str:
+    fraction = config.get("reject_fraction")
+    return f"reject-fraction {fraction:g}" if fraction is not None else config.get("cut", "mad")
 
 
 def print_select_table(summary: dict) -> None:
@@ -166,7 +172,7 @@ def print_select_table(summary: dict) -> None:
     from rich.table import Table
 
     console = _stdout_console()
-    table = Table(title=f"medsclean select ({summary['method']})", title_justify="left")
+    table = Table(title=f"medsclean select ({summary['method']}, cut {summary['cut']})", title_justify="left")
     for col in ("class", "images", "kept", "rejected", "tau"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, c in summary["classes"].items():
