@@ -156,3 +156,18 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-4)
         rejected = {i for i in idx if rows[i]["kept"] == "0"}
         assert rejected == {idx[j] for j in np.argsort(-want)[:2]}
+
+
+def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
+    """With cut "mad", the final clean set is exactly Step 3's own re-selection at t = T."""
+    from medsclean.selection import select_per_class
+    from medsclean.training_stages import final_cut
+
+    rng = np.random.default_rng(7)
+    eta = np.concatenate([rng.gamma(9, 0.1, 60), rng.gamma(9, 0.1, 40) + rng.uniform(0, 2, 40)])
+    classes = ["a"] * 55 + ["b"] * 45
+    cfg = PAPER.select_config()
+    keep, tau = final_cut(eta, classes, cfg)
+    want_keep, want_tau = select_per_class(eta, classes, cfg.iters, cfg.iters, cfg.k)
+    np.testing.assert_array_equal(keep, want_keep)
+    assert tau == pytest.approx(want_tau)
