@@ -285,6 +285,9 @@ def select(
     min_bank: MinBankOpt = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Step-3 iterations T [default: preset].")] = None,
     distill_iters: DistillItersOpt = None,
+    budget: Annotated[Optional[str], typer.Option(
+        "--budget", help="Wall-clock time for Steps 2-3 training (e.g. 90s, 10m, 1h): the iteration counts "
+                         "are chosen from a measured step time and printed.")] = None,
     loss: LossOpt = "mse",
     width: WidthOpt = None,
     depth: DepthOpt = None,
@@ -322,10 +325,19 @@ def select(
                    num_workers, layout, masks, class_from, strict, resize=resize, crop=crop)
         select_cfg = run.preset.select_config(method=method, iters=iters, k=k, cut=cut,
                                               reject_fraction=reject_fraction)
+        distill_cfg = _distill_cfg(run, distill_iters, loss, width, depth, heads)
+        if budget is not None:
+            from .config import parse_duration
+            from .errors import UsageError
+
+            if iters is not None or distill_iters is not None:
+                raise UsageError("--budget chooses the iteration counts: drop --iters/--distill-iters or --budget")
+            seconds = parse_duration(budget)
+            if method == "meds":
+                distill_cfg, select_cfg = pipeline.apply_budget(run, distill_cfg, select_cfg, seconds)
         results = pipeline.select_stage(
             run, _score_cfg(run, banks, ratio, knn, replace, per_class, include_self, engine, "top1pct", seed,
-                            min_bank),
-            _distill_cfg(run, distill_iters, loss, width, depth, heads), select_cfg, force=force)
+                            min_bank), distill_cfg, select_cfg, force=force)
         summary = pipeline.select_summary(run, results, images, out)
     except MedscleanError as exc:
         raise _fail(exc) from None

@@ -204,6 +204,16 @@ CPU = Preset(name="cpu", backbone="tf_efficientnet_lite0", resize=256, crop=256,
              depth=4, heads=4, distill_iters=300, select_iters=300, cut="mixture")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "10m", "1.5h" or a bare number of seconds; UsageError otherwise."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"--budget must be a positive duration such as 90s, 10m or 1h, not {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
 def resolve_preset(name: str, *, cuda: bool) -> Preset:
     """`auto` is the paper preset on a GPU and the CPU preset otherwise."""
     if name not in PRESETS:

@@ -125,6 +125,24 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     return results
 
 
+def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig, seconds: float):
+    """Step-2 and Step-3 configs whose iteration counts fit `seconds` of training on this machine.
+
+    The step time is measured on the run's own features and model (a short probe); the counts
+    are logged so that a rerun can fix them with --distill-iters/--iters.
+    """
+    from dataclasses import replace
+
+    from .training_stages import iterations_for_budget, seconds_per_step
+
+    features = extract_stage(run).artifact
+    step = seconds_per_step(features, distill_cfg, seed=run.seed, device=run.device)
+    iters = iterations_for_budget(seconds, step)
+    run.reporter.info(f"budget {seconds:g} s: {step:.2f} s per step measured -> {iters} + {iters} iterations "
+                      f"(rerun with --distill-iters {iters} --iters {iters} to reproduce)")
+    return replace(distill_cfg, iters=iters), replace(select_cfg, iters=iters)
+
+
 def _log_stage(reporter: Reporter, name: str, result) -> None:
     state = "cached" if result.cached else f"done in {result.seconds:.1f} s"
     reporter.info(f"{name}: {state} → {result.artifact.path}")

@@ -261,3 +261,37 @@ def selection_csv(images: list[dict], memory_scores, distilled_scores, eta, keep
         writer.writerow([row["path"], row["class"], f"{float(memory_scores[i]):.6f}", distilled,
                          f"{float(eta[i]):.6f}", int(bool(keep[i])), ranks[i]])
     return buf.getvalue()
+
+
+PROBE_STEPS = 8
+SELECT_OVERHEAD = 1.0 / 3.0
+"""Step 3 re-scores every image before each pass: about one forward per training batch, a third of
+a training step (forward + backward + update)."""
+
+
+def seconds_per_step(features: Artifact, cfg: DistillConfig, *, seed: int, device: str) -> float:
+    """Measured seconds of one training step of this model on these features (median of the last
+    steps of a short probe run on a throw-away model)."""
+    import time as clock
+
+    import torch
+
+    from .model import ReconstructionModel
+    from .training import TrainConfig, distill
+
+    groups, encoder = load_groups(features)
+    n = min(len(groups[0]), 2 * cfg.batch_size)
+    probe = [g[:n] for g in groups]
+    model = ReconstructionModel(model_config_for(encoder, cfg), seed=seed)
+    stamps: list[float] = []
+    distill(model, probe, torch.zeros(n, probe[0].shape[1] - encoder["n_prefix"]),
+            TrainConfig(iters=PROBE_STEPS, batch_size=cfg.batch_size, warmup=1, checkpoint_every=0),
+            seed=seed, device=device, on_step=lambda step, record: stamps.append(clock.perf_counter()))
+    return float(np.median(np.diff(stamps)[2:]))
+
+
+def iterations_for_budget(seconds: float, step_seconds: float) -> int:
+    """Steps of Step 2 and of Step 3 each (equal counts, multiples of 10, at least 10) that fit
+    `seconds` of training: T * step * (1 + 1 + SELECT_OVERHEAD) <= seconds."""
+    steps = seconds / (step_seconds * (2.0 + SELECT_OVERHEAD))
+    return max(10, int(steps // 10) * 10)
