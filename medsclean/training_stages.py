@@ -182,8 +182,8 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
     classes = [row["class"] for row in images]
     for name in sorted(set(classes)):
         if classes.count(name) < MIN_CLASS_SIZE:
-            reporter.warn(f"class {name!r} has only {classes.count(name)} images: its median/MAD threshold is "
-                          f"unreliable (a 1-image class is always rejected); merge classes with --class-from none")
+            reporter.warn(f"class {name!r} has only {classes.count(name)} images: its threshold is "
+                          f"unreliable; merge classes with --class-from none")
     memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double().numpy()
     if cfg.method == "meds":
         _, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
