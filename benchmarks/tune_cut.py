@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from medsclean.metrics import selection_metrics
 from medsclean.thresholds import cut_per_class
 
 RULES = {"mad k=3": ("mad", {"k": 3.0}), "mad k=2": ("mad", {"k": 2.0}), "mad k=1": ("mad", {"k": 1.0}),
@@ -23,11 +25,11 @@ RULES = {"mad k=3": ("mad", {"k": 3.0}), "mad k=2": ("mad", {"k": 2.0}), "mad k=
 
 
 def recall_precision(labels: np.ndarray, keep: np.ndarray) -> tuple[float, float, float]:
-    rejected = ~keep
-    tp = int((rejected & labels).sum())
-    recall = tp / labels.sum() if labels.sum() else float("nan")
-    precision = tp / rejected.sum() if rejected.sum() else float("nan")
-    return recall, precision, rejected.mean()
+    """Pooled recall and precision of the rejected images, and the share rejected."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = selection_metrics(labels, ~keep, np.zeros(len(keep)))
+    return m["recall"], m["precision"], float((~keep).mean())
 
 
 def main(argv=None) -> int:

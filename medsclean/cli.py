@@ -164,10 +164,9 @@ def _run(images, work, backbone, weights, random_init, preset, device, seed, qui
 
 
 def _score_cfg(run, banks, ratio, k, replace, per_class, include_self, engine, aggregate, seed, min_bank=None):
-    overrides = {} if min_bank is None else {"min_bank": min_bank}
     return run.preset.score_config(banks=banks, ratio=ratio, k=k, replace=replace, per_class=per_class,
                                    include_self=include_self, engine=engine, aggregate=aggregate, seed=seed,
-                                   **overrides)
+                                   min_bank=min_bank)
 
 
 def _distill_cfg(run, iters, loss, width, depth, heads):

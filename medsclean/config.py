@@ -176,8 +176,9 @@ class Preset:
     extra: dict = field(default_factory=dict)
 
     def score_config(self, **overrides) -> ScoreConfig:
-        """Step-1 options: the preset's bank floor unless overridden."""
-        return ScoreConfig(**{"min_bank": self.min_bank, **overrides})
+        """Step-1 options: the preset's bank floor unless overridden; None in `overrides` means unset."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return ScoreConfig(**{"min_bank": self.min_bank, **given})
 
     def distill_config(self, **overrides) -> DistillConfig:
         """Step-2 options: the preset's decoder and iterations; None in `overrides` means unset."""
