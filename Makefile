@@ -1,18 +1,31 @@
 # Two commands for a newcomer: `make demo` (the main job on a built-in dataset) and `make test`.
 # Both create or reuse the virtual environment in .venv and install everything into it.
-# On a machine with a CUDA GPU, install without the CPU pins: `make install CONSTRAINTS=`.
+# FAISS comes from one extra, never both (the two wheels provide the same `faiss` module):
+#   FAISS=cpu  (default) .[test,cpu]: faiss-cpu, with the CPU pins of constraints-cpu.txt;
+#   FAISS=gpu  .[test,gpu]: faiss-gpu-cu12, without the CPU pins (for a machine with a CUDA GPU:
+#              install a CUDA build of torch into .venv first, then `make install FAISS=gpu`);
+#   FAISS=     .[test]: no FAISS; medsclean then runs its exact torch engine only.
+# Pass the same FAISS=... to `make test`/`make demo` on that machine.
 PYTHON ?= python3
 VENV ?= .venv
-CONSTRAINTS ?= constraints-cpu.txt
+FAISS ?= cpu
+CONSTRAINTS ?= $(if $(filter gpu,$(FAISS)),,constraints-cpu.txt)
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.medsclean-installed
+comma := ,
+EXTRAS := test$(if $(FAISS),$(comma)$(FAISS))
+OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
+STAMP := $(VENV)/.medsclean-installed-$(or $(FAISS),nofaiss)
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test test-all demo bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
+	@case '$(FAISS)' in cpu|gpu|'') ;; *) echo "FAISS must be cpu, gpu or empty, not '$(FAISS)'" >&2; exit 2;; esac
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	@if [ -n '$(FAISS)' ] && $(BIN)/python -m pip show --quiet $(OTHER_FAISS) >/dev/null 2>&1; then \
+		echo "$(VENV) already holds $(OTHER_FAISS), which conflicts with FAISS=$(FAISS); pass the FAISS=... it was" \
+			"installed with, or uninstall $(OTHER_FAISS) first" >&2; exit 2; fi
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[$(EXTRAS)]'
 	@touch $@
 
 install: $(STAMP)

@@ -4,8 +4,15 @@ FAISS is imported lazily inside the functions so that importing medsclean never
 needs it. On L2-normalised vectors the inner product is the cosine similarity,
 so the cosine distance of a neighbour is ``1 - similarity``.
 
-GPU search uses faiss-gpu (``pip install medsclean[gpu]``) when it is installed
-and a GPU is visible; otherwise everything runs on the CPU.
+FAISS is optional: ``pip install 'medsclean[cpu]'`` installs faiss-cpu and
+``pip install 'medsclean[gpu]'`` installs faiss-gpu-cu12 (never both: the two wheels
+provide the same ``faiss`` module). Without either, :func:`faiss_available` is False,
+:func:`gpu_count` is 0 so that engine ``auto`` picks the exact torch engine, and
+building an index (engines ``faiss`` and ``ivf``) raises :class:`UsageError` naming
+the install command; :func:`require_faiss` does the same check up front.
+
+GPU search uses faiss-gpu when it is installed and a GPU is visible; otherwise
+everything runs on the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +38,27 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+FAISS_MISSING = (
+    "the FAISS engines (engine faiss or ivf) need the faiss package, which is not installed; "
+    "pip install 'medsclean[cpu]' (faiss-cpu) or, on a CUDA machine, pip install 'medsclean[gpu]' "
+    "(faiss-gpu-cu12), never both; or use the engine exact or auto"
+)
+"""The message of the :class:`UsageError` raised when faiss is needed but missing."""
+
+
+def require_faiss():
+    """The ``faiss`` module.
+
+    Raises:
+        UsageError: faiss is not installed; the message names the extras that install it.
+    """
+    try:
+        import faiss
+    except ImportError as exc:
+        raise UsageError(FAISS_MISSING) from exc
+    return faiss
 
 
 def gpu_count() -> int:
@@ -75,7 +103,7 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     if use_gpu and not available:
         raise UsageError(
             "a FAISS GPU search was requested but faiss-gpu or a visible GPU is missing; "
-            "install medsclean[gpu] or run the search on the CPU"
+            "pip uninstall faiss-cpu, then pip install 'medsclean[gpu]', or run the search on the CPU"
         )
     return use_gpu
 
@@ -110,8 +138,11 @@ def build_inner_product_index(
 
     Returns:
         The filled FAISS index, to be passed to :func:`search_inner_product`.
+
+    Raises:
+        UsageError: faiss is not installed (:func:`require_faiss`), or a bad ``index``/``nlist``.
     """
-    import faiss
+    faiss = require_faiss()
 
     database = _as_search_matrix(database, "database")
     n_database, dim = database.shape
