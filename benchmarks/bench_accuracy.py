@@ -56,11 +56,10 @@ from medsclean.metrics import selection_metrics
 from medsclean.model import ReconstructionModel
 from medsclean.noisy import make_noisy
 from medsclean.selection import select_per_class
-from medsclean.store import Store, digest
+from medsclean.store import Store, digest, write_text_atomic
 from medsclean.synth import DEFAULT_CATEGORIES, generate_dataset
-from medsclean.training import TrainConfig, compute_maps, distill, progressive_select, train_detector
-from medsclean.training_stages import (distill_train_config, model_config_for, select_train_config,
-                                       warmup_steps)
+from medsclean.training import compute_maps, distill, progressive_select, train_detector
+from medsclean.training_stages import model_config_for
 from medsclean.ui import SilentReporter
 
 METHODS = ("no cleaning", "memory selection", "MeDS", "clean upper bound")
@@ -166,25 +165,24 @@ class Settings:
 
 
 def distill_config(s: Settings) -> DistillConfig:
-    return DistillConfig(iters=s.distill_iters, width=s.width, depth=s.depth, heads=s.heads,
-                         batch_size=CPU.batch_size)
+    return CPU.build(DistillConfig, iters=s.distill_iters, width=s.width, depth=s.depth, heads=s.heads,
+                     checkpoint_every=0)
 
 
 def fresh_model(encoder: dict, s: Settings, seed: int) -> ReconstructionModel:
     return ReconstructionModel(model_config_for(encoder, distill_config(s)), seed=seed)
 
 
-def baseline_train_config(s: Settings) -> TrainConfig:
+def baseline_train_config(s: Settings) -> SelectConfig:
     """Dinomaly from scratch: Step 3's schedule (warm-up, p ramp) with p_final 0.9."""
-    select = SelectConfig(iters=s.baseline_iters, k=s.k, batch_size=CPU.batch_size)
-    return TrainConfig(iters=select.iters, batch_size=select.batch_size, warmup=warmup_steps(select.iters),
-                       p_final=s.baseline_p_final, p_ramp=select.ramp_steps, checkpoint_every=0)
+    return SelectConfig(iters=s.baseline_iters, k=s.k, p_final=s.baseline_p_final)
 
 
 def train_from_scratch(data: NoisySet | FeatureTable, subset: np.ndarray, encoder: dict, s: Settings,
                        seed: int) -> ReconstructionModel:
     model = fresh_model(encoder, s, seed)
-    train_detector(model, data.groups, subset, baseline_train_config(s), seed=seed, device=s.device)
+    train_detector(model, data.groups, subset, baseline_train_config(s), distill_config(s), seed=seed,
+                   device=s.device)
     return model
 
 
@@ -199,14 +197,13 @@ def step1_scores(data: NoisySet, seed: int, device: str) -> tuple[torch.Tensor, 
 
 def run_meds(data: NoisySet, maps: torch.Tensor, encoder: dict, s: Settings, seed: int):
     """Steps 2 and 3 with the settings the `distill` and `select` stages use."""
-    dcfg = replace(distill_config(s), checkpoint_every=0)
+    dcfg = distill_config(s)
     model = fresh_model(encoder, s, seed)
-    distill_train = distill_train_config(dcfg)
-    distill(model, data.groups, maps, distill_train, seed=seed, device=s.device)
+    distill(model, data.groups, maps, dcfg, seed=seed, device=s.device)
     base_maps = compute_maps(model, data.groups, device=s.device)
-    scfg = SelectConfig(iters=s.iters, k=s.k, batch_size=dcfg.batch_size, checkpoint_every=0)
-    result = progressive_select(model, data.groups, data.classes, base_maps,
-                                select_train_config(scfg, distill_train.to_dict()), seed=seed, device=s.device)
+    scfg = SelectConfig(iters=s.iters, k=s.k)
+    result = progressive_select(model, data.groups, data.classes, base_maps, scfg, dcfg, seed=seed,
+                                device=s.device)
     return model, result
 
 
@@ -383,9 +380,7 @@ def load_results(path: Path, key: str, *, fresh: bool) -> dict:
 
 
 def save_results(path: Path, results: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(results, indent=1, default=float))
 
 
 def parse_args(argv=None):
@@ -401,21 +396,21 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1])
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS,
                    help=f"detector training iterations: MeDS Step 3 and every from-scratch baseline "
-                        f"(CPU preset: {CPU.select_iters})")
+                        f"(CPU preset: {CPU.value(SelectConfig, 'iters')})")
     p.add_argument("--distill-iters", type=int, default=DEFAULT_ITERS,
-                   help=f"MeDS Step 2 iterations (CPU preset: {CPU.distill_iters})")
+                   help=f"MeDS Step 2 iterations (CPU preset: {CPU.value(DistillConfig, 'iters')})")
     p.add_argument("--baseline-iters", type=int,
                    help="iterations of the from-scratch detectors instead of --iters (e.g. Step 2 + Step 3 "
                         "for an equal-compute comparison)")
     p.add_argument("--k", type=float, default=3.0, help="selection margin in MADs at t = T")
     p.add_argument("--baseline-p-final", type=float, default=DINOMALY_P_FINAL,
                    help="hard-mining share of the from-scratch detectors (Dinomaly: 0.9)")
-    p.add_argument("--backbone", default=CPU.backbone)
-    p.add_argument("--resize", type=int, default=CPU.resize)
-    p.add_argument("--crop", type=int, default=CPU.crop)
-    p.add_argument("--width", type=int, default=CPU.width)
-    p.add_argument("--depth", type=int, default=CPU.depth)
-    p.add_argument("--heads", type=int, default=CPU.heads)
+    p.add_argument("--backbone", default=CPU.value(ExtractConfig, "backbone"))
+    p.add_argument("--resize", type=int, default=256)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--width", type=int, default=CPU.value(DistillConfig, "width"))
+    p.add_argument("--depth", type=int, default=CPU.value(DistillConfig, "depth"))
+    p.add_argument("--heads", type=int, default=CPU.value(DistillConfig, "heads"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a 2-core machine shared with other work")

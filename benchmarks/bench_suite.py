@@ -41,8 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_data  # noqa: E402
 
-from medsclean.config import CPU, ExtractConfig, resolve_device  # noqa: E402
+from medsclean.config import (CPU, DistillConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,  # noqa: E402
+                              resolve_device)
 from medsclean.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
 from medsclean.extract import load_features, run_extract  # noqa: E402
@@ -60,11 +60,11 @@ from medsclean.memory import image_scores, nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model import ReconstructionModel  # noqa: E402
 from medsclean.score import step1_maps  # noqa: E402
-from medsclean.store import Store, digest, load_tensors, save_tensors  # noqa: E402
+from medsclean.seeding import rng as seeded_rng  # noqa: E402
+from medsclean.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
 from medsclean.synth import DEFAULT_CATEGORIES, generate_dataset  # noqa: E402
 from medsclean.training import compute_maps, distill, progressive_select  # noqa: E402
-from medsclean.training_stages import (distill_train_config, final_cut, model_config_for,  # noqa: E402
-                                       select_train_config)
+from medsclean.training_stages import final_cut, model_config_for  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402
 
 METHODS = ("knn", "iterative", "memory", "meds")
@@ -199,7 +199,7 @@ def make_cell(bases: dict[str, ClassBase], ratio: float, seed: int, repeated: bo
         goods = [i for i, r in enumerate(base.rows) if r.label == 0]
         defects = [i for i, r in enumerate(base.rows) if r.label == 1 and r.rel_path == base.origin[i]]
         count = min(int(ratio * len(goods)), len(defects))
-        rng = np.random.default_rng([seed, zlib.crc32(cls.encode()), round(ratio * 1000), int(repeated)])
+        rng = seeded_rng(seed, cls, round(ratio * 1000), int(repeated))
         if repeated:
             picked = rng.choice(len(defects), math.ceil(count / (COPIES + 1)), replace=False)
             chosen = []
@@ -237,20 +237,18 @@ class Outcome:
 
 def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s) -> Outcome:
     t0 = time.perf_counter()
-    select_cfg = s.preset.select_config(method=method)
-    score_cfg = select_cfg.step1(s.preset.score_config(seed=cell.seed))
+    select_cfg = s.preset.build(SelectConfig, method=method)
+    score_cfg = select_cfg.step1(s.preset.build(ScoreConfig, seed=cell.seed))
     maps, _ = step1_maps(memory, cell.classes, score_cfg, device=s.device, tables=tables)
     if method != "meds":
         eta = image_scores(maps, aggregate=score_cfg.aggregate).double().numpy()
         keep, _ = final_cut(eta, cell.classes, select_cfg)
         return Outcome(eta, keep, time.perf_counter() - t0)
-    distill_cfg = s.preset.distill_config()
+    distill_cfg = s.preset.build(DistillConfig, checkpoint_every=0)
     model = ReconstructionModel(model_config_for(encoder, distill_cfg), seed=cell.seed)
-    distill_train = distill_train_config(replace(distill_cfg, checkpoint_every=0))
-    distill(model, groups, maps, distill_train, seed=cell.seed, device=s.device)
+    distill(model, groups, maps, distill_cfg, seed=cell.seed, device=s.device)
     base_maps = compute_maps(model, groups, device=s.device)
-    result = progressive_select(model, groups, cell.classes, base_maps,
-                                select_train_config(replace(select_cfg, checkpoint_every=0), distill_train.to_dict()),
+    result = progressive_select(model, groups, cell.classes, base_maps, select_cfg, distill_cfg,
                                 seed=cell.seed, device=s.device)
     keep, _ = final_cut(result.eta, cell.classes, select_cfg)
     return Outcome(result.eta, keep, time.perf_counter() - t0, model)
@@ -308,10 +306,12 @@ class Settings:
 
 
 def settings_from(args) -> Settings:
-    overrides = {"resize": args.resize, "crop": args.crop, "min_bank": args.min_bank, "cut": args.cut,
-                 "width": args.width, "depth": args.depth, "distill_iters": args.distill_iters,
-                 "select_iters": args.iters}
-    preset = replace(CPU, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"extract": {"resize": args.resize, "crop": args.crop}, "score": {"min_bank": args.min_bank},
+                 "distill": {"width": args.width, "depth": args.depth, "iters": args.distill_iters},
+                 "select": {"cut": args.cut, "iters": args.iters}}
+    layers = {stage: {**CPU.overlays.get(stage, {}), **{k: v for k, v in values.items() if v is not None}}
+              for stage, values in overrides.items()}
+    preset = Preset(name="cpu+", overlays=layers)
     return Settings(preset, resolve_device(args.device))
 
 
@@ -373,14 +373,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     root, mapping, spec = prepare_data(args.part, work, args)
     store = Store(work / "store", images_root=root)
-    p = s.preset
-    extract_cfg = ExtractConfig(backbone=p.backbone, resize=p.resize, crop=p.crop, device=s.device)
+    extract_cfg = s.preset.build(ExtractConfig, device=s.device)
     train = extract(discover(root, layout="mvtec", split="train"), store, extract_cfg, "features")
     test = extract(discover(root, layout="mvtec", split="test"), store, extract_cfg, "features-test")
     repeats = extract(_repeat_dataset(root), store, extract_cfg, "features-repeats")
     bases = build_classes(root, train, test, repeats, mapping, work, s.device)
 
-    key = digest({"data": spec, "preset": repr(p), "device": s.device})
+    key = digest({"data": spec, "preset": repr(s.preset), "device": s.device})
     results_path = work / f"results-{args.part}-{key[:12]}.json"
     results = {} if args.fresh or not results_path.is_file() else json.loads(results_path.read_text())
     for ratio in args.ratios:
@@ -397,11 +396,9 @@ def main(argv=None) -> int:
                 saved["methods"].update(fresh["methods"])
                 saved["classes"], saved["contaminated"] = cell.classes, cell.contaminated.astype(int).tolist()
                 results[cell.rid()] = saved
-                tmp = results_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, default=float))
-                tmp.replace(results_path)
+                write_text_atomic(results_path, json.dumps(results, default=float))
     if args.json:
-        args.json.write_text(json.dumps({"settings": repr(p), "results": results}, default=float))
+        args.json.write_text(json.dumps({"settings": repr(s.preset), "results": results}, default=float))
     print(report(args, s, results, time.perf_counter() - started))
     return 0
 
@@ -464,13 +461,13 @@ def time_table(results: dict, args) -> str:
 
 
 def report(args, s: Settings, results: dict, wall: float) -> str:
-    p = s.preset
+    e, sc, d, se = (s.preset.build(c) for c in (ExtractConfig, ScoreConfig, DistillConfig, SelectConfig))
     return "\n".join([
         f"command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py {' '.join(sys.argv[1:])}`",
         f"date: {datetime.date.today().isoformat()}; host: {platform.machine()}, torch {torch.__version__}, "
         f"threads {args.threads}, device {s.device}; wall {wall / 60:.1f} min (saved cells reused)",
-        f"preset: {p.backbone} {p.resize}/{p.crop} px, min bank {p.min_bank}, cut {p.cut}, decoder width "
-        f"{p.width} depth {p.depth}, {p.distill_iters} + {p.select_iters} iterations",
+        f"preset: {e.backbone} {e.resize or 'native'}/{e.crop or 'native'} px, min bank {sc.min_bank}, cut {se.cut}, "
+        f"decoder width {d.width} depth {d.depth}, {d.iters} + {se.iters} iterations",
         "", f"Cleaning ({args.part} part; mean over seeds {args.seeds}):", "", cleaning_table(results, args), "",
         "Detector after cleaning (kNN detector on the kept images; MeDS's own model; mean over classes and seeds):",
         "", detector_table(results, args), "", time_table(results, args)])

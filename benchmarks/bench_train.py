@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from medsclean.model import ModelConfig, ReconstructionModel
-from medsclean.training import TrainConfig, compute_maps, distill, progressive_select
+from medsclean.config import DistillConfig, SelectConfig
+from medsclean.training import compute_maps, distill, progressive_select
 
 LITE0_DIMS = (40, 112)
 DECODERS = {
@@ -80,11 +81,12 @@ def bench_decoder(name: str, spec, steps: int, images: int) -> dict:
     # 256 images: Step 3's first pass (about half of them) outlasts the timed steps, so no
     # re-scoring pass falls between them; eval speed is measured on its own below.
     groups, maps = _synthetic_features(dims, n_prefix, side, n_images=256)
-    cfg = TrainConfig(iters=steps + 1, warmup=1, checkpoint_every=0)
+    cfg = DistillConfig(iters=steps + 1, warmup=1, checkpoint_every=0)
     model = ReconstructionModel(config, seed=0)
     step2 = _step_times(lambda cb: distill(model, groups, maps, cfg, seed=0, on_step=cb))
     classes = ["a"] * 256
-    step3 = _step_times(lambda cb: progressive_select(model, groups, classes, maps, cfg, seed=0, on_step=cb))
+    step3 = _step_times(lambda cb: progressive_select(model, groups, classes, maps, SelectConfig(iters=cfg.iters), cfg, seed=0,
+                                                        on_step=cb))
     compute_maps(model, [g[:16] for g in groups])  # warm-up
     eval_s = []
     for _ in range(2):
@@ -189,9 +191,10 @@ def _mean_class_auroc(scores, classes, defective) -> float:
     return float(np.mean([roc_auc_score(defective[labels == c], scores[labels == c]) for c in sorted(set(classes))]))
 
 
-def short_run_config(iters: int) -> TrainConfig:
-    """The paper's schedule shrunk with the run: warm-up 1 % (at least 10 steps), p ramp 10 %."""
-    return TrainConfig(iters=iters, warmup=max(10, iters // 100), p_ramp=max(1, iters // 10), checkpoint_every=0)
+def short_run_config(iters: int) -> DistillConfig:
+    """The paper's schedule shrunk with the run: warm-up 1 % (at least 10 steps); Step 3's p ramp is
+    10 % of its steps (SelectConfig.ramp_steps)."""
+    return DistillConfig(iters=iters, warmup=max(10, iters // 100), checkpoint_every=0)
 
 
 def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_iters: int, select_iters: int,
@@ -228,13 +231,14 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     distill_s = time.perf_counter() - t0
     base_maps = compute_maps(model, groups)
     t0 = time.perf_counter()
-    result = progressive_select(model, groups, classes, base_maps, short_run_config(select_iters), seed=seed)
+    result = progressive_select(model, groups, classes, base_maps, SelectConfig(iters=select_iters),
+                                short_run_config(distill_iters), seed=seed)
     select_s = time.perf_counter() - t0
     return {
         "images": len(images), "defective": int(defective.sum()), "grid": list(encoder.grid),
         "preset": {"width": width, "heads": heads, "depth": depth, "distill_iters": distill_iters,
                    "select_iters": select_iters, "warmup": short_run_config(distill_iters).warmup,
-                   "p_ramp": short_run_config(select_iters).p_ramp},
+                   "p_ramp": SelectConfig(iters=select_iters).ramp_steps},
         "seconds": {"extract": extract_s, "step1": score_s, "distill": distill_s, "select": select_s},
         "distill_loss_first_last_50": [float(np.mean(history["loss"][:50])), float(np.mean(history["loss"][-50:]))],
         "auroc_step1": _mean_class_auroc(image_scores(step1_maps.numpy()), classes, defective),

@@ -16,11 +16,6 @@ degrees unless named `theta` (radians).
 from __future__ import annotations
 
 import colorsys
-import json
-import os
-import shutil
-import tempfile
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +24,10 @@ from PIL import Image
 from scipy import ndimage
 from scipy.signal import lfilter
 from scipy.spatial import cKDTree
+
+from medsclean.seeding import rng as seeded_rng
+from medsclean.seeding import stable_id
+from medsclean.store import atomic_directory, write_json_atomic
 
 GENERATOR = "suite_data/1"
 CATEGORIES = ("tissue", "retina", "china", "flower")
@@ -362,8 +361,7 @@ def make_defect(good: np.ndarray, kind: str, rng: np.random.Generator):
 # ---------------------------------------------------------------- dataset writer
 def _rng(seed: int, category: str, split: str, index: int) -> np.random.Generator:
     """The generator of one image: independent of how many other images are drawn."""
-    key = [seed, zlib.crc32(category.encode()), zlib.crc32(split.encode()), index]
-    return np.random.default_rng(np.random.SeedSequence(key))
+    return seeded_rng(seed, category, split, index)
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
@@ -389,16 +387,6 @@ def _write_category(root: Path, cat: str, n_train: int, n_good: int, n_defect: i
     return counts
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` onto `out`, replacing an existing `out` (a sibling, so renames are atomic)."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def generate(out: Path, *, categories=CATEGORIES, n_train: int = 80, n_test_good: int = 20,
              n_test_defect: int = 40, size: int = 256, seed: int = 0,
              overwrite: bool = False) -> dict:
@@ -411,20 +399,13 @@ def generate(out: Path, *, categories=CATEGORIES, n_train: int = 80, n_test_good
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
     if set(categories) - set(CATEGORIES):
         raise ValueError(f"unknown categories {sorted(set(categories) - set(CATEGORIES))}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_directory(out, overwrite=True) as tmp:
         counts = {cat: _write_category(tmp / cat, cat, n_train, n_test_good, n_test_defect, size, seed)
                   for cat in categories}
         summary = {"generator": GENERATOR, "seed": seed, "size": size,
                    "categories": list(categories), "defect_kinds": list(DEFECT_KINDS),
                    "counts": counts}
-        (tmp / "suite-data.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / "suite-data.json", summary)
     return summary
 
 
@@ -464,7 +445,7 @@ def write_repeats(root: Path, copies: int = 2, seed: int = 0) -> dict:
                 image = np.asarray(Image.open(src).convert("RGB"))
                 mask_path = cat / "ground_truth" / folder.name / f"{src.stem}_mask.png"
                 mask = np.asarray(Image.open(mask_path).convert("L")) > 0
-                rng = _rng(seed, cat.name, f"repeats/{folder.name}", zlib.crc32(src.stem.encode()))
+                rng = _rng(seed, cat.name, f"repeats/{folder.name}", stable_id(src.stem))
                 for j, (img, m) in enumerate(repeat_copies(image, mask, copies, rng), start=1):
                     dst = cat / "repeats" / folder.name / f"{src.stem}_r{j}.png"
                     _save(dst, img)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError, WeightsError
+from .errors import ConfigError, UsageError, WeightsError
 from .images import Preprocess
 
 LITE0_NAME = "tf_efficientnet_lite0"
@@ -251,7 +251,7 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
         WeightsError: weights missing, unreadable or not fitting the model.
     """
     if weights is not None and random_init:
-        raise UsageError("--weights and --random-init contradict each other; pass only one")
+        raise ConfigError(("weights", "random_init"), "weights and random_init contradict each other; pass only one")
     timm = _timm()
     _check_model_name(timm, name)
     use_lite0_package = weights is None and not random_init and timm.models.get_arch_name(name) == LITE0_NAME
@@ -339,7 +339,7 @@ def _create_headless(timm, name: str, resize: int | None, crop: int | None,
     if vit_sizes[1] % patch == 0:
         return model, vit_sizes
     if crop is not None:
-        raise UsageError(f"--crop {crop} is not a multiple of the patch size {patch} of {name}; "
+        raise ConfigError("crop", f"crop {crop} is not a multiple of the patch size {patch} of {name}; "
                          f"use {max(patch, crop // patch * patch)}")
     vit_sizes = (vit_sizes[0], max(patch, vit_sizes[1] // patch * patch))  # derived crop: round down
     return create(img_size=vit_sizes[1]), vit_sizes
@@ -355,7 +355,7 @@ def _input_sizes(defaults: tuple[int, int], resize: int | None, crop: int | None
     elif crop is None:
         crop = max(1, round(resize * ratio))
     if crop < 1 or crop > resize:
-        raise UsageError(f"--crop {crop} must be positive and at most --resize {resize}")
+        raise ConfigError(("crop", "resize"), f"crop {crop} must be positive and at most the resize {resize}")
     return int(resize), int(crop)
 
 

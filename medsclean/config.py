@@ -1,23 +1,43 @@
-"""Frozen run configurations and the presets that fill them.
+"""One frozen config per stage: its defaults, its validation, and the presets that overlay it.
 
-A stage's cache key is the digest of the fields that change its result (`key_fields`); options
-that only change speed (device, batch size, workers) are left out so that reruns on another
-machine reuse the cache.
+Each stage config is the single home of its defaults (the paper's values where the paper gives
+one); a `Preset` is an overlay of field values on those configs, and nothing else restates a
+default. Configs name their own parameters in errors (`ConfigError.param`); the CLI maps them to
+flags. A stage's cache key is the digest of the fields that change its result (`key_fields`);
+options that only change speed (device, batch size of the encoder, workers) are left out so that
+reruns on another machine reuse the cache.
+
+This module must stay light (no numpy, no torch): the CLI validates options with it before
+anything heavy is imported.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
-from .errors import UsageError
+from .choices import Aggregate, ClassFrom, Cut, Engine, EvalModel, Layout, Loss, Method, PresetName, Split
+from .errors import ConfigError
 
-PRESETS = ("auto", "cpu", "paper")
+
+def _require(ok: bool, stage: str, param: str | tuple[str, ...], message: str) -> None:
+    if not ok:
+        raise ConfigError(param, message, stage=stage)
+
+
+def _one_of(stage: str, param: str, value: Any, choice: type) -> None:
+    _require(value in choice.values(), stage, param,
+             f"{param} must be one of {', '.join(choice.values())}, not {value!r}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which images a run reads."""
+
+    STAGE: ClassVar[str] = "data"
 
     images: Path
     layout: str = "auto"
@@ -26,10 +46,25 @@ class DataConfig:
     class_from: str = "top"
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        _one_of(self.STAGE, "layout", self.layout, Layout)
+        _one_of(self.STAGE, "split", self.split, Split)
+        _one_of(self.STAGE, "class_from", self.class_from, ClassFrom)
+
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """The frozen encoder and how images are fed to it."""
+    """The frozen encoder and how images are fed to it.
+
+    `resize`/`crop` None: the backbone kind's own input size (backbone.py: 448/392 for ViTs, as
+    the paper; 256/256 for CNNs). The default backbone is EfficientNet-Lite0, whose ImageNet
+    weights install with the package; the paper preset sets the paper's DINOv2-R ViT-B/14.
+    """
+
+    STAGE: ClassVar[str] = "extract"
 
     backbone: str = "tf_efficientnet_lite0"
     weights: Path | None = None
@@ -41,6 +76,19 @@ class ExtractConfig:
     device: str = "auto"
     shard_size: int = 64
 
+    def __post_init__(self) -> None:
+        s = self.STAGE
+        _require(not (self.weights is not None and self.random_init), s, ("weights", "random_init"),
+                 "weights and random_init contradict each other; pass only one")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, s, name, f"{name} must be at least 1 pixel, not {value}")
+        _require(self.batch_size >= 1, s, "batch_size", f"batch_size must be at least 1, not {self.batch_size}")
+        _require(self.num_workers >= 0, s, "num_workers", f"num_workers must be 0 or more, not {self.num_workers}")
+        _require(self.shard_size >= 1, s, "shard_size", f"shard_size must be at least 1, not {self.shard_size}")
+        _require(re.fullmatch(DEVICE_PATTERN, self.device) is not None, s, "device",
+                 f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+
     def key_fields(self) -> dict:
         return {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
                 "random_init": self.random_init, "resize": self.resize, "crop": self.crop}
@@ -48,7 +96,9 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """Step 1: the random-memory ensemble."""
+    """Step 1: the random-memory ensemble (the paper: B = 100 memories of rho = 10 % of a class)."""
+
+    STAGE: ClassVar[str] = "score"
 
     banks: int = 100
     ratio: float = 0.1
@@ -65,52 +115,73 @@ class ScoreConfig:
     refine_drop: float = 0.1
 
     def key_fields(self) -> dict:
-        fields = asdict(self)
-        fields.pop("device")
-        fields.pop("engine")  # every engine gives the same scores (to float32 round-off) except IVF
+        fields_ = asdict(self)
+        fields_.pop("device")
+        fields_.pop("engine")  # every engine gives the same scores (to float32 round-off) except IVF
         if self.engine == "ivf":
-            fields["engine"] = "ivf"
-        return fields
+            fields_["engine"] = "ivf"
+        return fields_
 
     def __post_init__(self) -> None:
-        if self.banks < 1:
-            raise UsageError(f"--banks must be at least 1, not {self.banks}")
-        if not 0.0 < self.ratio <= 1.0:
-            raise UsageError(f"--ratio must be in (0, 1], not {self.ratio}")
-        if self.k < 1:
-            raise UsageError(f"--k must be at least 1, not {self.k}")
-        if self.aggregate not in ("top1pct", "max"):
-            raise UsageError(f"--aggregate must be top1pct or max, not {self.aggregate!r}")
-        if self.engine not in ("auto", "exact", "faiss", "ivf"):
-            raise UsageError(f"--engine must be auto, exact, faiss or ivf, not {self.engine!r}")
-        if self.min_bank < 1:
-            raise UsageError(f"--min-bank must be at least 1, not {self.min_bank}")
-        if self.refine_rounds < 0 or not 0.0 < self.refine_drop < 1.0 or self.refine_rounds * self.refine_drop >= 1.0:
-            raise UsageError(f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "
-                             f"not {self.refine_rounds} rounds of {self.refine_drop}")
+        s = self.STAGE
+        _require(self.banks >= 1, s, "banks", f"banks must be at least 1, not {self.banks}")
+        _require(0.0 < self.ratio <= 1.0, s, "ratio", f"ratio must be in (0, 1], not {self.ratio}")
+        _require(self.k >= 1, s, "k", f"k must be at least 1, not {self.k}")
+        _one_of(s, "aggregate", self.aggregate, Aggregate)
+        _one_of(s, "engine", self.engine, Engine)
+        _require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
+        _require(self.refine_rounds >= 0 and 0.0 < self.refine_drop < 1.0
+                 and self.refine_rounds * self.refine_drop < 1.0, s, ("refine_rounds", "refine_drop"),
+                 f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "
+                 f"not {self.refine_rounds} rounds of {self.refine_drop}")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Step 2: the reconstruction model's size and the distillation schedule."""
+    """Step 2: the reconstruction model, the distillation schedule, and the optimiser both
+    training steps share (Step 3 fine-tunes with these settings and its own iteration count).
 
-    iters: int
-    width: int | None
-    depth: int
-    heads: int
+    `width` None: a ViT encoder's own token width (the paper); CNN stages are projected to
+    `model.CNN_WIDTH`. `warmup` is the paper's linear warm-up (100 steps, 1 % of 10k); shorter
+    runs warm up for 1 % of their steps, at least 10 and at most half (`warmup_for`).
+    """
+
+    STAGE: ClassVar[str] = "distill"
+
+    iters: int = 10_000
+    width: int | None = None
+    depth: int = 8
+    heads: int = 12
     batch_size: int = 16
     loss: str = "mse"
     lr: float = 2e-3
     final_lr: float = 2e-4
     warmup: int = 100
+    weight_decay: float = 1e-4
+    eps: float = 1e-10
+    grad_clip: float = 0.1
     dropout: float = 0.2
     checkpoint_every: int = 200
 
+    def __post_init__(self) -> None:
+        s = self.STAGE
+        for name in ("iters", "depth", "heads", "batch_size"):
+            value = getattr(self, name)
+            _require(value >= 1, s, name, f"{name} must be at least 1, not {value}")
+        _require(self.width is None or self.width >= 1, s, "width", f"width must be at least 1, not {self.width}")
+        _one_of(s, "loss", self.loss, Loss)
+        _require(self.warmup >= 0, s, "warmup", f"warmup must be 0 or more, not {self.warmup}")
+        _require(0.0 <= self.dropout < 1.0, s, "dropout", f"dropout must be in [0, 1), not {self.dropout}")
+        _require(self.checkpoint_every >= 0, s, "checkpoint_every",
+                 f"checkpoint_every must be 0 (only at the end) or more, not {self.checkpoint_every}")
 
-METHODS = ("meds", "memory", "knn", "iterative")
-CUTS = ("mixture", "mad", "otsu")
-REFINE_ROUNDS = 3
-REFINE_DROP = 0.1
+    def warmup_for(self, iters: int) -> int:
+        """Warm-up steps of a run of `iters` steps."""
+        return min(self.warmup, max(10, iters // 100), max(1, iters // 2))
+
+
+ITERATIVE_ROUNDS = 3
+"""Rounds of the iterative baseline, each dropping `ScoreConfig.refine_drop` of the class."""
 
 
 @dataclass(frozen=True)
@@ -121,117 +192,187 @@ class SelectConfig:
     leave-self-out nearest neighbour, PatchCore-style) and "iterative" (kNN re-scored against
     a memory that drops the most suspicious share each round, SROC-style). The final clean set
     is the cut `cut` (or `reject_fraction`) applied per class to the final scores; with
-    cut "mad" and method meds that is the paper's Step-3 rule at t = T.
+    cut "mad" and method meds that is the paper's Step-3 rule at t = T with margin `k` MADs.
+    The hard-mining share p rises linearly to `p_final` over `ramp_steps`; easy points keep
+    `mining_factor` of their gradient.
     """
+
+    STAGE: ClassVar[str] = "select"
 
     method: str = "meds"
     iters: int = 10_000
     k: float = 3.0
     p_final: float = 0.5
     p_ramp: int | None = None
-    batch_size: int = 16
-    checkpoint_every: int = 200
+    mining_factor: float = 0.1
     cut: str = "mad"
     reject_fraction: float | None = None
 
     @property
     def ramp_steps(self) -> int:
-        """Steps over which the hard-mining share p rises: 1000 (10 % of the paper's T) unless set."""
+        """Steps over which p rises: 1000 (10 % of the paper's T) unless set, 10 % of shorter runs."""
         return self.p_ramp if self.p_ramp is not None else min(1000, max(1, self.iters // 10))
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.k < 0:
-            raise UsageError(f"--k must be >= 0, not {self.k}")
-        if self.cut not in CUTS:
-            raise UsageError(f"--cut must be one of {', '.join(CUTS)}, not {self.cut!r}")
-        if self.reject_fraction is not None and not 0.0 <= self.reject_fraction < 1.0:
-            raise UsageError(f"--reject-fraction must lie in [0, 1), not {self.reject_fraction}")
+        s = self.STAGE
+        _one_of(s, "method", self.method, Method)
+        _require(self.iters >= 1, s, "iters", f"iters must be at least 1, not {self.iters}")
+        _require(self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
+        _require(0.0 <= self.p_final <= 1.0, s, "p_final", f"p_final must lie in [0, 1], not {self.p_final}")
+        _require(self.p_ramp is None or self.p_ramp >= 0, s, "p_ramp", f"p_ramp must be 0 or more, not {self.p_ramp}")
+        _one_of(s, "cut", self.cut, Cut)
+        _require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
+                 f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
 
     def step1(self, score: ScoreConfig) -> ScoreConfig:
         """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN."""
-        if self.method in ("meds", "memory"):
+        if self.method in (Method.MEDS, Method.MEMORY):
             return score
         return replace(score, banks=1, ratio=1.0, replace=False, min_bank=1,
-                       refine_rounds=REFINE_ROUNDS if self.method == "iterative" else 0, refine_drop=REFINE_DROP)
+                       refine_rounds=ITERATIVE_ROUNDS if self.method == Method.ITERATIVE else 0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol; the defaults are the paper's (256 px maps, Gaussian blur sigma 4
+    with a 5-pixel support, image score = mean of the top 1 % of pixels, masks > 0.5, AUPRO to a
+    false-positive rate of 0.3)."""
+
+    STAGE: ClassVar[str] = "eval"
+
+    model: str = "select"
+    size: int = 256
+    sigma: float = 4.0
+    kernel: int = 5
+    top_ratio: float = 0.01
+    mask_threshold: float = 0.5
+    fpr_limit: float = 0.3
+    report_top: int = 24
+
+    def __post_init__(self) -> None:
+        s = self.STAGE
+        _one_of(s, "model", self.model, EvalModel)
+        _require(self.size >= 1, s, "size", f"size must be at least 1 pixel, not {self.size}")
+        _require(self.sigma >= 0, s, "sigma", f"sigma must be 0 (no blur) or more, not {self.sigma}")
+        _require(self.kernel >= 1 and self.kernel % 2 == 1, s, "kernel", f"kernel must be odd and positive, not {self.kernel}")
+        _require(0.0 <= self.top_ratio <= 1.0, s, "top_ratio", f"top_ratio must lie in [0, 1], not {self.top_ratio}")
+        _require(0.0 < self.fpr_limit <= 1.0, s, "fpr_limit", f"fpr_limit must lie in (0, 1], not {self.fpr_limit}")
+        _require(self.report_top >= 0, s, "report_top", f"report_top must be 0 or more, not {self.report_top}")
+
+    def protocol(self) -> dict:
+        """The settings that define the metrics (everything but which model is measured)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("model", "report_top")}
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """`make-noisy`: how many anomalous test images are injected into train, and how they are placed."""
+
+    STAGE: ClassVar[str] = "noise"
+
+    ratio: float = 0.1
+    overlap: bool = True
+    copy: bool = False
+
+    def __post_init__(self) -> None:
+        import math
+
+        _require(math.isfinite(self.ratio) and self.ratio >= 0, self.STAGE, "ratio",
+                 f"ratio must be a finite number >= 0 (e.g. 0.1), not {self.ratio!r}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`demo`: the generated dataset and its contamination; the defaults finish in minutes on 2 CPU cores."""
+
+    STAGE: ClassVar[str] = "demo"
+
+    categories: tuple[str, ...] = ("brick", "grass", "gravel", "coins")
+    n_train: int = 40
+    n_test_good: int = 10
+    n_test_defect: int = 18
+    size: int = 256
+    noise_ratio: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_test_good", "n_test_defect"):
+            value = getattr(self, name)
+            _require(value >= 0, self.STAGE, name, f"{name} must be 0 or more, not {value}")
+        _require(self.noise_ratio >= 0, self.STAGE, "noise_ratio",
+                 f"noise_ratio must be 0 or more, not {self.noise_ratio}")
+
+
+STAGE_CONFIGS = {c.STAGE: c for c in (DataConfig, ExtractConfig, ScoreConfig, DistillConfig, SelectConfig,
+                                      EvalConfig, NoiseConfig, DemoConfig)}
 
 
 @dataclass(frozen=True)
 class Preset:
-    """Defaults that depend on the hardware: backbone, input size, decoder size, iterations."""
+    """Values laid over the stage configs' defaults: `overlays[stage][field] = value`."""
 
     name: str
-    backbone: str
-    resize: int | None
-    crop: int | None
-    width: int | None
-    depth: int
-    heads: int
-    distill_iters: int
-    select_iters: int
-    batch_size: int = 16
-    min_bank: int = 1
-    cut: str = "mad"
-    extra: dict = field(default_factory=dict)
+    overlays: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
-    def score_config(self, **overrides) -> ScoreConfig:
-        """Step-1 options: the preset's bank floor unless overridden; None in `overrides` means unset."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return ScoreConfig(**{"min_bank": self.min_bank, **given})
+    def __post_init__(self) -> None:
+        for stage, values in self.overlays.items():
+            known = {f.name for f in fields(STAGE_CONFIGS[stage])}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"preset {self.name}: {stage} has no field {sorted(unknown)[0]!r}")
+        object.__setattr__(self, "overlays", MappingProxyType({k: MappingProxyType(dict(v))
+                                                               for k, v in self.overlays.items()}))
 
-    def distill_config(self, **overrides) -> DistillConfig:
-        """Step-2 options: the preset's decoder and iterations; None in `overrides` means unset."""
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return DistillConfig(**{"iters": self.distill_iters, "width": self.width, "depth": self.depth,
-                                "heads": self.heads, "batch_size": self.batch_size, **given})
+    def build(self, cls: type, **given: Any):
+        """`cls` with this preset's overlay, then `given` on top; a None in `given` means unset."""
+        values = {**self.overlays.get(cls.STAGE, {}), **{k: v for k, v in given.items() if v is not None}}
+        return cls(**values)
 
-    def select_config(self, **overrides) -> SelectConfig:
-        """Step-3 options and the final cut: the preset's iterations and cut; None means unset."""
-        given = {k: v for k, v in overrides.items() if v is not None or k == "reject_fraction"}
-        return SelectConfig(**{"iters": self.select_iters, "batch_size": self.batch_size, "cut": self.cut,
-                               **given})
+    def value(self, cls: type, name: str) -> Any:
+        """The value a field takes under this preset when the user sets nothing."""
+        overlay = self.overlays.get(cls.STAGE, {})
+        return overlay[name] if name in overlay else next(f.default for f in fields(cls) if f.name == name)
 
 
-PAPER = Preset(name="paper", backbone="vit_base_patch14_reg4_dinov2", resize=448, crop=392, width=None,
-               depth=8, heads=12, distill_iters=10_000, select_iters=10_000)
+PAPER = Preset(name="paper", overlays={"extract": {"backbone": "vit_base_patch14_reg4_dinov2"}})
+"""The paper's settings: its backbone; every other paper value is a stage config's default."""
 
 # Chosen by measurement on a 2-core CPU, on the tuning part of benchmarks/bench_suite.py only
-# (docs/bench-accuracy.md): Lite0 on the whole 256 px image (no centre crop: a defect at the border
-# stays visible; 32×32 grid; every method ranked contaminants better than with the 224 crop); no
-# floor on the memory size (larger memories hurt repeated defects); a 64-wide, 4-block decoder with
-# 300 + 300 steps; the mixture cut (best mean F1 of the rejected set for memory and MeDS scores).
-CPU = Preset(name="cpu", backbone="tf_efficientnet_lite0", resize=256, crop=256, width=64,
-             depth=4, heads=4, distill_iters=300, select_iters=300, cut="mixture")
+# (docs/bench-accuracy.md): Lite0 on the whole 256 px image (a defect at the border stays visible;
+# 32×32 grid); a 64-wide, 4-block decoder with 300 + 300 steps; the mixture cut (best mean F1 of the
+# rejected set for memory and MeDS scores).
+CPU = Preset(name="cpu", overlays={
+    "distill": {"iters": 300, "width": 64, "depth": 4, "heads": 4},
+    "select": {"iters": 300, "cut": "mixture"},
+})
 
-
-def parse_duration(text: str) -> float:
-    """Seconds in "90s", "10m", "1.5h" or a bare number of seconds; UsageError otherwise."""
-    import re
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise UsageError(f"--budget must be a positive duration such as 90s, 10m or 1h, not {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+PRESETS = {"paper": PAPER, "cpu": CPU}
 
 
 def resolve_preset(name: str, *, cuda: bool) -> Preset:
     """`auto` is the paper preset on a GPU and the CPU preset otherwise."""
-    if name not in PRESETS:
-        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {name!r}")
-    if name == "auto":
+    _one_of("run", "preset", name, PresetName)
+    if name == PresetName.AUTO:
         return PAPER if cuda else CPU
-    return PAPER if name == "paper" else CPU
+    return PRESETS[name]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90s", "10m", "1.5h" or a bare number of seconds; ConfigError(param "budget") otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    _require(bool(match) and float(match.group(1)) > 0, "select", "budget",
+             f"budget must be a positive duration such as 90s, 10m or 1h, not {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 def resolve_device(device: str) -> str:
     """`auto` → cuda when a GPU is visible, else cpu; an unavailable cuda is a usage error."""
+    _require(re.fullmatch(DEVICE_PATTERN, device) is not None, "extract", "device",
+             f"device must be auto, cpu or cuda[:N], not {device!r}")
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is visible; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], not {device!r}")
+    _require(not device.startswith("cuda") or torch.cuda.is_available(), "extract", "device",
+             f"device {device}: no CUDA device is visible; use cpu or auto")
     return device

@@ -3,6 +3,10 @@
 Every image gets a stable id (derived from its path relative to the root), a class, and where
 known a label (0 normal, 1 anomalous) and a mask path. Discovery only reads file headers; pixels
 are decoded later, in the stage that needs them.
+
+This module owns the layout rules that every other module follows: what counts as an image file,
+how folders are listed, which folders are MVTec categories, where an image's mask lies, and the
+name, format and reading of the contamination manifest that `medsclean make-noisy` writes.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, UsageError
 from .images import IMAGE_EXTENSIONS
+from .store import write_json_atomic
 
 LAYOUTS = ("auto", "folder", "mvtec")
 SPLITS = ("train", "test")
 CLASS_FROM = ("top", "parent", "none")
 NOISY_MANIFEST = "medsclean-noisy.json"
+NOISY_FORMAT = "medsclean-noisy/1"
+MASK_SUFFIX = "_mask"
+# IMAGE_EXTENSIONS in the order a mask is looked for when several files fit: lossless first.
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,15 @@ def image_id(rel_path: str) -> str:
 
 
 def is_image_file(name: str) -> bool:
+    """Whether a file name is a visible image: not hidden, and with an extension of IMAGE_EXTENSIONS (any case)."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def list_images(folder: Path) -> list[Path]:
-    """All image files under `folder`, recursively, hidden entries skipped, sorted by relative path."""
+    """All image files under `folder`, recursively, hidden entries skipped, sorted by relative path.
+
+    Symbolic links are followed; a missing folder has no images.
+    """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -150,15 +163,44 @@ def _discover_folder(root: Path, class_from: str) -> list[ImageRecord]:
     return records
 
 
-def mvtec_categories(root: Path) -> list[Path]:
-    """Category folders of an MVTec-layout root: those holding `train/` or `test/`.
+def _is_category(folder: Path) -> bool:
+    return (folder / "train").is_dir() or (folder / "test").is_dir()
 
-    A root that is itself one category (has `train/` or `test/`) is returned alone.
+
+def mvtec_categories(root: Path) -> list[Path]:
+    """Category folders of an MVTec-layout root: visible folders holding `train/` or `test/`, sorted.
+
+    A root that is itself one category (has `train/` or `test/`) is returned alone; a missing root
+    has none.
     """
-    if (root / "train").is_dir() or (root / "test").is_dir():
+    if _is_category(root):
         return [root]
-    return sorted(d for d in root.iterdir()
-                  if d.is_dir() and not d.name.startswith(".") and ((d / "train").is_dir() or (d / "test").is_dir()))
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _is_category(d))
+
+
+def find_mask(category: Path, image: Path, split: str = "test") -> Path | None:
+    """The mask of an image of `<category>/<split>/`, or None when it has none.
+
+    The mask mirrors the image's path under `<category>/ground_truth/`: for `<split>/<defect>/<stem>.*`
+    it is `ground_truth/<defect>/<stem>_mask.*` (MVTec AD) or else `ground_truth/<defect>/<stem>.*`
+    (VisA converted to the MVTec layout), with an extension of MASK_EXTENSIONS in lower or upper case.
+    """
+    rel = image.relative_to(category / split)
+    folder = category / "ground_truth" / rel.parent
+    extensions = MASK_EXTENSIONS + tuple(e.upper() for e in MASK_EXTENSIONS)
+    for name in (f"{image.stem}{MASK_SUFFIX}", image.stem):
+        for ext in extensions:
+            candidate = folder / f"{name}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def mask_image_stem(mask: Path) -> str:
+    """The stem of the image a mask belongs to: the mask's stem without a trailing `_mask`."""
+    return mask.stem.removesuffix(MASK_SUFFIX)
 
 
 def _discover_mvtec(root: Path, split: str) -> list[ImageRecord]:
@@ -173,7 +215,7 @@ def _discover_mvtec(root: Path, split: str) -> list[ImageRecord]:
         for path in list_images(split_dir):
             rel = path.relative_to(root).as_posix()
             defect = path.relative_to(split_dir).parts[0] if path.parent != split_dir else "good"
-            label, mask = (0, None) if defect == "good" else (1, _mvtec_mask(gt_dir / defect, path.stem))
+            label, mask = (0, None) if defect == "good" else (1, find_mask(cat, path, split))
             if rel in injected:
                 label, mask, defect = 1, injected[rel]["mask"], injected[rel]["defect"]
             if mask is not None:
@@ -190,32 +232,49 @@ def _discover_mvtec(root: Path, split: str) -> list[ImageRecord]:
     return records
 
 
-def _mvtec_mask(defect_gt_dir: Path, stem: str) -> Path | None:
-    for name in (f"{stem}_mask", stem):
-        for ext in (".png", ".bmp", ".tif", ".tiff", ".jpg", ".PNG"):
-            candidate = defect_gt_dir / f"{name}{ext}"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def _has_test_image(cat: Path, mask: Path, gt_dir: Path) -> bool:
     rel = mask.relative_to(gt_dir)
-    stem = mask.stem[:-5] if mask.stem.endswith("_mask") else mask.stem
+    stem = mask_image_stem(mask)
     folder = cat / "test" / rel.parent
     return folder.is_dir() and any(p.stem == stem for p in folder.iterdir() if is_image_file(p.name))
 
 
+def write_noisy_manifest(folder: Path, manifest: dict) -> Path:
+    """Write a contamination manifest (a dict with `"format": NOISY_FORMAT`) into `folder`."""
+    path = Path(folder) / NOISY_MANIFEST
+    write_json_atomic(path, manifest)
+    return path
+
+
+def read_noisy_manifest(root: Path) -> dict | None:
+    """The contamination manifest of a tree written by `make-noisy`, or None if it has none.
+
+    Raises:
+        DataError: the manifest exists but is unreadable or of another format.
+    """
+    path = Path(root) / NOISY_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable contamination manifest ({exc}); recreate it with "
+                        f"`medsclean make-noisy`") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != NOISY_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: format {found!r} is not {NOISY_FORMAT!r}; recreate it with "
+                        f"`medsclean make-noisy`")
+    return manifest
+
+
+def injected_train_paths(manifest: dict) -> set[str]:
+    """Paths (relative to the noisy root) of the injected training images of a manifest."""
+    return {item["train_path"] for item in manifest.get("injected", [])}
+
+
 def _noisy_injections(root: Path) -> dict[str, dict]:
     """Train images injected by `medsclean make-noisy`, keyed by path relative to root."""
-    manifest_path = root / NOISY_MANIFEST
-    if not manifest_path.is_file():
-        return {}
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{manifest_path}: unreadable contamination manifest ({exc}); "
-                        f"recreate it with `medsclean make-noisy`") from exc
+    manifest = read_noisy_manifest(root) or {}
     out = {}
     for item in manifest.get("injected", []):
         mask = root / item["mask"] if item.get("mask") else None
@@ -228,7 +287,7 @@ def _attach_masks(records: list[ImageRecord], masks_dir: Path) -> list[ImageReco
         raise DataError(f"{masks_dir}: no such masks folder; pass --masks DIR with masks named like their images")
     by_stem: dict[str, Path] = {}
     for m in list_images(masks_dir):
-        stem = m.stem[:-5] if m.stem.endswith("_mask") else m.stem
+        stem = mask_image_stem(m)
         if stem in by_stem:
             raise DataError(f"{m}: two masks for the image stem {stem!r} ({by_stem[stem].name}); keep one")
         by_stem[stem] = m

@@ -9,23 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from .config import DemoConfig
 from .ui import Reporter
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Size of the demo dataset and its contamination; the defaults finish in minutes on 2 CPU cores."""
-
-    categories: tuple[str, ...] = ("brick", "grass", "gravel", "coins")
-    n_train: int = 40
-    n_test_good: int = 10
-    n_test_defect: int = 18
-    size: int = 256
-    noise_ratio: float = 0.2
-    seed: int = 0
 
 
 def prepare_demo_data(work: Path, cfg: DemoConfig, reporter: Reporter) -> Path:

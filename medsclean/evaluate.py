@@ -19,31 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import EvalConfig
 from .data import Dataset, ImageRecord
-from .errors import DataError, UsageError
+from .errors import DataError
 from .images import read_mask
 from .store import Artifact
 
 IMAGE_KEYS = ("image_auroc", "image_ap")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro")
 SELECTION_KEYS = ("precision", "recall", "f1", "ranking_auroc", "ranking_auprc", "inspection_depth")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The evaluation protocol; the defaults are the paper's."""
-
-    model: str = "select"
-    size: int = 256
-    sigma: float = 4.0
-    kernel: int = 5
-    top_ratio: float = 0.01
-    mask_threshold: float = 0.5
-    fpr_limit: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.model not in ("select", "distill", "memory"):
-            raise UsageError(f"--model must be select, distill or memory, not {self.model!r}")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import UsageError
+from .errors import ConfigError
 
 LOSS_SCALE = 10.0
 LOSS_KINDS = ("mse", "l1")
@@ -31,10 +31,10 @@ def map_regression_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tens
         return LOSS_SCALE * F.mse_loss(pred, target)
     if kind == "l1":
         return LOSS_SCALE * F.l1_loss(pred, target)
-    raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, not {kind!r}")
+    raise ConfigError("loss", f"loss must be one of {', '.join(LOSS_KINDS)}, not {kind!r}")
 
 
-def p_schedule(step: int, p_final: float = 0.5, ramp: int = 1000) -> float:
+def p_schedule(step: int, p_final: float, ramp: int) -> float:
     """Fraction of easy points whose gradient is damped: linear from 0 to p_final over `ramp` steps."""
     if ramp <= 0:
         return p_final

@@ -17,14 +17,11 @@ import torch.nn.functional as F
 
 __all__ = ["gaussian_kernel2d", "postprocess_maps", "crop_masks", "resize_masks", "topk_mean_score"]
 
-EVAL_SIZE = 256
-BLUR_SIGMA = 4.0
-BLUR_KERNEL = 5
-MASK_THRESHOLD = 0.5
-TOPK_RATIO = 0.01
+TOP1PCT = 0.01
+"""Share of the pixels the "top1pct" image score averages (the paper's image score)."""
 
 
-def gaussian_kernel2d(kernel: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+def gaussian_kernel2d(kernel: int, sigma: float) -> torch.Tensor:
     """A normalised isotropic Gaussian, centred on the middle of an odd square support.
 
     Returns:
@@ -47,8 +44,7 @@ def _as_batch(maps: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
     return tensor
 
 
-def postprocess_maps(maps: torch.Tensor | np.ndarray, *, crop: int, size: int = EVAL_SIZE,
-                     sigma: float = BLUR_SIGMA, kernel: int = BLUR_KERNEL,
+def postprocess_maps(maps: torch.Tensor | np.ndarray, *, crop: int, size: int, sigma: float, kernel: int,
                      batch_size: int = 32) -> torch.Tensor:
     """Token-grid anomaly maps to evaluation maps.
 
@@ -104,8 +100,7 @@ def crop_masks(masks: torch.Tensor | np.ndarray, *, resize: int, crop: int) -> t
     return resized[:, offset:offset + crop, offset:offset + crop].clamp(0.0, 1.0)
 
 
-def resize_masks(masks: torch.Tensor | np.ndarray, *, size: int = EVAL_SIZE,
-                 threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+def resize_masks(masks: torch.Tensor | np.ndarray, *, size: int, threshold: float) -> torch.Tensor:
     """Nearest-neighbour resize of ground-truth masks, then binarise with ``value > threshold``.
 
     ``threshold=0.5`` is the common choice; ``threshold=0`` reproduces the reference's ``> 0``
@@ -122,7 +117,7 @@ def resize_masks(masks: torch.Tensor | np.ndarray, *, size: int = EVAL_SIZE,
     return resized > threshold
 
 
-def topk_mean_score(maps: torch.Tensor | np.ndarray, *, ratio: float = TOPK_RATIO) -> torch.Tensor:
+def topk_mean_score(maps: torch.Tensor | np.ndarray, *, ratio: float = TOP1PCT) -> torch.Tensor:
     """Image scores: the mean of the ``max(1, int(ratio * P))`` largest values of each map.
 
     Args:

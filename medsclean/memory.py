@@ -30,7 +30,6 @@ Two engines give the same maps:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Hashable, Literal, NamedTuple, Sequence
@@ -38,8 +37,8 @@ from typing import Callable, Hashable, Literal, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import knn
-from .errors import DataError, UsageError
+from . import knn, seeding
+from .errors import ConfigError, DataError
 
 Aggregate = Literal["top1pct", "max"]
 EngineName = Literal["auto", "exact", "faiss"]
@@ -105,9 +104,9 @@ def draw_banks(
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
     if n_banks < 1:
-        raise UsageError(f"the number of banks must be at least 1, got {n_banks}; raise --banks")
+        raise ConfigError("n_banks", f"n_banks must be at least 1, not {n_banks}")
     if not 0.0 < ratio <= 1.0:
-        raise UsageError(f"the bank ratio must lie in (0, 1], got {ratio}; fix --ratio")
+        raise ConfigError("ratio", f"ratio must lie in (0, 1], not {ratio}")
     width = bank_size(n_images, ratio, min_images)
     if replace:
         return generator.integers(0, n_images, size=(n_banks, width), dtype=np.int64)
@@ -162,7 +161,7 @@ def _as_features(features: torch.Tensor | np.ndarray, device: str | torch.device
 
 def _check_k(k: int, n_patches: int) -> None:
     if not 1 <= k <= n_patches:
-        raise UsageError(f"k={k} nearest neighbours must lie in [1, {n_patches}] (patches per image); fix --k")
+        raise ConfigError("k", f"k must lie in [1, {n_patches}] (the patches per image), not {k}")
 
 
 def _report(on_block: ProgressCallback | None, done: int, total: int) -> None:
@@ -660,25 +659,19 @@ def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top
     Returns:
         (N,) float32 image scores; NaN for a map holding NaN.
     """
-    from .maps import topk_mean_score
+    from .maps import TOP1PCT, topk_mean_score
 
     maps = torch.as_tensor(maps).float()
     if maps.ndim != 2:
         raise ValueError(f"maps must be (N, P), got shape {tuple(maps.shape)}")
     if aggregate not in ("top1pct", "max"):
-        raise UsageError(f"unknown image aggregate {aggregate!r}; use 'top1pct' or 'max'")
-    return topk_mean_score(maps, ratio=0.01 if aggregate == "top1pct" else 0.0)
-
-
-def stable_class_hash(label: Hashable) -> int:
-    """A 64-bit hash of ``str(label)`` that is the same in every process (unlike ``hash``)."""
-    digest = hashlib.blake2b(str(label).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+        raise ConfigError("aggregate", f"aggregate must be top1pct or max, not {aggregate!r}")
+    return topk_mean_score(maps, ratio=TOP1PCT if aggregate == "top1pct" else 0.0)
 
 
 def class_generator(seed: int, label: Hashable) -> np.random.Generator:
-    """The bank generator of one class, derived from the run seed and the class name."""
-    return np.random.default_rng([seed, stable_class_hash(label)])
+    """The bank generator of one class: keyed by the run seed and the 64-bit id of ``str(label)``."""
+    return seeding.rng(seed, seeding.stable_id64(str(label)))
 
 
 def _group_images(classes: Sequence[Hashable], per_class: bool) -> dict[Hashable, np.ndarray]:
@@ -754,13 +747,13 @@ def score_classes(
 
     Raises:
         DataError: a class has a single image under leave-self-out.
-        UsageError: an unknown engine or an invalid option.
+        ConfigError: an unknown engine or an invalid option.
     """
     features = _as_feature_tensor(features)  # stays float16 if stored so; engines widen one class at a time
     if len(classes) != features.shape[0]:
         raise ValueError(f"got {len(classes)} class labels for {features.shape[0]} feature maps")
     if engine not in ("auto", "exact", "faiss"):
-        raise UsageError(f"unknown engine {engine!r}; use 'auto', 'exact' or 'faiss'")
+        raise ConfigError("engine", f"engine must be auto, exact or faiss, not {engine!r}")
     n_images, n_patches, dim = features.shape
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     banks_per_class: dict[Hashable, torch.Tensor] = {}

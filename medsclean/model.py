@@ -21,9 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UsageError
+from .seeding import torch_generator
 
 _INIT_STD = 0.01
 _INIT_CLIP = 0.03
+
+
+CNN_WIDTH = 128
+"""Decoder width CNN stages are projected to when no width is given."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ class ReconstructionModel(nn.Module):
                 for _ in range(config.depth)
             )
         self._chunks = decoder_chunks(config.depth, len(config.group_dims))
-        self._initialise(torch.Generator().manual_seed(seed))
+        self._initialise(torch_generator(seed))
 
     def _initialise(self, generator: torch.Generator) -> None:
         for module in self.modules():

@@ -7,63 +7,30 @@ ratio, and writes `medsclean-noisy.json`, which records which training images ar
 Every training image (original or injected) gets a neutral name, `<12 hex>.<ext>` from a SHA-256
 of its category and source path, so neither the name nor the sort order reveals the label. Files
 are absolute symlinks to the source (or copies with `copy=True`); the source is never written.
+
+The layout rules (image files, categories, masks, the manifest's name and format) are those of
+`medsclean.data`; this module holds only the contamination protocol.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
-import tempfile
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import seeding
+from .data import (MASK_SUFFIX, NOISY_FORMAT, find_mask, list_images, mvtec_categories,
+                   write_noisy_manifest)
 from .errors import DataError, UsageError
-from .images import IMAGE_EXTENSIONS
+from .store import atomic_directory
 
-NOISY_FORMAT = "medsclean-noisy/1"
-MANIFEST_NAME = "medsclean-noisy.json"
 TRAIN_MASK_DIR = "ground_truth_train"
-_MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing a folder atomically
-# ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name next to `out`, then rename it to `out`.
-
-    On any error the temporary folder is removed and `out` is left as it was.
-
-    Raises:
-        DataError: `out` exists and is not an empty folder.
-    """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not an empty folder; choose a new output path "
-                        f"or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
-        yield tmp
-        try:
-            os.rename(tmp, out)  # replaces `out` only if it is an empty folder
-        except OSError as exc:
-            raise DataError(f"{out}: could not move the finished folder into place ({exc}); "
-                            f"make sure nothing else writes there and retry") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,47 +52,14 @@ class Anomaly:
     mask: str | None
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, hidden files skipped, sorted by name."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_EXTENSIONS))
-
-
-def _files_under(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder`, hidden entries skipped, sorted by relative path."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames
-                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+def good_train_images(category_dir: Path) -> list[Path]:
+    """The good training images of a category: every image under `train/good/`, sorted."""
+    return list_images(category_dir / "train" / "good")
 
 
 def category_dirs(root: Path) -> list[Path]:
-    """Category folders of an MVTec-layout root: those with images in `train/good/`.
-
-    A root that is itself one category (has `train/good/`) is returned alone.
-    """
-    if _images_in(root / "train" / "good"):
-        return [root]
-    if not root.is_dir():
-        return []
-    return sorted(d for d in root.iterdir()
-                  if d.is_dir() and not d.name.startswith(".") and _images_in(d / "train" / "good"))
-
-
-def find_mask(category_dir: Path, defect: str, stem: str) -> Path | None:
-    """The mask of `test/<defect>/<stem>.*`: `ground_truth/<defect>/<stem>_mask.*` (MVTec AD) or
-    `ground_truth/<defect>/<stem>.*` (VisA converted to the MVTec layout)."""
-    folder = category_dir / "ground_truth" / defect
-    for name in (f"{stem}_mask", stem):
-        for ext in _MASK_EXTENSIONS + tuple(e.upper() for e in _MASK_EXTENSIONS):
-            candidate = folder / f"{name}{ext}"
-            if candidate.is_file():
-                return candidate
-    return None
+    """The categories of an MVTec-layout root (`data.mvtec_categories`) that have good training images."""
+    return [d for d in mvtec_categories(root) if good_train_images(d)]
 
 
 def anomalous_test_images(root: Path, category_dir: Path) -> list[Anomaly]:
@@ -137,8 +71,8 @@ def anomalous_test_images(root: Path, category_dir: Path) -> list[Anomaly]:
     for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
         if defect_dir.name == "good":
             continue
-        for path in _files_under(defect_dir):
-            mask = find_mask(category_dir, defect_dir.name, path.stem) if path.parent == defect_dir else None
+        for path in list_images(defect_dir):
+            mask = find_mask(category_dir, path)
             anomalies.append(Anomaly(origin=path.relative_to(root).as_posix(), defect=defect_dir.name,
                                      mask=mask.relative_to(root).as_posix() if mask else None))
     return anomalies
@@ -157,8 +91,8 @@ def injection_count(ratio: float, n_good: int, n_available: int) -> int:
 
 
 def class_rng(seed: int, category: str) -> np.random.Generator:
-    """The generator that picks a category's injected images: stable across processes."""
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(category.encode("utf-8"))]))
+    """The generator that picks a category's injected images: `seeding.rng(seed, category)`."""
+    return seeding.rng(seed, category)
 
 
 def select_injected(anomalies: Sequence[Anomaly], count: int, seed: int, category: str) -> list[Anomaly]:
@@ -217,7 +151,7 @@ def _mirror_category(root: Path, out: Path, cat_dir: Path, *, ratio: float, seed
         class summary, injected entries, train entries (all as in the manifest).
     """
     cat = cat_dir.name
-    goods = _images_in(cat_dir / "train" / "good")
+    goods = good_train_images(cat_dir)
     anomalies = anomalous_test_images(root, cat_dir)
     injected = select_injected(anomalies, injection_count(ratio, len(goods), len(anomalies)), seed, cat)
     train_dir = out / cat / "train" / "good"
@@ -233,7 +167,7 @@ def _mirror_category(root: Path, out: Path, cat_dir: Path, *, ratio: float, seed
         _place(root / anomaly.origin, train_dir / name, copy)
         mask_rel = None
         if anomaly.mask is not None:
-            mask_rel = f"{cat}/{TRAIN_MASK_DIR}/{Path(name).stem}_mask{Path(anomaly.mask).suffix.lower()}"
+            mask_rel = f"{cat}/{TRAIN_MASK_DIR}/{Path(name).stem}{MASK_SUFFIX}{Path(anomaly.mask).suffix.lower()}"
             _place(root / anomaly.mask, out / mask_rel, copy)
         train_path = f"{cat}/train/good/{name}"
         injected_entries.append({"class": cat, "train_path": train_path, "origin": anomaly.origin,
@@ -247,7 +181,7 @@ def _mirror_category(root: Path, out: Path, cat_dir: Path, *, ratio: float, seed
     for sub in ("test", "ground_truth"):
         if not (cat_dir / sub).is_dir():
             continue
-        for path in _files_under(cat_dir / sub):
+        for path in list_images(cat_dir / sub):
             origin = path.relative_to(root).as_posix()
             if origin in removed:
                 continue
@@ -303,31 +237,5 @@ def make_noisy(root: Path, out: Path, *, ratio: float, seed: int, overlap: bool 
             manifest["train"].extend(train)
         n_train = sum(c["n_train"] for c in manifest["classes"].values())
         manifest["true_fraction"] = len(manifest["injected"]) / n_train
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_noisy_manifest(tmp, manifest)
     return manifest
-
-
-def read_noisy_manifest(out: Path) -> dict | None:
-    """The contamination manifest of a tree written by `make_noisy`, or None if it has none.
-
-    Raises:
-        DataError: the manifest exists but is unreadable or of another format.
-    """
-    path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable contamination manifest ({exc}); recreate it with "
-                        f"`medsclean make-noisy`") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != NOISY_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path}: format {found!r} is not {NOISY_FORMAT!r}; recreate it with "
-                        f"`medsclean make-noisy`")
-    return manifest
-
-
-def injected_train_paths(manifest: dict) -> set[str]:
-    """Paths (relative to the noisy root) of the injected training images of a manifest."""
-    return {item["train_path"] for item in manifest.get("injected", [])}

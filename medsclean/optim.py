@@ -95,7 +95,7 @@ class StableAdamW(torch.optim.Optimizer):
         param.sub_(exp_avg / denom * (step_size / clip))
 
 
-def warm_cosine_lr(step: int, *, base_lr: float = 2e-3, final_lr: float = 2e-4, warmup: int = 100, total: int) -> float:
+def warm_cosine_lr(step: int, *, base_lr: float, final_lr: float, warmup: int, total: int) -> float:
     """Learning rate at iteration `step` (0-based) of a run of `total` iterations.
 
     Linear warm-up from 0 at step 0 to base_lr at step `warmup`, then a half cosine

@@ -5,13 +5,14 @@ The CLI builds one `Run` from its options and calls one function here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import (DataConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig, resolve_device,
-                     resolve_preset)
+from .config import (DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
+                     resolve_device, resolve_preset)
 from .data import Dataset, discover
-from .evaluate import EvalConfig
 from .extract import ExtractResult, run_extract
 from .store import Store
 from .ui import Reporter, RichReporter
@@ -19,7 +20,11 @@ from .ui import Reporter, RichReporter
 
 @dataclass(frozen=True)
 class Run:
-    """Everything a command needs: data, encoder set-up, preset, work folder, seed, device."""
+    """Everything a command needs: data, encoder set-up, preset, work folder, seed, device.
+
+    The stage configs of a run are built here, from the preset's overlay and the caller's values
+    (`score_config(...)` etc.; a None value means unset).
+    """
 
     data: DataConfig
     extract: ExtractConfig
@@ -36,25 +41,41 @@ class Run:
     def store(self) -> Store:
         return Store(self.work, images_root=self.data.images)
 
+    def score_config(self, **given) -> ScoreConfig:
+        return self.preset.build(ScoreConfig, **given, seed=self.seed)
 
-def build_run(*, images: Path, work: Path, backbone: str | None = None, weights: Path | None = None,
-              random_init: bool = False, preset: str = "auto", resize: int | None = None, crop: int | None = None,
-              batch_size: int | None = None, num_workers: int = 2, device: str = "auto", seed: int = 0,
-              layout: str = "auto", split: str = "train", masks: Path | None = None, class_from: str = "top",
-              strict: bool = False, quiet: bool = False, reporter: Reporter | None = None) -> Run:
-    """Resolve presets and defaults into a frozen `Run`."""
-    device = resolve_device(device)
+    def distill_config(self, **given) -> DistillConfig:
+        return self.preset.build(DistillConfig, **given)
+
+    def select_config(self, **given) -> SelectConfig:
+        return self.preset.build(SelectConfig, **given)
+
+    def eval_config(self, **given) -> EvalConfig:
+        return self.preset.build(EvalConfig, **given)
+
+
+def _given(values: Mapping[str, Any] | None) -> dict:
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def build_run(images: Path, work: Path, *, preset: str = "auto", seed: int = 0,
+              data: Mapping[str, Any] | None = None, extract: Mapping[str, Any] | None = None,
+              quiet: bool = False, reporter: Reporter | None = None) -> Run:
+    """Resolve the device and the preset into a frozen `Run`.
+
+    Args:
+        images: the image folder or dataset root.
+        work: the work folder.
+        preset: "auto" (paper on a GPU, cpu otherwise), "cpu" or "paper".
+        data, extract: `DataConfig` / `ExtractConfig` field values; None values are unset.
+    """
+    extract_given = _given(extract)
+    device = resolve_device(extract_given.get("device", ExtractConfig.device))
     chosen = resolve_preset(preset, cuda=device.startswith("cuda"))
-    use_preset_sizes = backbone is None or backbone == chosen.backbone
-    extract_cfg = ExtractConfig(
-        backbone=backbone or chosen.backbone,
-        weights=Path(weights).expanduser().resolve() if weights else None,
-        random_init=random_init,
-        resize=resize if resize is not None else (chosen.resize if use_preset_sizes else None),
-        crop=crop if crop is not None else (chosen.crop if use_preset_sizes else None),
-        batch_size=batch_size or 8, num_workers=num_workers, device=device)
-    data_cfg = DataConfig(images=Path(images).expanduser().resolve(), layout=layout, split=split,
-                          masks=masks, class_from=class_from, strict=strict)
+    if extract_given.get("weights") is not None:
+        extract_given["weights"] = Path(extract_given["weights"]).expanduser().resolve()
+    extract_cfg = chosen.build(ExtractConfig, **{**extract_given, "device": device})
+    data_cfg = DataConfig(images=Path(images).expanduser().resolve(), **_given(data))
     return Run(data=data_cfg, extract=extract_cfg, preset=chosen, work=Path(work).expanduser().resolve(),
                seed=seed, device=device, reporter=reporter or RichReporter(quiet=quiet))
 
@@ -129,7 +150,7 @@ def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig,
     """Step-2 and Step-3 configs whose iteration counts fit `seconds` of training on this machine.
 
     The step time is measured on the run's own features and model (a short probe); the counts
-    are logged so that a rerun can fix them with --distill-iters/--iters.
+    are logged so that a rerun can fix them.
     """
     from dataclasses import replace
 
@@ -139,7 +160,7 @@ def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig,
     step = seconds_per_step(features, distill_cfg, seed=run.seed, device=run.device)
     iters = iterations_for_budget(seconds, step)
     run.reporter.info(f"budget {seconds:g} s: {step:.2f} s per step measured -> {iters} + {iters} iterations "
-                      f"(rerun with --distill-iters {iters} --iters {iters} to reproduce)")
+                      f"(rerun with --distill-iters {iters} --select-iters {iters} to reproduce)")
     return replace(distill_cfg, iters=iters), replace(select_cfg, iters=iters)
 
 
@@ -207,8 +228,7 @@ def print_select_table(summary: dict) -> None:
 
 
 def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,
-               eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None,
-               report_top: int = 24, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
+               eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
     """Evaluate the detector on the test split and, where contaminants are known, the cleaning.
 
     Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
@@ -255,18 +275,18 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     if report_dir is not None:
         selection = results["select"].artifact if "select" in results and train_maps is not None else None
         payload["files"]["report"] = str(ev.build_report(report_dir, selection, train_maps, test_maps, sections,
-                                                         payload["protocol"], top=report_top))
+                                                         payload["protocol"], top=eval_cfg.report_top))
     return payload
 
 
 def _test_dataset(run: Run, train_ds: Dataset, test_dir: Path | None, test_masks: Path | None) -> Dataset | None:
     """The labelled test set: `--test DIR --test-masks DIR`, else the MVTec root's test split, else none."""
     from .data import mvtec_categories
-    from .errors import UsageError
+    from .errors import ConfigError
 
     if test_dir is not None:
         if test_masks is None:
-            raise UsageError("--test needs --test-masks DIR: test images are labelled by their masks "
+            raise ConfigError(("test_dir", "test_masks"), "test images need a folder of masks: they are labelled by their masks "
                              "(an image without a non-empty mask is normal)")
         return discover(test_dir, layout="folder", masks=test_masks, class_from=run.data.class_from)
     if train_ds.layout == "mvtec" and any((c / "test").is_dir() for c in mvtec_categories(train_ds.root)):

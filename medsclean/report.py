@@ -11,8 +11,6 @@ import base64
 import html
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DataError
+from .store import atomic_path, write_bytes_atomic
 
 __all__ = ["colormap_lut", "render_overlay", "overlay_png", "write_html_report"]
 
@@ -136,26 +135,14 @@ def render_overlay(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None,
     return canvas
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(file_object)`` on a temporary sibling of ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def overlay_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, path: str | Path,
                 **options) -> Path:
     """Write :func:`render_overlay` (same arguments as keywords) as a PNG file, atomically."""
     picture = render_overlay(image, heat, mask, **options)
-    return _atomic_write(Path(path), lambda stream: picture.save(stream, format="PNG", optimize=True))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG", optimize=True)
+    return path
 
 
 # ------------------------------------------------------------------------------ HTML: helpers
@@ -377,4 +364,6 @@ def write_html_report(out_dir: str | Path, *, title: str, metrics_rows: Sequence
         f'suspicious first</summary>{_table(score_table, "scores")}</details></section>',
         '<section id="settings"><h2>Protocol settings</h2>',
         _table(_settings_rows(settings), "settings"), "</section>", "</body></html>", ""])
-    return _atomic_write(out_dir / "report.html", lambda stream: stream.write(page.encode("utf-8")))
+    path = out_dir / "report.html"
+    write_bytes_atomic(path, page.encode("utf-8"))
+    return path

@@ -4,19 +4,28 @@ This is the only module that reads or writes artifacts. A stage folder is writte
 temporary name and renamed into place only once complete, so a folder that has a manifest is
 always whole. Work in progress (shards of an interrupted extraction, training checkpoints) lives
 in `<work>/.partial/<stage>-<key>/` and is resumed only by a run with the same key.
+
+It also owns atomic writing for the whole package: files (`atomic_path` and the writers built on
+it) and folders (`atomic_directory`) appear whole or not at all, with the modes a plain `open` or
+`mkdir` would give under the process's umask (0o666 or 0o777 less the umask). Every JSON file it
+writes is strict JSON (`to_json`): NaN and infinities become null.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,33 +57,166 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+@functools.lru_cache(maxsize=1)
+def process_umask() -> int:
+    """The umask of this process, read once.
+
+    Reading the umask means setting it; meanwhile it is 0o077, so a file another thread creates
+    then is too private rather than too open. Call `process_umask.cache_clear()` after `os.umask`.
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a part."""
+def file_mode() -> int:
+    """The mode of a file written here: 0o666 less the umask, as `open` gives."""
+    return 0o666 & ~process_umask()
+
+
+def folder_mode() -> int:
+    """The mode of a folder made here: 0o777 less the umask, as `mkdir` gives."""
+    return 0o777 & ~process_umask()
+
+
+def _is_numpy_float(value: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.floating)
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (NumPy's included) replaced by None, in nested dicts and lists.
+
+    NumPy floats become Python floats; tuples become lists, as JSON writes them anyway.
+    """
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    if _is_numpy_float(obj):
+        obj = float(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of `obj`: NaN and infinities become null, other unknown objects `str(obj)`.
+
+    Non-ASCII characters are written as they are (the text is meant to be UTF-8).
+    """
+    return json.dumps(_finite(obj), indent=indent, ensure_ascii=False, default=str, allow_nan=False)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; renamed onto `path` when the block ends without error.
+
+    Readers of `path` see the old or the new file, never a part. The new file gets `file_mode()`,
+    whatever created it; on an error the temporary file is removed and `path` is left as it was.
+    Missing parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write `obj` as strict JSON (`to_json`, plus a final newline), atomically."""
+    write_text_atomic(path, to_json(obj) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a UTF-8 text file, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file of bytes, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """Save a dict of tensors as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _occupied(folder: Path) -> bool:
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Rename the folder `new` onto `final`, replacing whatever `final` was (moved aside, then removed).
+
+    If the last rename fails, the previous `final` is put back.
+    """
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    had_old = final.exists() or final.is_symlink()
+    if had_old:
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if had_old:
+            os.replace(old, final)
+        raise
+    if not had_old:
+        return
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name next to `out`, then rename it to `out`.
+
+    The folder gets `folder_mode()`. On any error the temporary folder is removed and `out` is
+    left as it was.
+
+    Args:
+        out: the folder to create.
+        overwrite: replace an existing `out` (see `replace_folder`) instead of refusing it.
+
+    Raises:
+        DataError: `out` exists and is not an empty folder, and `overwrite` is false.
+    """
+    out = Path(out)
+    if not overwrite and _occupied(out):
+        raise DataError(f"{out}: already exists and is not an empty folder; choose a new output path "
+                        f"or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        os.chmod(tmp, folder_mode())
+        yield tmp
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if overwrite:
+        replace_folder(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)  # replaces `out` only if it is an empty folder
+    except OSError as exc:
+        raise DataError(f"{out}: could not move the finished folder into place ({exc}); "
+                        f"make sure nothing else writes there and retry") from exc
 
 
 def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, Any]:
@@ -166,11 +308,7 @@ class Store:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **manifest}
         write_json_atomic(files_dir / MANIFEST, manifest)
         final = self.stage_path(stage)
-        trash = self.work / f".trash-{stage}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, trash)
-        os.replace(files_dir, final)
-        shutil.rmtree(trash, ignore_errors=True)
+        replace_folder(files_dir, final)
         return Artifact(path=final, manifest=manifest)
 
     def new_staging_dir(self, stage: str) -> Path:

@@ -12,9 +12,7 @@ when more images are requested, and two runs with the same seed write identical 
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,8 +23,9 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw as skdraw
 
+from . import seeding
 from .errors import UsageError
-from .noisy import atomic_directory
+from .store import atomic_directory, write_json_atomic
 
 SYNTH_FORMAT = "medsclean-synth/1"
 SUMMARY_NAME = "medsclean-synth.json"
@@ -82,10 +81,6 @@ DEFECTS: tuple[str, ...] = ("scratch", "crack", "foreign_patch", "stain", "hole"
 # Seeding and sources
 # ---------------------------------------------------------------------------------------------
 
-def _stable_id(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8"))
-
-
 def image_rng(seed: int, category: str, split: str, index: int) -> np.random.Generator:
     """The generator of one image: a pure function of its identity, stable across processes.
 
@@ -95,7 +90,7 @@ def image_rng(seed: int, category: str, split: str, index: int) -> np.random.Gen
         split: "train/good", "test/good" or "test/<defect>".
         index: index of the image within its folder.
     """
-    return np.random.default_rng(np.random.SeedSequence([seed, _stable_id(category), _stable_id(split), index]))
+    return seeding.rng(seed, category, split, index)
 
 
 def _source(category: str) -> Source:
@@ -538,5 +533,5 @@ def generate_dataset(out: Path, *, categories: Sequence[str] = DEFAULT_CATEGORIE
             summary["categories"][category] = _write_category(
                 tmp / category, category, n_train=n_train, n_test_good=n_test_good,
                 defect_counts=_split_counts(n_test_defect, defects), size=size, seed=seed)
-        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(tmp / SUMMARY_NAME, summary)
     return summary

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .config import DistillConfig, SelectConfig
 from .errors import DataError, MedscleanError, UsageError
-from .losses import LOSS_KINDS, hard_mining_cosine_loss, map_regression_loss, p_schedule
+from .losses import hard_mining_cosine_loss, map_regression_loss, p_schedule
 from .model import ModelConfig, ReconstructionModel
 from .optim import StableAdamW, load_optimizer_state_tensors, optimizer_state_tensors, warm_cosine_lr
 from .selection import alpha, blend_scores, image_scores, select_per_class
@@ -37,59 +38,6 @@ CheckpointCallback = Callable[[dict[str, Tensor], dict], None]
 """checkpoint(state, meta): flat CPU tensors (safe to keep or save) and JSON-able metadata."""
 Resume = tuple[dict[str, Tensor], dict]
 """A (state, meta) pair exactly as handed to a checkpoint callback."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters shared by Step 2 and Step 3 (each has its own iteration count).
-
-    Attributes:
-        iters: optimisation steps (T in Step 3).
-        batch_size: images per step; a training set smaller than this is used whole.
-        lr: peak learning rate, reached after the warm-up.
-        final_lr: learning rate at the last step (cosine decay).
-        warmup: linear warm-up steps from 0.
-        weight_decay: decoupled weight decay of StableAdamW.
-        eps: StableAdamW epsilon.
-        grad_clip: max global L2 norm of the gradient.
-        loss: Step-2 map loss, "mse" or "l1" (times 10).
-        p_final: Step-3 hard-mining share of damped easy points, reached after p_ramp steps.
-        p_ramp: steps of the linear ramp of p.
-        mining_factor: gradient multiplier of the easy points in Step 3.
-        k_mad: Step-3 selection margin in MADs at t = T.
-        checkpoint_every: steps between checkpoint callbacks; 0 = only at the end.
-    """
-
-    iters: int
-    batch_size: int = 16
-    lr: float = 2e-3
-    final_lr: float = 2e-4
-    warmup: int = 100
-    weight_decay: float = 1e-4
-    eps: float = 1e-10
-    grad_clip: float = 0.1
-    loss: str = "mse"
-    p_final: float = 0.5
-    p_ramp: int = 1000
-    mining_factor: float = 0.1
-    k_mad: float = 3.0
-    checkpoint_every: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.iters < 1:
-            raise UsageError(f"iters must be >= 1, not {self.iters}")
-        if self.batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, not {self.batch_size}")
-        if self.loss not in LOSS_KINDS:
-            raise UsageError(f"loss must be one of {', '.join(LOSS_KINDS)}, not {self.loss!r}")
-        if not 0.0 <= self.p_final <= 1.0:
-            raise UsageError(f"p_final must lie in [0, 1], not {self.p_final}")
-        if self.checkpoint_every < 0:
-            raise UsageError(f"checkpoint_every must be >= 0, not {self.checkpoint_every}")
-
-    def to_dict(self) -> dict:
-        """JSON-able form; `TrainConfig(**d)` rebuilds it."""
-        return asdict(self)
 
 
 @dataclass
@@ -176,10 +124,9 @@ def _private_rng(device: torch.device, seed: int):
     """Fork the global CPU (and this CUDA device's) RNG and seed it; the caller's streams are restored after."""
     devices = [_cuda_index(device)] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(_cuda_index(device)):
-                torch.cuda.manual_seed(seed)
+        from .seeding import seed_torch
+
+        seed_torch(seed, devices[0] if devices else None)
         yield
 
 
@@ -210,11 +157,11 @@ def _checkpoint_state(model, optimizer, shuffler, device, progress: _Progress) -
     return state
 
 
-def _checkpoint_meta(stage: str, cfg: TrainConfig, n_images: int, progress: _Progress, extra: dict) -> dict:
+def _checkpoint_meta(stage: str, iters: int, n_images: int, progress: _Progress, extra: dict) -> dict:
     return {
         "stage": stage,
         "step": progress.step,
-        "iters": cfg.iters,
+        "iters": iters,
         "n_images": n_images,
         "pass_position": progress.position,
         "history": {name: list(values) for name, values in progress.history.items()},
@@ -223,15 +170,15 @@ def _checkpoint_meta(stage: str, cfg: TrainConfig, n_images: int, progress: _Pro
 
 
 def _restore(
-    resume: Resume, stage: str, cfg: TrainConfig, n_images: int, model, optimizer, shuffler, device
+    resume: Resume, stage: str, iters: int, n_images: int, model, optimizer, shuffler, device
 ) -> _Progress:
     state, meta = resume
     if meta.get("stage") != stage:
         raise UsageError(f"the checkpoint to resume is from stage {meta.get('stage')!r}, not {stage!r}")
-    if meta.get("iters") != cfg.iters or meta.get("n_images") != n_images:
+    if meta.get("iters") != iters or meta.get("n_images") != n_images:
         raise UsageError(
             f"the checkpoint was written for {meta.get('iters')} iterations on {meta.get('n_images')} images, "
-            f"this run has {cfg.iters} on {n_images}: resume with the original settings or start afresh"
+            f"this run has {iters} on {n_images}: resume with the original settings or start afresh"
         )
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     optimizer_state = {k.removeprefix("optim."): v for k, v in state.items() if k.startswith("optim.")}
@@ -257,7 +204,8 @@ def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: fl
 def _run_iterations(
     model: ReconstructionModel,
     groups: Sequence[Tensor],
-    cfg: TrainConfig,
+    optim: DistillConfig,
+    iters: int,
     *,
     stage: str,
     seed: int,
@@ -269,26 +217,30 @@ def _run_iterations(
     resume: Resume | None,
     extra_meta: Callable[[], dict] = dict,
 ) -> dict[str, list[float]]:
-    """The loop shared by both steps: passes of shuffled batches until cfg.iters steps.
+    """The loop shared by both steps: passes of shuffled batches until `iters` steps, with the
+    optimiser, batch size, schedule and checkpoint interval of `optim`.
 
     batch_loss(batch_groups, batch_indices, step) gives the loss of one batch;
     next_pass(step) gives the image indices of the next pass (non-empty).
     """
     n_images = groups[0].shape[0]
     params = list(model.parameters())
-    optimizer = StableAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    warmup = optim.warmup_for(iters)
+    optimizer = StableAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, eps=optim.eps)
     shuffle_seed, dropout_seed = _derive_seeds(seed)
-    shuffler = torch.Generator().manual_seed(shuffle_seed)
+    from .seeding import torch_generator
+
+    shuffler = torch_generator(shuffle_seed)
     with _private_rng(device, dropout_seed):
         progress = _Progress()
         if resume is not None:
-            progress = _restore(resume, stage, cfg, n_images, model, optimizer, shuffler, device)
-        while progress.step < cfg.iters:
-            if progress.position >= _batches_per_pass(len(progress.order), cfg.batch_size):
+            progress = _restore(resume, stage, iters, n_images, model, optimizer, shuffler, device)
+        while progress.step < iters:
+            if progress.position >= _batches_per_pass(len(progress.order), optim.batch_size):
                 selected = next_pass(progress.step)
                 progress.order = selected[torch.randperm(len(selected), generator=shuffler)]
                 progress.position = 0
-            batch = _batch(progress.order, progress.position, cfg.batch_size)
+            batch = _batch(progress.order, progress.position, optim.batch_size)
             progress.position += 1
             model.train()
             batch_groups = [g[batch].to(device=device, dtype=torch.float32) for g in groups]
@@ -299,17 +251,17 @@ def _run_iterations(
                     f"{stage}: the loss became {loss_value} at iteration {progress.step}; lower the learning rate"
                 )
             lr = warm_cosine_lr(
-                progress.step, base_lr=cfg.lr, final_lr=cfg.final_lr, warmup=cfg.warmup, total=cfg.iters
+                progress.step, base_lr=optim.lr, final_lr=optim.final_lr, warmup=warmup, total=iters
             )
-            _optimise(optimizer, params, loss, lr, cfg.grad_clip)
+            _optimise(optimizer, params, loss, lr, optim.grad_clip)
             progress.step += 1
             progress.history["loss"].append(loss_value)
             progress.history["lr"].append(lr)
             if on_step is not None:
                 on_step(progress.step, {"loss": loss_value, "lr": lr})
-            due = cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0
-            if checkpoint is not None and (due or progress.step == cfg.iters):
-                meta = _checkpoint_meta(stage, cfg, n_images, progress, extra_meta())
+            due = optim.checkpoint_every and progress.step % optim.checkpoint_every == 0
+            if checkpoint is not None and (due or progress.step == iters):
+                meta = _checkpoint_meta(stage, iters, n_images, progress, extra_meta())
                 checkpoint(_checkpoint_state(model, optimizer, shuffler, device, progress), meta)
     return progress.history
 
@@ -318,7 +270,7 @@ def distill(
     model: ReconstructionModel,
     groups: Sequence[Tensor],
     targets: Tensor | np.ndarray,
-    cfg: TrainConfig,
+    cfg: DistillConfig,
     *,
     seed: int,
     device: str | torch.device = "cpu",
@@ -337,7 +289,7 @@ def distill(
             and moved to `device`.
         groups: G stored tensors (N, L, C_g), usually float16 on the CPU.
         targets: (N, H*W) Step-1 maps of the same images, same patch order.
-        cfg: hyper-parameters.
+        cfg: Step-2 settings (iterations, optimiser, loss, batch size, checkpoint interval).
         seed: fixes data order and dropout.
         device: where to train.
         on_step: called after every step.
@@ -358,17 +310,17 @@ def distill(
         return map_regression_loss(prediction, target_maps[batch].to(device), cfg.loss)
 
     return _run_iterations(
-        model, groups, cfg, stage="distill", seed=seed, device=device, batch_loss=batch_loss,
+        model, groups, cfg, cfg.iters, stage="distill", seed=seed, device=device, batch_loss=batch_loss,
         next_pass=lambda step: everyone, on_step=on_step, checkpoint=checkpoint, resume=resume,
     )
 
 
-def _hard_mining_loss(model: ReconstructionModel, cfg: TrainConfig):
+def _hard_mining_loss(model: ReconstructionModel, cfg: SelectConfig):
     """The Step-3 / Dinomaly batch loss: global cosine with hard mining, p ramping per step."""
 
     def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
         enc_groups, dec_groups = model(batch_groups)
-        p = p_schedule(step, cfg.p_final, cfg.p_ramp)
+        p = p_schedule(step, cfg.p_final, cfg.ramp_steps)
         return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
 
     return batch_loss
@@ -378,7 +330,8 @@ def train_detector(
     model: ReconstructionModel,
     groups: Sequence[Tensor],
     subset: np.ndarray,
-    cfg: TrainConfig,
+    cfg: SelectConfig,
+    optim: DistillConfig,
     *,
     seed: int,
     device: str | torch.device = "cpu",
@@ -389,7 +342,7 @@ def train_detector(
     The baselines of a cleaning run: every image (no cleaning), the images a selection
     kept, or the truly normal ones (an upper bound). Shuffled drop_last passes over the
     subset (all of it in one batch if smaller than a batch), each batch one step of the
-    global cosine loss with hard mining (p ramps to cfg.p_final over cfg.p_ramp steps;
+    global cosine loss with hard mining (p ramps to cfg.p_final over cfg.ramp_steps steps;
     Dinomaly alone uses p_final 0.9), with the optimiser and learning-rate schedule of
     `distill`. Images outside the subset are never read.
 
@@ -397,7 +350,8 @@ def train_detector(
         model: usually freshly initialised; trained in place and moved to `device`.
         groups: G stored tensors (N, L, C_g).
         subset: (N,) bool, True for the images to train on; at least one.
-        cfg: hyper-parameters (iters, batch_size, p_final, p_ramp, mining_factor, optimiser).
+        cfg: iterations and hard mining (iters, p_final, ramp_steps, mining_factor).
+        optim: optimiser, batch size and schedule, as Step 2's.
         seed: fixes data order and dropout.
         device: where to train.
         on_step: called after every step, as for `distill`.
@@ -424,7 +378,7 @@ def train_detector(
     batch_loss = _hard_mining_loss(model, cfg)
 
     return _run_iterations(
-        model, groups, cfg, stage="detector", seed=seed, device=device, batch_loss=batch_loss,
+        model, groups, optim, cfg.iters, stage="detector", seed=seed, device=device, batch_loss=batch_loss,
         next_pass=lambda step: members, on_step=on_step, checkpoint=None, resume=None,
     )
 
@@ -477,7 +431,8 @@ def progressive_select(
     groups: Sequence[Tensor],
     classes: Sequence[str],
     base_maps: Tensor | np.ndarray,
-    cfg: TrainConfig,
+    cfg: SelectConfig,
+    optim: DistillConfig,
     *,
     seed: int,
     device: str | torch.device = "cpu",
@@ -491,7 +446,7 @@ def progressive_select(
     Before each pass, at iteration t of T = cfg.iters: eta_t = (1 - alpha_t) * s0 +
     alpha_t * s_theta, with s0 the image scores of `base_maps` (the frozen distilled
     model's) and s_theta those of the current model (eval mode); per class keep eta_t <
-    median + k_mad * (t/T) * MAD. Then one shuffled drop_last pass over the kept images
+    median + cfg.k * (t/T) * MAD. Then one shuffled drop_last pass over the kept images
     (all of them in one batch if fewer than a batch), each batch one step of the global
     cosine loss with hard mining (p ramps to p_final over p_ramp steps), with a fresh
     optimiser and learning-rate schedule identical to Step 2's. After T steps one last
@@ -503,7 +458,8 @@ def progressive_select(
         groups: G stored tensors (N, L, C_g).
         classes: N class names; selection is per class, training on all kept images together.
         base_maps: (N, H*W) maps of the distilled model (`compute_maps` before fine-tuning).
-        cfg: hyper-parameters (iters = T).
+        cfg: Step-3 settings (iters = T, k, hard mining).
+        optim: optimiser, batch size and schedule: Step 2's, with a fresh warm-up and cosine over T.
         seed: fixes data order and dropout.
         device: where to train.
         on_round: called with each round record (see `SelectionResult.rounds`).
@@ -530,9 +486,9 @@ def progressive_select(
     def reselect(t: int) -> tuple[np.ndarray, np.ndarray, dict]:
         current = base_scores
         if alpha(t, total) > 0:
-            current = image_scores(compute_maps(model, groups, batch_size=cfg.batch_size, device=device).numpy())
+            current = image_scores(compute_maps(model, groups, batch_size=optim.batch_size, device=device).numpy())
         eta = blend_scores(base_scores, current, t, total)
-        keep, tau = select_per_class(eta, labels.tolist(), t, total, cfg.k_mad)
+        keep, tau = select_per_class(eta, labels.tolist(), t, total, cfg.k)
         return keep, eta, _round_record(t, total, keep, tau, labels)
 
     def next_pass(t: int) -> Tensor:
@@ -547,7 +503,7 @@ def progressive_select(
     batch_loss = _hard_mining_loss(model, cfg)
 
     history = _run_iterations(
-        model, groups, cfg, stage="select", seed=seed, device=device, batch_loss=batch_loss, next_pass=next_pass,
+        model, groups, optim, cfg.iters, stage="select", seed=seed, device=device, batch_loss=batch_loss, next_pass=next_pass,
         on_step=on_step, checkpoint=checkpoint, resume=resume, extra_meta=lambda: {"rounds": [dict(r) for r in rounds]},
     )
     keep, eta, record = reselect(total)

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,32 +33,6 @@ class StageResult:
     seconds: float
 
 
-def distill_train_config(cfg: DistillConfig):
-    """The Step-2 `TrainConfig` of a `distill` stage."""
-    from .training import TrainConfig
-
-    return TrainConfig(iters=cfg.iters, batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
-                       loss=cfg.loss, lr=cfg.lr, final_lr=cfg.final_lr,
-                       warmup=min(cfg.warmup, warmup_steps(cfg.iters)))
-
-
-def select_train_config(cfg: SelectConfig, distill_train: dict):
-    """The Step-3 `TrainConfig`: Step 2's optimiser settings (`distill_train`, a `TrainConfig` dict)
-    with a fresh schedule of `cfg.iters` steps and the hard-mining ramp."""
-    from .training import TrainConfig
-
-    inherited = {k: v for k, v in distill_train.items()
-                 if k in ("lr", "final_lr", "weight_decay", "eps", "grad_clip")}
-    return TrainConfig(iters=cfg.iters, batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
-                       p_final=cfg.p_final, p_ramp=cfg.ramp_steps, k_mad=cfg.k,
-                       warmup=warmup_steps(cfg.iters), **inherited)
-
-
-def warmup_steps(iters: int) -> int:
-    """Linear warm-up length: the paper's 100 steps (1 % of 10k), at least 10, shorter for short runs."""
-    return min(100, max(10, iters // 100), max(1, iters // 2))
-
-
 def load_groups(features: Artifact) -> tuple[list, dict]:
     from .extract import load_features
 
@@ -71,14 +45,14 @@ def load_groups(features: Artifact) -> tuple[list, dict]:
 def model_config_for(encoder: dict, cfg: DistillConfig):
     """Decoder shape for an encoder: ViTs keep the token width with heads of 64 channels (12 for
     ViT-B, as the encoder); CNN stages are projected to `cfg.width`."""
-    from .model import ModelConfig
+    from .model import CNN_WIDTH, ModelConfig
 
     dims = tuple(encoder["group_dims"])
     if encoder["kind"] == "vit" and cfg.width is None:
         heads = max(1, dims[0] // 64)
         return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=None, depth=cfg.depth,
                            heads=heads, dropout=cfg.dropout)
-    width = cfg.width or 128
+    width = cfg.width if cfg.width is not None else CNN_WIDTH
     return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=width, depth=cfg.depth,
                        heads=cfg.heads, dropout=cfg.dropout)
 
@@ -128,9 +102,8 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     partial = store.partial_dir("distill", key)
     if force:
         (partial / CHECKPOINT).unlink(missing_ok=True)
-    train_cfg = distill_train_config(cfg)
     with reporter.task("distill", total=cfg.iters) as task:
-        history = distill(model, groups, targets, train_cfg, seed=seed, device=device,
+        history = distill(model, groups, targets, cfg, seed=seed, device=device,
                           on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
                           resume=_resume_from(partial, reporter, "distill"))
     maps = compute_maps(model, groups, device=device)
@@ -138,7 +111,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     import torch
 
     manifest = {"images": features.manifest["images"], "grid": encoder["grid"], "model": model_cfg.to_dict(),
-                "config": asdict(cfg), "train": train_cfg.to_dict(), "seed": seed,
+                "config": asdict(cfg), "seed": seed,
                 "parents": {"features": features.key, "scores": scores.key},
                 "final_loss": float(np.mean(history["loss"][-20:])), "device": str(device)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -239,9 +212,9 @@ def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: Selec
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
     partial = store.partial_dir("select", key)
-    train_cfg = select_train_config(cfg, distilled.manifest["train"])
+    optim = DistillConfig(**distilled.manifest["config"])
     with reporter.task("select", total=cfg.iters) as task:
-        result = progressive_select(model, groups, classes, base["maps"], train_cfg, seed=seed, device=device,
+        result = progressive_select(model, groups, classes, base["maps"], cfg, optim, seed=seed, device=device,
                                     on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
                                     resume=_resume_from(partial, reporter, "select"))
     return result.keep, result.eta, result.rounds, model, base["image_scores"].double().numpy()
@@ -277,7 +250,7 @@ def seconds_per_step(features: Artifact, cfg: DistillConfig, *, seed: int, devic
     import torch
 
     from .model import ReconstructionModel
-    from .training import TrainConfig, distill
+    from .training import distill
 
     groups, encoder = load_groups(features)
     n = min(len(groups[0]), 2 * cfg.batch_size)
@@ -285,7 +258,7 @@ def seconds_per_step(features: Artifact, cfg: DistillConfig, *, seed: int, devic
     model = ReconstructionModel(model_config_for(encoder, cfg), seed=seed)
     stamps: list[float] = []
     distill(model, probe, torch.zeros(n, probe[0].shape[1] - encoder["n_prefix"]),
-            TrainConfig(iters=PROBE_STEPS, batch_size=cfg.batch_size, warmup=1, checkpoint_every=0),
+            replace(cfg, iters=PROBE_STEPS, warmup=1, checkpoint_every=0),
             seed=seed, device=device, on_step=lambda step, record: stamps.append(clock.perf_counter()))
     return float(np.median(np.diff(stamps)[2:]))
 

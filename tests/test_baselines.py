@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.config import CPU, PAPER, ScoreConfig, SelectConfig
-from medsclean.errors import UsageError
+from medsclean.config import CPU, PAPER, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.errors import ConfigError
 from medsclean.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
                               refine_memory, score_classes, scores_from_table)
 
@@ -102,25 +102,31 @@ def test_bank_floor_for_small_classes():
 
 
 def test_paper_preset_keeps_the_papers_rule():
-    assert PAPER.min_bank == 1 and PAPER.cut == "mad"
-    assert PAPER.score_config().ratio == 0.1 and PAPER.score_config().banks == 100
-    select = PAPER.select_config()
+    score = PAPER.build(ScoreConfig)
+    assert (score.min_bank, score.ratio, score.banks, score.replace) == (1, 0.1, 100, True)
+    select = PAPER.build(SelectConfig)
     assert (select.iters, select.k, select.cut, select.reject_fraction) == (10_000, 3.0, "mad", None)
-    assert PAPER.distill_config().iters == 10_000
+    distill = PAPER.build(DistillConfig)
+    assert (distill.iters, distill.width, distill.depth, distill.heads) == (10_000, None, 8, 12)
+    assert PAPER.build(ExtractConfig).backbone == "vit_base_patch14_reg4_dinov2"
 
 
 def test_preset_overrides_and_validation():
-    assert CPU.select_config(iters=7).iters == 7
-    assert CPU.select_config(iters=None).iters == CPU.select_iters
-    assert CPU.distill_config(iters=0 or None).iters == CPU.distill_iters
-    with pytest.raises(UsageError, match="--method"):
+    assert CPU.build(SelectConfig, iters=7).iters == 7
+    assert CPU.build(SelectConfig, iters=None).iters == CPU.value(SelectConfig, "iters") == 300
+    assert CPU.build(SelectConfig).cut == "mixture" and PAPER.build(SelectConfig).cut == "mad"
+    with pytest.raises(ConfigError, match="method") as exc:
         SelectConfig(method="bogus")
-    with pytest.raises(UsageError, match="--cut"):
+    assert exc.value.params == ("method",) and exc.value.stage == "select"
+    with pytest.raises(ConfigError, match="cut"):
         SelectConfig(cut="bogus")
-    with pytest.raises(UsageError, match="--reject-fraction"):
+    with pytest.raises(ConfigError, match="reject_fraction"):
         SelectConfig(reject_fraction=1.0)
-    with pytest.raises(UsageError, match="--min-bank"):
+    with pytest.raises(ConfigError, match="min_bank"):
         ScoreConfig(min_bank=0)
+    for zero in ({"iters": 0}, {"depth": 0}, {"width": 0}, {"batch_size": 0}):
+        with pytest.raises(ConfigError):  # zero is refused, never read as "use the preset"
+            CPU.build(DistillConfig, **zero)
 
 
 def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
@@ -166,7 +172,7 @@ def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
     rng = np.random.default_rng(7)
     eta = np.concatenate([rng.gamma(9, 0.1, 60), rng.gamma(9, 0.1, 40) + rng.uniform(0, 2, 40)])
     classes = ["a"] * 55 + ["b"] * 45
-    cfg = PAPER.select_config()
+    cfg = PAPER.build(SelectConfig)
     keep, tau = final_cut(eta, classes, cfg)
     want_keep, want_tau = select_per_class(eta, classes, cfg.iters, cfg.iters, cfg.k)
     np.testing.assert_array_equal(keep, want_keep)

@@ -16,7 +16,7 @@ def test_parse_duration(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "ten", "0m", "-5s", "3d", "1m30s"])
 def test_parse_duration_rejects(text):
-    with pytest.raises(UsageError, match="--budget"):
+    with pytest.raises(UsageError, match="^budget must be a positive duration"):
         parse_duration(text)
 
 
@@ -28,9 +28,9 @@ def test_iterations_for_budget_fill_the_time_and_round_down():
 
 
 def test_budget_conflicts_with_explicit_iterations(tmp_path):
-    res = CliRunner().invoke(app, ["select", str(tmp_path), "--budget", "1m", "--iters", "100"])
+    res = CliRunner().invoke(app, ["select", str(tmp_path), "--budget", "1m", "--select-iters", "100"])
     assert res.exit_code == 2
-    assert "--budget" in res.output
+    assert "--budget" in res.output and "--select-iters" in res.output
 
 
 def test_budget_picks_and_reports_iterations(tmp_path):

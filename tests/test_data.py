@@ -148,3 +148,34 @@ def test_missing_or_empty_root(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):
         discover(tmp_path / "empty")
+
+
+def test_mask_extensions_are_the_image_extensions():
+    from medsclean.data import MASK_EXTENSIONS
+    from medsclean.images import IMAGE_EXTENSIONS
+
+    assert sorted(MASK_EXTENSIONS) == sorted(IMAGE_EXTENSIONS)
+
+
+def test_mask_lookup_mirrors_the_image_path_in_any_image_format(tmp_path):
+    from medsclean.data import find_mask
+
+    cat = tmp_path / "pcb"
+    m = np.zeros((8, 8), np.uint8)
+    nested = save_png(cat / "test" / "bad" / "lot 1" / "a.png", m)
+    save_png(cat / "ground_truth" / "bad" / "a_mask.png", m)  # the flat folder is not the image's
+    save_png(cat / "ground_truth" / "bad" / "lot 1" / "a_mask.png", m)
+    upper = save_png(cat / "test" / "bad" / "b.png", m)
+    Image.fromarray(m).save(cat / "ground_truth" / "bad" / "b.JPEG", format="JPEG")
+    missing = save_png(cat / "test" / "bad" / "c.png", m)
+    assert find_mask(cat, nested) == cat / "ground_truth" / "bad" / "lot 1" / "a_mask.png"
+    assert find_mask(cat, upper) == cat / "ground_truth" / "bad" / "b.JPEG"
+    assert find_mask(cat, missing) is None
+
+
+def test_noisy_manifest_of_another_format_is_an_error(tmp_path):
+    root = make_mvtec(tmp_path / "mv", categories=("brick",))
+    (root / "medsclean-noisy.json").write_text(json.dumps({"format": "other/9", "injected": []}))
+    with pytest.raises(DataError, match="other/9"):
+        discover(root)
+    assert len(discover(root, split="test")) == 4  # the manifest only labels training images

@@ -77,7 +77,7 @@ def test_changed_option_recomputes_distill(stages):
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
     args = ["demo", "--work", str(tmp_path / "work"), "--n-train", "10", "--n-test-good", "3", "--n-test-defect", "6",
-            "--size", "128", "--ratio", "0.3", "--distill-iters", "20", "--iters", "20", "--json", "-q"]
+            "--image-size", "128", "--noise-ratio", "0.3", "--distill-iters", "20", "--select-iters", "20", "--json", "-q"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout)

@@ -33,7 +33,7 @@ def test_gaussian_kernel_rejects_even_support():
 def test_linear_ramp_survives_both_resizes_and_the_blur_in_the_interior():
     tokens, crop, size = 7, 40, 32
     ramp = torch.arange(tokens, dtype=torch.float16).expand(2, tokens, tokens)  # value = column
-    out = postprocess_maps(ramp, crop=crop, size=size)
+    out = postprocess_maps(ramp, crop=crop, size=size, sigma=4.0, kernel=5)
     assert out.shape == (2, size, size) and out.dtype == torch.float32
     # align_corners=True: crop pixel j holds j*(tokens-1)/(crop-1); align_corners=False: output
     # pixel u samples crop coordinate (u+0.5)*crop/size-0.5; a symmetric blur keeps linear values.
@@ -45,7 +45,7 @@ def test_linear_ramp_survives_both_resizes_and_the_blur_in_the_interior():
 
 
 def test_blur_pads_with_zeros_at_the_border():
-    out = postprocess_maps(torch.full((1, 4, 4), 2.0), crop=16, size=16)
+    out = postprocess_maps(torch.full((1, 4, 4), 2.0), crop=16, size=16, sigma=4.0, kernel=5)
     kernel = hand_gaussian(5, 4.0)
     assert float(out[0, 8, 8]) == pytest.approx(2.0, abs=1e-5)
     assert float(out[0, 0, 0]) == pytest.approx(2.0 * kernel[2:, 2:].sum(), abs=1e-5)
@@ -53,13 +53,13 @@ def test_blur_pads_with_zeros_at_the_border():
 
 
 def test_sigma_zero_disables_the_blur():
-    out = postprocess_maps(np.full((3, 5, 5), 0.25, dtype=np.float32), crop=20, size=10, sigma=0)
+    out = postprocess_maps(np.full((3, 5, 5), 0.25, dtype=np.float32), crop=20, size=10, sigma=0, kernel=5)
     np.testing.assert_allclose(out.numpy(), 0.25)
 
 
 def test_resize_masks_nearest_and_threshold():
     masks = torch.tensor([[[1.0, 0.0], [0.0, 0.4]]])
-    strict = resize_masks(masks, size=4)
+    strict = resize_masks(masks, size=4, threshold=0.5)
     assert strict.dtype == torch.bool
     expected = np.zeros((4, 4), dtype=bool)
     expected[:2, :2] = True

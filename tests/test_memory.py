@@ -250,7 +250,7 @@ def test_draw_banks_rejects_bad_options(ratio, n_banks):
 
 
 def test_k_larger_than_patches_is_a_usage_error():
-    with pytest.raises(UsageError, match="--k"):
+    with pytest.raises(UsageError, match="^k must lie in"):
         memory_scores_exact(random_features(3, 4, 6, seed=0), np.array([[0, 1]]), k=5)
 
 

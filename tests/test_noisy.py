@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean import noisy
+from medsclean import data, noisy
 from medsclean.errors import DataError, UsageError
 
 # category -> (good training images, {defect: anomalous test images})
@@ -105,7 +105,7 @@ def test_injected_files_are_the_origin_images_with_their_masks(source, tmp_path)
 def test_every_training_image_has_a_neutral_name_and_a_known_origin(source, tmp_path):
     out = tmp_path / "n"
     manifest = noisy.make_noisy(source, out, ratio=0.4, seed=1)
-    injected = noisy.injected_train_paths(manifest)
+    injected = data.injected_train_paths(manifest)
     for cat, (n_good, _) in LAYOUT.items():
         names = sorted(p.name for p in (out / cat / "train" / "good").iterdir())
         assert all(re.fullmatch(r"[0-9a-f]{12}\.png", n) for n in names)
@@ -171,20 +171,20 @@ def test_manifest_on_disk_matches_and_reads_back(source, tmp_path):
     out = tmp_path / "n"
     manifest = noisy.make_noisy(source, out, ratio=0.2, seed=4, overlap=False)
     on_disk = json.loads((out / "medsclean-noisy.json").read_text())
-    assert on_disk == manifest == noisy.read_noisy_manifest(out)
+    assert on_disk == manifest == data.read_noisy_manifest(out)
     assert manifest["format"] == "medsclean-noisy/1" and manifest["source"] == str(source.resolve())
     assert (manifest["ratio"], manifest["seed"], manifest["overlap"], manifest["copy"]) == (0.2, 4, False, False)
     assert set(manifest["injected"][0]) == {"class", "train_path", "origin", "mask", "defect"}
-    assert noisy.read_noisy_manifest(source) is None
+    assert data.read_noisy_manifest(source) is None
 
 
 def test_read_manifest_rejects_broken_files(tmp_path):
     (tmp_path / "medsclean-noisy.json").write_text("{not json")
     with pytest.raises(DataError, match="medsclean-noisy.json"):
-        noisy.read_noisy_manifest(tmp_path)
+        data.read_noisy_manifest(tmp_path)
     (tmp_path / "medsclean-noisy.json").write_text(json.dumps({"format": "other/9"}))
     with pytest.raises(DataError, match="other/9"):
-        noisy.read_noisy_manifest(tmp_path)
+        data.read_noisy_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("copy", [False, True])

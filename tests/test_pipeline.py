@@ -15,7 +15,7 @@ from medsclean.synth import generate_dataset
 
 runner = CliRunner()
 FAST = ["--resize", "128", "--crop", "128", "--num-workers", "0", "--batch-size", "16", "--banks", "20"]
-TRAIN = ["--distill-iters", "40", "--iters", "40", "--width", "32", "--depth", "2", "--heads", "2"]
+TRAIN = ["--distill-iters", "40", "--select-iters", "40", "--width", "32", "--depth", "2", "--heads", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_eval_end_to_end_json_and_report(noisy, tmp_path):
     report = tmp_path / "report"
     res = _invoke(["eval", str(noisy / "noisy"), "--work", str(work), "--report", str(report), "--report-top", "5",
                    "--resize", "128", "--crop", "128", "--num-workers", "0", "--banks", "20",
-                   "--distill-iters", "30", "--iters", "30", "--width", "32", "--depth", "2", "--heads", "2",
+                   "--distill-iters", "30", "--select-iters", "30", "--width", "32", "--depth", "2", "--heads", "2",
                    "--json"])
     payload = json.loads(res.stdout)
     assert {r["class"] for r in payload["detector"]} == {"brick", "gravel", "mean"}

@@ -15,7 +15,8 @@ from medsclean.losses import hard_mining_cosine_loss, hard_mining_weights, map_r
 from medsclean.model import ModelConfig, ReconstructionModel
 from medsclean.optim import StableAdamW, warm_cosine_lr
 from medsclean.selection import image_scores
-from medsclean.training import TrainConfig, compute_maps, distill, progressive_select, train_detector
+from medsclean.config import DistillConfig, SelectConfig
+from medsclean.training import compute_maps, distill, progressive_select, train_detector
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -95,10 +96,10 @@ def test_warm_cosine_lr_at_key_points():
 
 
 def test_p_schedule_ramps_linearly_then_holds():
-    assert p_schedule(0) == 0.0
-    assert p_schedule(500) == pytest.approx(0.25)
-    assert p_schedule(1000) == 0.5
-    assert p_schedule(5000) == 0.5
+    assert p_schedule(0, 0.5, 1000) == 0.0
+    assert p_schedule(500, 0.5, 1000) == pytest.approx(0.25)
+    assert p_schedule(1000, 0.5, 1000) == 0.5
+    assert p_schedule(5000, 0.5, 1000) == 0.5
     assert p_schedule(300, p_final=0.9, ramp=1000) == pytest.approx(0.27)
 
 
@@ -188,6 +189,12 @@ def _synthetic_problem(seed=0, n_images=20, side=4, channels=16, n_prefix=1, out
     return [g.half() for g in groups], targets
 
 
+def _step3(iters, batch_size=16, warmup=100, checkpoint_every=200, **select):
+    """Step-3 settings and the Step-2 optimiser settings they train with."""
+    return (SelectConfig(iters=iters, **select),
+            DistillConfig(batch_size=batch_size, warmup=warmup, checkpoint_every=checkpoint_every))
+
+
 def _tiny_model(seed=0):
     return ReconstructionModel(ModelConfig((16, 16), n_prefix=1, depth=2, heads=2), seed=seed)
 
@@ -196,7 +203,7 @@ def test_distill_reduces_the_map_regression_loss():
     groups, targets = _synthetic_problem()
     model = _tiny_model()
     before = map_regression_loss(compute_maps(model, groups), targets).item()
-    history = distill(model, groups, targets, TrainConfig(iters=40, batch_size=4, warmup=5), seed=0)
+    history = distill(model, groups, targets, DistillConfig(iters=40, batch_size=4, warmup=5), seed=0)
     after = map_regression_loss(compute_maps(model, groups), targets).item()
     assert len(history["loss"]) == 40 and history["lr"][0] == 0.0
     assert after < 0.2 * before
@@ -205,7 +212,7 @@ def test_distill_reduces_the_map_regression_loss():
 
 def test_distill_is_deterministic_and_leaves_the_global_rng_alone():
     groups, targets = _synthetic_problem(n_images=8, outliers=(3,))
-    cfg = TrainConfig(iters=6, batch_size=4, warmup=2)
+    cfg = DistillConfig(iters=6, batch_size=4, warmup=2)
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
@@ -227,7 +234,7 @@ def _collect_checkpoints(store):
 
 def test_distill_resumed_from_a_checkpoint_equals_an_uninterrupted_run():
     groups, targets = _synthetic_problem(n_images=10, outliers=(3,))
-    cfg = TrainConfig(iters=12, batch_size=4, warmup=3, checkpoint_every=5)  # 2 batches per pass
+    cfg = DistillConfig(iters=12, batch_size=4, warmup=3, checkpoint_every=5)  # 2 batches per pass
     full = _tiny_model()
     saved = {}
     full_history = distill(full, groups, targets, cfg, seed=3, checkpoint=_collect_checkpoints(saved))
@@ -246,30 +253,30 @@ def test_distill_resumed_from_a_checkpoint_equals_an_uninterrupted_run():
 def test_resume_rejects_a_checkpoint_of_another_run():
     groups, targets = _synthetic_problem(n_images=8, outliers=(3,))
     saved = {}
-    distill(_tiny_model(), groups, targets, TrainConfig(iters=2, batch_size=4), seed=0,
+    distill(_tiny_model(), groups, targets, DistillConfig(iters=2, batch_size=4), seed=0,
             checkpoint=_collect_checkpoints(saved))
     with pytest.raises(UsageError, match="iterations"):
-        distill(_tiny_model(), groups, targets, TrainConfig(iters=3, batch_size=4), seed=0, resume=saved[2])
+        distill(_tiny_model(), groups, targets, DistillConfig(iters=3, batch_size=4), seed=0, resume=saved[2])
 
 
 def test_mismatched_inputs_raise_data_errors():
     groups, targets = _synthetic_problem(n_images=8, outliers=(3,))
     with pytest.raises(DataError, match="Step-1 maps"):
-        distill(_tiny_model(), groups, targets[:, :9], TrainConfig(iters=1), seed=0)
+        distill(_tiny_model(), groups, targets[:, :9], DistillConfig(iters=1), seed=0)
     with pytest.raises(DataError, match="groups"):
-        distill(_tiny_model(), groups[:1], targets, TrainConfig(iters=1), seed=0)
+        distill(_tiny_model(), groups[:1], targets, DistillConfig(iters=1), seed=0)
     with pytest.raises(DataError, match="class labels"):
-        progressive_select(_tiny_model(), groups, ["a"] * 7, targets, TrainConfig(iters=1), seed=0)
+        progressive_select(_tiny_model(), groups, ["a"] * 7, targets, *_step3(iters=1), seed=0)
 
 
 def test_progressive_select_rejects_planted_outliers():
     groups, targets = _synthetic_problem()
     classes = ["a"] * 10 + ["b"] * 10
     model = _tiny_model()
-    distill(model, groups, targets, TrainConfig(iters=60, batch_size=4, warmup=5), seed=0)
+    distill(model, groups, targets, DistillConfig(iters=60, batch_size=4, warmup=5), seed=0)
     base_maps = compute_maps(model, groups)
-    cfg = TrainConfig(iters=40, batch_size=4, warmup=5, p_ramp=10)
-    result = progressive_select(model, groups, classes, base_maps, cfg, seed=0)
+    cfg, optim = _step3(iters=40, batch_size=4, warmup=5, p_ramp=10)
+    result = progressive_select(model, groups, classes, base_maps, cfg, optim, seed=0)
     outliers = np.zeros(20, dtype=bool)
     outliers[[3, 11]] = True
     assert not result.keep[outliers].any()
@@ -287,13 +294,13 @@ def test_progressive_select_resumed_equals_uninterrupted():
     groups, targets = _synthetic_problem(n_images=12, outliers=(2,))
     classes = ["a"] * 12
     base_maps = targets  # any (N, P) maps will do as the distilled model's
-    cfg = TrainConfig(iters=9, batch_size=2, warmup=2, p_ramp=3, checkpoint_every=4)
+    cfg, optim = _step3(iters=9, batch_size=2, warmup=2, p_ramp=3, checkpoint_every=4)
     full, saved = _tiny_model(), {}
-    result = progressive_select(full, groups, classes, base_maps, cfg, seed=1, checkpoint=_collect_checkpoints(saved))
+    result = progressive_select(full, groups, classes, base_maps, cfg, optim, seed=1, checkpoint=_collect_checkpoints(saved))
     state, meta = saved[4]
     assert len(meta["rounds"]) >= 1
     resumed = _tiny_model(seed=42)
-    again = progressive_select(resumed, groups, classes, base_maps, cfg, seed=1, resume=(state, meta))
+    again = progressive_select(resumed, groups, classes, base_maps, cfg, optim, seed=1, resume=(state, meta))
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
     assert again.rounds == result.rounds
     np.testing.assert_array_equal(again.keep, result.keep)
@@ -307,9 +314,9 @@ def test_train_detector_never_reads_images_outside_the_subset():
     groups, _ = _synthetic_problem(n_images=14, outliers=(3, 11))
     subset = np.ones(14, dtype=bool)
     subset[[3, 11, 12]] = False
-    cfg = TrainConfig(iters=7, batch_size=4, warmup=2, p_final=0.9, p_ramp=3)  # 2 full batches a pass
+    cfg, optim = _step3(iters=7, batch_size=4, warmup=2, p_final=0.9, p_ramp=3)  # 2 full batches a pass
     reference = _tiny_model()
-    reference_history = train_detector(reference, groups, subset, cfg, seed=2)
+    reference_history = train_detector(reference, groups, subset, cfg, optim, seed=2)
 
     # Oracle 1: the excluded rows shuffled among themselves and overwritten with noise change nothing.
     gen = torch.Generator().manual_seed(7)
@@ -317,13 +324,13 @@ def test_train_detector_never_reads_images_outside_the_subset():
     for g in scrambled:
         g[~torch.from_numpy(subset)] = torch.randn(3, *g.shape[1:], generator=gen).half()[[2, 0, 1]]
     other = _tiny_model()
-    assert train_detector(other, scrambled, subset, cfg, seed=2) == reference_history
+    assert train_detector(other, scrambled, subset, cfg, optim, seed=2) == reference_history
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in reference.state_dict().items())
 
     # Oracle 2: the same training on the kept rows alone gives the same weights bit for bit.
     compact = _tiny_model()
     kept_rows = torch.from_numpy(np.flatnonzero(subset))
-    train_detector(compact, [g[kept_rows] for g in groups], np.ones(11, dtype=bool), cfg, seed=2)
+    train_detector(compact, [g[kept_rows] for g in groups], np.ones(11, dtype=bool), cfg, optim, seed=2)
     assert all(torch.equal(v, compact.state_dict()[k]) for k, v in reference.state_dict().items())
 
 
@@ -332,8 +339,8 @@ def test_train_detector_learns_to_reconstruct_its_subset():
     subset = np.arange(12) != 3
     model = _tiny_model()
     before = compute_maps(model, groups)[torch.from_numpy(subset)].mean().item()
-    history = train_detector(model, groups, subset, TrainConfig(iters=40, batch_size=4, warmup=5, p_final=0.9,
-                                                                p_ramp=10), seed=0)
+    history = train_detector(model, groups, subset, *_step3(iters=40, batch_size=4, warmup=5, p_final=0.9,
+                                                                   p_ramp=10), seed=0)
     after = compute_maps(model, groups)[torch.from_numpy(subset)].mean().item()
     assert len(history["loss"]) == 40 and history["lr"][0] == 0.0
     assert np.mean(history["loss"][-5:]) < 0.5 * np.mean(history["loss"][:5])
@@ -344,10 +351,10 @@ def test_train_detector_uses_a_subset_smaller_than_a_batch_whole():
     groups, _ = _synthetic_problem(n_images=8, outliers=(3,))
     few = np.zeros(8, dtype=bool)
     few[[0, 5]] = True
-    history = train_detector(_tiny_model(), groups, few, TrainConfig(iters=3, batch_size=4, warmup=1), seed=0)
+    history = train_detector(_tiny_model(), groups, few, *_step3(iters=3, batch_size=4, warmup=1), seed=0)
     assert len(history["loss"]) == 3
     # every step is one batch of both images: the same run as with a batch size of exactly 2
-    exact_batch = train_detector(_tiny_model(), groups, few, TrainConfig(iters=3, batch_size=2, warmup=1), seed=0)
+    exact_batch = train_detector(_tiny_model(), groups, few, *_step3(iters=3, batch_size=2, warmup=1), seed=0)
     assert exact_batch == history
 
 
@@ -355,4 +362,4 @@ def test_train_detector_uses_a_subset_smaller_than_a_batch_whole():
 def test_train_detector_rejects_an_unusable_subset(subset):
     groups, _ = _synthetic_problem(n_images=8, outliers=(3,))
     with pytest.raises(DataError, match="subset"):
-        train_detector(_tiny_model(), groups, subset, TrainConfig(iters=1), seed=0)
+        train_detector(_tiny_model(), groups, subset, *_step3(iters=1), seed=0)

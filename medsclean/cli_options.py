@@ -1,0 +1,251 @@
+"""Every command-line option, declared once, and the groups commands are built from.
+
+An `Opt` names its flag, its help, its type and the config field it sets (`target`). Options
+default to None ("unset"): the value then comes from the stage config or the preset, and the
+help text shows that default by reading the config, never by restating it. Commands take whole
+groups (`RUN`, `DATA`, `EXTRACT`, `SCORE`, `DISTILL`, `SELECT`, `EVAL`, ...), so a stage's
+options have the same names and meaning in every command that can run the stage.
+
+Imports nothing heavy: choices are enums validated by click at parse time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from . import choices
+from .config import CPU, PAPER, PRESETS, STAGE_CONFIGS, DemoConfig, NoiseConfig, ScoreConfig
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One option: `name` is the parameter name; the flag is `--name` with dashes unless `flags` says.
+
+    target: (stage, field) the value sets, e.g. ("score", "ratio"); stage "run" and "command"
+        mark options that are not config fields.
+    default: shown in --help when the value does not come from a stage config (e.g. "WORK/eval").
+    path: None, "file" or "dir": the path must exist and be of that kind (checked at parse time).
+    """
+
+    name: str
+    type: Any
+    target: tuple[str, str]
+    help: str
+    flags: tuple[str, ...] = ()
+    default: str | None = None
+    path: str | None = None
+
+    @property
+    def flag(self) -> str:
+        first = self.flags[0] if self.flags else "--" + self.name.replace("_", "-")
+        return first.split("/")[0]
+
+    def default_text(self) -> str:
+        if self.default is not None:
+            return self.default
+        stage, name = self.target
+        cls = STAGE_CONFIGS.get(stage)
+        if cls is None or name not in {f.name for f in fields(cls)}:
+            return ""
+        paper, cpu = PAPER.value(cls, name), CPU.value(cls, name)
+        if paper == cpu:
+            return _show(paper)
+        return f"{_show(cpu)} with --preset cpu, {_show(paper)} with --preset paper"
+
+    def parameter(self) -> inspect.Parameter:
+        shown = self.default_text()
+        text = f"{self.help} [default: {shown}]" if shown else self.help
+        extra: dict[str, Any] = {}
+        if self.path is not None:
+            extra = {"exists": True, "file_okay": self.path == "file", "dir_okay": self.path == "dir"}
+        option = typer.Option(*(self.flags or ("--" + self.name.replace("_", "-"),)), help=text,
+                              show_default=False, **extra)
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY,
+                                 annotation=Annotated[Optional[self.type], option], default=None)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _opts(*items: Opt) -> tuple[Opt, ...]:
+    return items
+
+
+RUN = _opts(
+    Opt("work", Path, ("run", "work"), "Work folder for cached stages (never inside the images).",
+        default="medsclean-work"),
+    Opt("preset", choices.PresetName, ("run", "preset"),
+        "Defaults for the hardware: paper (the paper's ViT and iterations) or cpu (Lite0, small decoder); "
+        "auto is paper on a GPU and cpu otherwise.", default="auto"),
+    Opt("device", str, ("extract", "device"), "auto, cpu or cuda[:N]."),
+    Opt("seed", int, ("run", "seed"), "Seed for every random choice; the same seed gives the same clean list.",
+        default=str(ScoreConfig.seed)),
+    Opt("as_json", bool, ("run", "json"), "Print machine-readable JSON on stdout.", flags=("--json",)),
+    Opt("quiet", bool, ("run", "quiet"), "Only warnings and errors on stderr.", flags=("--quiet", "-q")),
+)
+FORCE = _opts(Opt("force", bool, ("run", "force"), "Recompute this stage even if a valid cache exists."),)
+DATA = _opts(
+    Opt("layout", choices.Layout, ("data", "layout"), "How the image folder is organised."),
+    Opt("split", choices.Split, ("data", "split"), "MVTec split to read."),
+    Opt("masks", Path, ("data", "masks"), "Folder of masks paired with the images by file stem.", path="dir"),
+    Opt("class_from", choices.ClassFrom, ("data", "class_from"),
+        "Class of plain-folder images: the top folder, the parent folder, or one class."),
+    Opt("strict", bool, ("data", "strict"), "Fail on an unreadable image instead of skipping it."),
+)
+EXTRACT = _opts(
+    Opt("backbone", str, ("extract", "backbone"), "timm model name of the frozen encoder."),
+    Opt("weights", Path, ("extract", "weights"), "Local .safetensors/.pth backbone weights, loaded strictly.",
+        path="file"),
+    Opt("random_init", bool, ("extract", "random_init"), "Random backbone weights (plumbing tests only)."),
+    Opt("resize", int, ("extract", "resize"), "Square resize before the crop (none: the backbone's own size)."),
+    Opt("crop", int, ("extract", "crop"), "Centre-crop side (none: the backbone's own size)."),
+    Opt("batch_size", int, ("extract", "batch_size"), "Images per encoder batch."),
+    Opt("num_workers", int, ("extract", "num_workers"), "Image-decoding worker processes (0: in this process)."),
+)
+SCORE = _opts(
+    Opt("banks", int, ("score", "banks"), "Number of random memories B."),
+    Opt("bank_ratio", float, ("score", "ratio"), "Share of a class's images in each memory (rho)."),
+    Opt("knn", int, ("score", "k"), "Step-1 nearest neighbours averaged per patch."),
+    Opt("replace", bool, ("score", "replace"), "Draw memory images with replacement (the paper) or without.",
+        flags=("--with-replacement/--without-replacement",)),
+    Opt("per_class", bool, ("score", "per_class"), "Memories per class or across all classes.",
+        flags=("--per-class/--all-classes",)),
+    Opt("include_self", bool, ("score", "include_self"),
+        "Match an image against its own patches too (as the reference code does)."),
+    Opt("engine", choices.Engine, ("score", "engine"),
+        "Nearest-neighbour engine: exact (torch), faiss, ivf (approximate), or auto."),
+    Opt("aggregate", choices.Aggregate, ("score", "aggregate"), "Image score: mean of the top 1 % of patches, or max."),
+    Opt("min_bank", int, ("score", "min_bank"), "Floor on the images per memory, for small classes."),
+)
+DISTILL = _opts(
+    Opt("distill_iters", int, ("distill", "iters"), "Step-2 iterations."),
+    Opt("loss", choices.Loss, ("distill", "loss"), "Step-2 loss: mse or l1 (times 10)."),
+    Opt("width", int, ("distill", "width"), "Decoder width (none: a ViT's own token width; CNN stages get a fixed "
+        "width)."),
+    Opt("depth", int, ("distill", "depth"), "Decoder blocks."),
+    Opt("heads", int, ("distill", "heads"), "Attention heads per decoder block."),
+)
+SELECT = _opts(
+    Opt("method", choices.Method, ("select", "method"),
+        "meds (Steps 1-3), memory (Step-1 ensemble only), knn (full-bank nearest neighbour) or iterative "
+        "(kNN with a shrinking memory)."),
+    Opt("select_iters", int, ("select", "iters"), "Step-3 iterations T."),
+    Opt("mad_k", float, ("select", "k"), "Margin of the mad cut, and of Step 3's selection at t = T, in median "
+        "absolute deviations."),
+    Opt("cut", choices.Cut, ("select", "cut"), "Final cut on the scores per class: mixture (two-component fit, "
+        "mad fallback), mad (median + k MAD) or otsu."),
+    Opt("reject_fraction", float, ("select", "reject_fraction"),
+        "Reject exactly this share of each class (the most suspicious), instead of --cut."),
+    Opt("budget", str, ("run", "budget"), "Wall-clock time for Steps 2-3 training (e.g. 90s, 10m, 1h): the "
+        "iteration counts are chosen from a measured step time and printed.", default="none"),
+)
+EVAL = _opts(
+    Opt("model", choices.EvalModel, ("eval", "model"), "Detector to measure: select (fine-tuned), distill, or "
+        "memory (the ensemble)."),
+    Opt("metrics_dir", Path, ("eval", "metrics_dir"), "Folder for metrics.json and metrics.csv.",
+        default="WORK/eval"),
+    Opt("report", Path, ("eval", "report_dir"), "Write PNG overlays and report.html into this folder.",
+        default="none"),
+    Opt("report_top", int, ("eval", "report_top"), "Most suspicious images pictured in the report."),
+    Opt("test", Path, ("eval", "test_dir"), "Folder of labelled test images (default: the MVTec root's test split).",
+        path="dir", default="the test split"),
+    Opt("test_masks", Path, ("eval", "test_masks"), "Masks of the --test images, paired by file stem.", path="dir",
+        default="none"),
+    Opt("map_size", int, ("eval", "size"), "Side of the evaluation maps, in pixels."),
+    Opt("sigma", float, ("eval", "sigma"), "Gaussian blur sigma of the maps (0: none)."),
+    Opt("kernel", int, ("eval", "kernel"), "Gaussian blur support (odd)."),
+    Opt("top_ratio", float, ("eval", "top_ratio"), "Image score: mean of this top share of pixels (0: max)."),
+    Opt("mask_threshold", float, ("eval", "mask_threshold"),
+        "Ground-truth binarisation: mask > this (0 reproduces the reference's > 0)."),
+    Opt("fpr_limit", float, ("eval", "fpr_limit"), "False-positive rate AUPRO is integrated to."),
+)
+NOISE = _opts(
+    Opt("noise_ratio", float, ("noise", "ratio"),
+        "Contamination ratio r: injected defective images per good training image.",
+        default=f"{NoiseConfig.ratio} for make-noisy, {DemoConfig.noise_ratio} for demo"),
+)
+DEMO = _opts(
+    Opt("n_train", int, ("demo", "n_train"), "Good training images per demo category."),
+    Opt("n_test_good", int, ("demo", "n_test_good"), "Good test images per demo category."),
+    Opt("n_test_defect", int, ("demo", "n_test_defect"), "Defective test images per demo category."),
+    Opt("image_size", int, ("demo", "size"), "Side of the generated demo images, in pixels."),
+)
+MAKE_NOISY = _opts(
+    Opt("overlap", bool, ("noise", "overlap"), "Keep the injected images in the test set (MeDS) or remove them "
+        "(SoftPatch).", flags=("--overlap/--no-overlap",)),
+)
+OUTPUT = _opts(
+    Opt("out", Path, ("command", "out"), "Write the clean list here (one path per line).", default="none"),
+    Opt("copy", bool, ("noise", "copy"), "Copy image files instead of symlinking them."),
+)
+
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *OUTPUT)
+BY_NAME = {o.name: o for o in ALL_OPTS}
+assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
+
+
+def flag_for(param: str, stage: str | None) -> str:
+    """The flag that sets a library parameter (`ConfigError.param`), or the parameter name."""
+    exact = [o for o in ALL_OPTS if o.target == (stage, param)]
+    loose = [o for o in ALL_OPTS if o.target[1] == param]
+    found = exact or loose
+    return found[0].flag if found else param
+
+
+class Given:
+    """The values a user set on the command line (None = unset), grouped by config."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = self._values.get(name)
+        return default if value is None else value
+
+    def stage(self, stage: str) -> dict[str, Any]:
+        """{field: value} of the options targeting `stage` that were set; enums become plain strings."""
+        out = {}
+        for name, value in self._values.items():
+            opt = BY_NAME.get(name)
+            if opt is not None and opt.target[0] == stage and value is not None:
+                out[opt.target[1]] = value.value if isinstance(value, choices.Choice) else value
+        return out
+
+
+def build_command(app: typer.Typer, name: str, body: Callable[[Given], None], groups: tuple[tuple[Opt, ...], ...],
+                  arguments: tuple[inspect.Parameter, ...] = ()) -> None:
+    """Register `body` as command `name` with the options of `groups` (each declared once, above)."""
+    params = [*arguments, *(o.parameter() for group in groups for o in group)]
+
+    def command(**values: Any) -> None:
+        body(Given(values))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = body.__doc__
+    command.__name__ = body.__name__
+    app.command(name)(command)
+
+
+def argument(name: str, help_text: str, metavar: str) -> inspect.Parameter:
+    """A required positional path argument."""
+    info = typer.Argument(help=help_text, show_default=False, metavar=metavar)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[Path, info])
+
+
+__all__ = ["ALL_OPTS", "BY_NAME", "Given", "Opt", "PRESETS", "argument", "build_command", "flag_for"]
