@@ -15,6 +15,7 @@ import typer
 
 from . import cli_options as opts
 from .cli_options import Given, argument, build_command
+from .config import DEFAULT_PRESET, DEFAULT_SEED
 from .errors import ConfigError, MedscleanError
 
 app = typer.Typer(
@@ -168,7 +169,7 @@ def _run(given: Given, images: Path):
     from . import pipeline
 
     return pipeline.build_run(images, given.get("work", Path(opts.BY_NAME["work"].default)),
-                              preset=given.get("preset", "auto"), seed=given.get("seed", 0),
+                              preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
                               data=given.stage("data"), extract=given.stage("extract"), quiet=bool(given.quiet))
 
 
@@ -289,7 +290,7 @@ def make_noisy(given: Given) -> None:
     from .noisy import make_noisy as build
 
     cfg = NoiseConfig(**given.stage("noise"))
-    seed = given.get("seed", 0)
+    seed = given.get("seed", DEFAULT_SEED)
     manifest = build(given.root, given.out, ratio=cfg.ratio, seed=seed, overlap=cfg.overlap, copy=cfg.copy)
     out = str(Path(given.out).resolve())
     summary = {"out": out, "ratio": cfg.ratio, "seed": seed, "overlap": cfg.overlap,

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from . import choices
-from .config import CPU, PAPER, PRESETS, STAGE_CONFIGS, DemoConfig, NoiseConfig, ScoreConfig
+from .config import CPU, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig, NoiseConfig
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,10 @@ RUN = _opts(
         default="medsclean-work"),
     Opt("preset", choices.PresetName, ("run", "preset"),
         "Defaults for the hardware: paper (the paper's ViT and iterations) or cpu (Lite0, small decoder); "
-        "auto is paper on a GPU and cpu otherwise.", default="auto"),
+        "auto is paper on a GPU and cpu otherwise.", default=DEFAULT_PRESET),
     Opt("device", str, ("extract", "device"), "auto, cpu or cuda[:N]."),
     Opt("seed", int, ("run", "seed"), "Seed for every random choice; the same seed gives the same clean list.",
-        default=str(ScoreConfig.seed)),
+        default=str(DEFAULT_SEED)),
     Opt("as_json", bool, ("run", "json"), "Print machine-readable JSON on stdout.", flags=("--json",)),
     Opt("quiet", bool, ("run", "quiet"), "Only warnings and errors on stderr.", flags=("--quiet", "-q")),
 )

@@ -23,6 +23,12 @@ from .choices import Aggregate, ClassFrom, Cut, Engine, EvalModel, Layout, Loss,
 from .errors import ConfigError
 
 
+def _faiss_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("faiss") is not None
+
+
 def _require(ok: bool, stage: str, param: str | tuple[str, ...], message: str) -> None:
     if not ok:
         raise ConfigError(param, message, stage=stage)
@@ -129,6 +135,9 @@ class ScoreConfig:
         _require(self.k >= 1, s, "k", f"k must be at least 1, not {self.k}")
         _one_of(s, "aggregate", self.aggregate, Aggregate)
         _one_of(s, "engine", self.engine, Engine)
+        _require(self.engine not in (Engine.FAISS, Engine.IVF) or _faiss_installed(), s, "engine",
+                 f"engine {self.engine} needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12 on a "
+                 f"CUDA machine, in its place), or use engine exact")
         _require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
         _require(self.refine_rounds >= 0 and 0.0 < self.refine_drop < 1.0
                  and self.refine_rounds * self.refine_drop < 1.0, s, ("refine_rounds", "refine_drop"),
@@ -347,6 +356,8 @@ CPU = Preset(name="cpu", overlays={
 })
 
 PRESETS = {"paper": PAPER, "cpu": CPU}
+DEFAULT_PRESET = PresetName.AUTO.value
+DEFAULT_SEED = ScoreConfig.seed
 
 
 def resolve_preset(name: str, *, cuda: bool) -> Preset:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import SelectConfig
 from .errors import ConfigError
 
 LOSS_SCALE = 10.0
@@ -84,7 +85,7 @@ def hard_mining_cosine_loss(
     dec_groups: Sequence[Tensor],
     n_prefix: int,
     p: float,
-    factor: float = 0.1,
+    factor: float = SelectConfig.mining_factor,
 ) -> Tensor:
     """Step-3 loss: one global cosine distance per image and group, hard points mined via gradients.
 

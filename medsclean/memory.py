@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import knn, seeding
+from .config import ScoreConfig
 from .errors import ConfigError, DataError
 
 Aggregate = Literal["top1pct", "max"]
@@ -79,8 +80,8 @@ def bank_size(n_images: int, ratio: float, min_images: int = 1) -> int:
 
 def draw_banks(
     n_images: int,
-    n_banks: int = 100,
-    ratio: float = 0.1,
+    n_banks: int = ScoreConfig.banks,
+    ratio: float = ScoreConfig.ratio,
     *,
     replace: bool = True,
     generator: np.random.Generator,
@@ -204,8 +205,8 @@ def plan_exact_blocks(
     n_images: int,
     n_patches: int,
     *,
-    k: int = 1,
-    n_banks: int = 100,
+    k: int = ScoreConfig.k,
+    n_banks: int = ScoreConfig.banks,
     bank_width: int = 1,
     max_block_bytes: int = CPU_BLOCK_BYTES,
     block_images: int | None = None,
@@ -299,7 +300,7 @@ def memory_scores_exact(
     features: torch.Tensor | np.ndarray,
     banks: np.ndarray,
     *,
-    k: int = 1,
+    k: int = ScoreConfig.k,
     leave_self_out: bool = True,
     device: str | torch.device = "cpu",
     block_images: int | None = None,
@@ -406,7 +407,7 @@ def nearest_table(
     features: torch.Tensor | np.ndarray,
     *,
     queries: torch.Tensor | np.ndarray | None = None,
-    k: int = 1,
+    k: int = ScoreConfig.k,
     device: str | torch.device = "cpu",
     max_block_bytes: int | None = None,
     on_block: ProgressCallback | None = None,
@@ -518,7 +519,7 @@ def memory_scores_faiss(
     features: torch.Tensor | np.ndarray,
     banks: np.ndarray,
     *,
-    k: int = 1,
+    k: int = ScoreConfig.k,
     leave_self_out: bool = True,
     use_gpu: bool | None = None,
     index: knn.IndexKind = "flat",
@@ -602,7 +603,7 @@ def exact_flops(n_images: int, n_patches: int, dim: int) -> float:
     return 2.0 * n_images**2 * n_patches**2 * dim
 
 
-def bank_flops(n_images: int, n_patches: int, dim: int, *, n_banks: int = 100, ratio: float = 0.1) -> float:
+def bank_flops(n_images: int, n_patches: int, dim: int, *, n_banks: int = ScoreConfig.banks, ratio: float = ScoreConfig.ratio) -> float:
     """FLOPs of searching every bank separately (FAISS engine, reference): 2 * N*P * m*P * D * B."""
     return 2.0 * n_images * n_patches * bank_size(n_images, ratio) * n_patches * dim * n_banks
 
@@ -614,8 +615,8 @@ def choose_engine(
     *,
     device: str | torch.device,
     faiss_gpu: bool | None = None,
-    n_banks: int = 100,
-    ratio: float = 0.1,
+    n_banks: int = ScoreConfig.banks,
+    ratio: float = ScoreConfig.ratio,
 ) -> EngineChoice:
     """The engine ``--engine auto`` runs for one class.
 
@@ -687,9 +688,9 @@ def score_classes(
     features: torch.Tensor | np.ndarray,
     classes: Sequence[Hashable],
     *,
-    n_banks: int = 100,
-    ratio: float = 0.1,
-    k: int = 1,
+    n_banks: int = ScoreConfig.banks,
+    ratio: float = ScoreConfig.ratio,
+    k: int = ScoreConfig.k,
     replace: bool = True,
     per_class: bool = True,
     leave_self_out: bool = True,
@@ -698,9 +699,9 @@ def score_classes(
     device: str | torch.device = "cpu",
     faiss_index: knn.IndexKind = "flat",
     max_block_bytes: int | None = None,
-    min_bank: int = 1,
+    min_bank: int = ScoreConfig.min_bank,
     refine_rounds: int = 0,
-    refine_drop: float = 0.1,
+    refine_drop: float = ScoreConfig.refine_drop,
     aggregate: Aggregate = "top1pct",
     tables: dict[Hashable, torch.Tensor] | None = None,
     on_engine: Callable[[Hashable, EngineChoice], None] | None = None,

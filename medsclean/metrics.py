@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .config import EvalConfig
+
 __all__ = [
     "UndefinedMetricWarning",
     "image_auroc_score",
@@ -39,7 +41,7 @@ __all__ = [
     "selection_metrics",
 ]
 
-DEFAULT_FPR_LIMIT = 0.3
+DEFAULT_FPR_LIMIT = EvalConfig.fpr_limit
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _LOW32 = np.uint64(0xFFFFFFFF)
 

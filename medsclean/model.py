@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import DistillConfig
 from .errors import UsageError
 from .seeding import torch_generator
 
@@ -52,10 +53,10 @@ class ModelConfig:
     group_dims: tuple[int, ...]
     n_prefix: int
     width: int | None = None
-    depth: int = 8
-    heads: int = 12
+    depth: int = DistillConfig.depth
+    heads: int = DistillConfig.heads
     mlp_ratio: float = 4.0
-    dropout: float = 0.2
+    dropout: float = DistillConfig.dropout
     eps_attn: float = 1e-6
     ln_eps: float = 1e-8
 

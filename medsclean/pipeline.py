@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
+from .config import (DEFAULT_PRESET, DEFAULT_SEED, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
                      resolve_device, resolve_preset)
 from .data import Dataset, discover
 from .extract import ExtractResult, run_extract
 from .store import Store
 from .ui import Reporter, RichReporter
+
+
+METRICS_SCHEMA = "medsclean.metrics/1"
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def _given(values: Mapping[str, Any] | None) -> dict:
     return {k: v for k, v in (values or {}).items() if v is not None}
 
 
-def build_run(images: Path, work: Path, *, preset: str = "auto", seed: int = 0,
+def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: int = DEFAULT_SEED,
               data: Mapping[str, Any] | None = None, extract: Mapping[str, Any] | None = None,
               quiet: bool = False, reporter: Reporter | None = None) -> Run:
     """Resolve the device and the preset into a frozen `Run`.
@@ -269,7 +272,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
                         f"ground_truth/) and no known contaminants in the training set (medsclean make-noisy)")
     payload.update(sections)
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / "metrics.json", payload)
+    write_json_atomic(out_dir / "metrics.json", {"schema": METRICS_SCHEMA, **payload})
     write_text_atomic(out_dir / "metrics.csv", ev.rows_to_csv(sections))
     payload["files"] = {"metrics_json": str(out_dir / "metrics.json"), "metrics_csv": str(out_dir / "metrics.csv")}
     if report_dir is not None:

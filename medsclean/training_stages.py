@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DistillConfig, SelectConfig
-from .store import Artifact, Store, digest, load_tensors, save_tensors
+from .store import Artifact, Store, digest, load_tensors, save_tensors, to_json
 from .ui import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -175,7 +175,7 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
     text = {"clean.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if k),
             "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
             "scores.csv": selection_csv(images, memory_scores, distilled_scores, eta, keep),
-            "selection.json": json.dumps({"method": cfg.method, "rounds": rounds}, indent=2) + "\n"}
+            "selection.json": to_json({"method": cfg.method, "rounds": rounds}) + "\n"}
     manifest = {"images": images, "config": asdict(cfg), "seed": seed, "model": model_cfg,
                 "grid": features.manifest["encoder"]["grid"], "tau": rounds[-1]["tau"],
                 "kept": int(keep.sum()), "rejected": int((~keep).sum()),

@@ -158,3 +158,13 @@ def test_json_output_is_strict_and_versioned(capsys):
     payload = json.loads(text, parse_constant=refuse)
     assert payload["schema"] == "medsclean.select/1"
     assert payload["tau"]["a"] is None and payload["kept"] == 3
+
+
+def test_engine_faiss_without_faiss_is_refused_before_any_work(tmp_path, monkeypatch):
+    from medsclean import config
+
+    monkeypatch.setattr(config, "_faiss_installed", lambda: False)
+    res = CliRunner().invoke(app, ["score", str(tmp_path), "--engine", "faiss"])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: --engine faiss needs the faiss package")
+    assert CliRunner().invoke(app, ["score", str(tmp_path), "--engine", "exact", "--banks", "0"]).exit_code == 2

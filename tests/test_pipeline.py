@@ -124,7 +124,13 @@ def test_eval_end_to_end_json_and_report(noisy, tmp_path):
     assert payload["protocol"]["size"] == 256 and payload["protocol"]["mask_threshold"] == 0.5
     pooled = payload["cleaning"][-1]
     assert pooled["contaminants"] == 8 and 0.0 <= pooled["recall"] <= 1.0
-    saved = json.loads((work / "eval" / "metrics.json").read_text())
+    assert payload["schema"] == "medsclean.eval/1"
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    saved = json.loads((work / "eval" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["schema"] == "medsclean.metrics/1"
     assert saved["detector"] == payload["detector"]
     assert (work / "eval" / "metrics.csv").read_text().startswith("section,class,images")
     html = (report / "report.html").read_text()
