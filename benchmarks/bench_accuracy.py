@@ -49,7 +49,7 @@ import torch
 from medsclean.config import CPU, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig, resolve_device
 from medsclean.data import ImageRecord, discover
 from medsclean.evaluate import EvalConfig, detector_metrics, postprocess
-from medsclean.extract import load_features, run_extract
+from medsclean.extract import run_extract
 from medsclean.memory import image_scores as memory_image_scores
 from medsclean.memory import score_classes
 from medsclean.metrics import selection_metrics
@@ -103,7 +103,7 @@ def extract_split(root: Path, store: Store, cfg: ExtractConfig, split: str, cate
     log(f"features {split}: {result.n_images} images ({state}), {result.n_skipped} skipped")
     encoder = art.manifest["encoder"]
     names = ["memory", *(f"group{g}" for g in range(len(encoder["group_dims"])))]
-    tensors = load_features(art, ["index", *names])
+    tensors = art.sharded_tensors(["index", *names])
     by_path = {r.rel_path: r for r in dataset.records}
     paths = [row["path"] for row in art.manifest["images"]]
     return FeatureTable(tensors["memory"], [tensors[n] for n in names[1:]], paths, [by_path[p] for p in paths],

@@ -55,7 +55,7 @@ from medsclean.config import (CPU, DistillConfig, ExtractConfig, Preset, ScoreCo
                               resolve_device)
 from medsclean.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
-from medsclean.extract import load_features, run_extract  # noqa: E402
+from medsclean.extract import run_extract  # noqa: E402
 from medsclean.memory import image_scores, nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model import ReconstructionModel  # noqa: E402
@@ -126,7 +126,7 @@ def extract(dataset: Dataset, store: Store, cfg: ExtractConfig, stage: str) -> F
     log(f"{stage}: {result.n_images} images ({'cached' if result.cached else f'{result.seconds:.0f} s'})")
     encoder = art.manifest["encoder"]
     names = [f"group{g}" for g in range(len(encoder["group_dims"]))]
-    tensors = load_features(art, ["index", "memory", *names])
+    tensors = art.sharded_tensors(["index", "memory", *names])
     by_path = {r.rel_path: r for r in dataset.records}
     return Features([by_path[row["path"]] for row in art.manifest["images"]], tensors["memory"],
                     [tensors[n] for n in names], encoder)

@@ -57,10 +57,9 @@ def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memo
     """
     import torch
 
-    from .extract import load_features
     from .memory import memory_scores_exact
 
-    train_memory = load_features(train_features, ["index", "memory"])["memory"]
+    train_memory = train_features.sharded_tensors(["index", "memory"])["memory"]
     train_classes = [row["class"] for row in train_features.manifest["images"]]
     per_class = scores.manifest["config"]["per_class"]
     banks = scores.tensors("banks.safetensors")

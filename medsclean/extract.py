@@ -18,7 +18,7 @@ from .config import ExtractConfig, resolve_device
 from .data import Dataset
 from .errors import DataError
 from .images import Preprocess, decode_image, normalise, resize_crop
-from .store import Artifact, Store, digest, load_tensors, save_tensors, tensor_specs
+from .store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, tensor_specs
 from .ui import Reporter
 
 STAGE = "features"
@@ -154,18 +154,14 @@ def _write_shard(path: Path, buffer: dict[str, list], skipped: list[dict], encod
 
 def _commit(dataset: Dataset, store: Store, stage: str, key: str, partial: Path, shards, encoder,
             cfg: ExtractConfig, t0: float) -> ExtractResult:
-    from safetensors import safe_open
-
     shard_rows, skipped, kept_index = [], [], []
     specs = {}
     for s, e in shards:
         name = _shard_name(s)
-        with safe_open(str(partial / name), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            index = f.get_tensor("index")
-            if index.numel():
-                specs[name] = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()}
-                               for k in f.keys()}
+        tensors, meta = load_tensors_with_metadata(partial / name)
+        index = tensors["index"]
+        if index.numel():
+            specs[name] = tensor_specs(tensors)
         skipped.extend(json.loads(meta.get("skipped", "[]")))
         kept_index.extend(index.tolist())
         shard_rows.append({"file": name, "start": s, "end": e, "rows": int(index.numel())})
@@ -186,18 +182,4 @@ def _commit(dataset: Dataset, store: Store, stage: str, key: str, partial: Path,
     return ExtractResult(art, False, len(images), len(skipped), time.perf_counter() - t0)
 
 
-def load_features(art: Artifact, names: list[str] | None = None) -> dict:
-    """Concatenate the shards of a features artifact: {"memory": (N,P,D), "group0": (N,L,C0), ...} float16."""
-    import torch
-
-    parts: dict[str, list] = {}
-    for shard in art.manifest["shards"]:
-        if shard["rows"] == 0:
-            continue
-        tensors = load_tensors(art.file(shard["file"]), names)
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v)
-    return {k: torch.cat(v) for k, v in parts.items() if k != "index"}
-
-
-__all__ = ["ExtractResult", "features_key", "load_features", "run_extract", "STAGE", "tensor_specs"]
+__all__ = ["ExtractResult", "features_key", "run_extract", "STAGE", "tensor_specs"]

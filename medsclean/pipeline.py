@@ -187,7 +187,7 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None) 
 
     art = results["select"].artifact
     images = art.manifest["images"]
-    kept_paths = set(art.file("clean.txt").read_text(encoding="utf-8").splitlines())
+    kept_paths = set(art.text("clean.txt").splitlines())
     per_class: dict[str, dict] = {}
     for row in images:
         c = per_class.setdefault(row["class"], {"images": 0, "kept": 0, "rejected": 0})
@@ -309,9 +309,7 @@ def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, p
     records = _records_in_order(test_ds, test_art)
     memory_selection = cfg.model == "select" and results["select"].artifact.manifest["model"] is None
     if cfg.model == "memory" or memory_selection:  # `select --method memory` trains no model
-        from .extract import load_features
-
-        memory = load_features(test_art, ["index", "memory"])["memory"]
+        memory = test_art.sharded_tensors(["index", "memory"])["memory"]
         tokens = ev.token_maps_from_memory(results["features"].artifact, results["scores"].artifact, memory,
                                            [r.cls for r in records], device=run.device)
     else:

@@ -73,10 +73,9 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     key = scores_key(features, cfg)
     if not force and (art := store.cached(STAGE, key)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
-    from .extract import load_features
     from .memory import image_scores
 
-    memory = load_features(features, ["index", "memory"])["memory"]
+    memory = features.sharded_tensors(["index", "memory"])["memory"]
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
     chosen = []

@@ -219,6 +219,16 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
                         f"make sure nothing else writes there and retry") from exc
 
 
+def load_tensors_with_metadata(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every tensor of a safetensors file and its string metadata (checkpoints, extraction shards)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, metadata
+
+
 def load_tensors(path: Path, names: list[str] | None = None) -> dict[str, Any]:
     """Load tensors (all, or `names`) from a safetensors file onto the CPU."""
     from safetensors import SafetensorError, safe_open
@@ -251,6 +261,23 @@ class Artifact:
 
     def tensors(self, file: str, names: list[str] | None = None) -> dict[str, Any]:
         return load_tensors(self.path / file, names)
+
+    def text(self, file: str) -> str:
+        """A text file of the artifact (clean.txt, scores.csv, ...)."""
+        return (self.path / file).read_text(encoding="utf-8")
+
+    def sharded_tensors(self, names: list[str] | None = None) -> dict[str, Any]:
+        """The shards listed in the manifest, concatenated in order: {"memory": (N, P, D), "group0": (N, L, C0),
+        ...} as stored (float16); the per-shard "index" rows are left out."""
+        import torch
+
+        parts: dict[str, list] = {}
+        for shard in self.manifest["shards"]:
+            if shard["rows"] == 0:
+                continue
+            for k, v in load_tensors(self.path / shard["file"], names).items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v) for k, v in parts.items() if k != "index"}
 
 
 class Store:

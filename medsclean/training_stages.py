@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DistillConfig, SelectConfig
-from .store import Artifact, Store, digest, load_tensors, save_tensors, to_json
+from .store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, to_json
 from .ui import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -34,11 +34,9 @@ class StageResult:
 
 
 def load_groups(features: Artifact) -> tuple[list, dict]:
-    from .extract import load_features
-
     encoder = features.manifest["encoder"]
     names = [f"group{g}" for g in range(len(encoder["group_dims"]))]
-    tensors = load_features(features, ["index", *names])
+    tensors = features.sharded_tensors(["index", *names])
     return [tensors[n] for n in names], encoder
 
 
@@ -68,12 +66,10 @@ def _resume_from(partial: Path, reporter: Reporter, stage: str):
     path = partial / CHECKPOINT
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = json.loads((f.metadata() or {})["meta"])
+    tensors, metadata = load_tensors_with_metadata(path)
+    meta = json.loads(metadata["meta"])
     reporter.info(f"{stage}: resuming from the checkpoint at iteration {meta.get('step', '?')}")
-    return load_tensors(path), meta
+    return tensors, meta
 
 
 def _progress_callback(task):

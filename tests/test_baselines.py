@@ -138,7 +138,6 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
     from typer.testing import CliRunner
 
     from medsclean.cli import app
-    from medsclean.extract import load_features
     from medsclean.store import Store
 
     from .helpers import make_mvtec
@@ -154,7 +153,7 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
     assert all(c["rejected"] == 2 for c in summary["classes"].values())
     with open(work / "select" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    features = load_features(Store(work).load("features"), ["index", "memory"])["memory"].float().numpy()
+    features = Store(work).load("features").sharded_tensors(["index", "memory"])["memory"].float().numpy()
     for cls in ("brick", "gravel"):
         idx = [i for i, r in enumerate(rows) if r["class"] == cls]
         want = image_scores(_knn_oracle(features[idx].astype(np.float64))).numpy()

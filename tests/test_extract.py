@@ -13,7 +13,7 @@ from medsclean import extract as extract_mod
 from medsclean.cli import app
 from medsclean.config import ExtractConfig
 from medsclean.data import discover
-from medsclean.extract import load_features, run_extract
+from medsclean.extract import run_extract
 from medsclean.store import Store
 from medsclean.ui import SilentReporter
 
@@ -40,7 +40,7 @@ def test_extract_cli_end_to_end_with_json_and_cache(folder, tmp_path):
     payload = json.loads(res.stdout)
     assert payload["images"] == 10 and payload["cached"] is False
     assert [s["path"] for s in payload["skipped"]] == ["broken.png"]
-    feats = load_features(Store(work).load("features"))
+    feats = Store(work).load("features").sharded_tensors()
     assert feats["memory"].dtype == torch.float16 and feats["memory"].shape[:2] == (10, 64)  # 8×8 grid at 64 px
     assert torch.allclose(feats["memory"].float().norm(dim=-1), torch.ones(10, 64), atol=2e-3)
     assert [feats[f"group{g}"].shape[-1] for g in (0, 1)] == [40, 112]
@@ -78,8 +78,8 @@ def test_changed_image_makes_features_stale(folder, tmp_path):
 
 def test_interrupted_extract_resumes_and_matches_uninterrupted(folder, tmp_path, monkeypatch):
     cfg = ExtractConfig(resize=64, crop=64, num_workers=0, batch_size=2, shard_size=4)
-    reference = load_features(run_extract(discover(folder), Store(tmp_path / "ref"), cfg,
-                                          reporter=SilentReporter()).artifact)
+    reference = run_extract(discover(folder), Store(tmp_path / "ref"), cfg,
+                            reporter=SilentReporter()).artifact.sharded_tensors()
     real_write = extract_mod._write_shard
     written = []
 
@@ -98,7 +98,7 @@ def test_interrupted_extract_resumes_and_matches_uninterrupted(folder, tmp_path,
     rep = SilentReporter()
     resumed = run_extract(discover(folder), Store(work), cfg, reporter=rep)
     assert any("resuming features: 1 of 3 shards" in m for m in rep.messages)
-    feats = load_features(resumed.artifact)
+    feats = resumed.artifact.sharded_tensors()
     for name, tensor in reference.items():
         assert torch.equal(feats[name], tensor), name
 
