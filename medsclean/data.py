@@ -20,13 +20,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, UsageError
+from .choices import ClassFrom, Layout, Split
+from .errors import ConfigError, DataError
 from .images import IMAGE_EXTENSIONS
 from .store import write_json_atomic
 
-LAYOUTS = ("auto", "folder", "mvtec")
-SPLITS = ("train", "test")
-CLASS_FROM = ("top", "parent", "none")
+LAYOUTS = Layout.values()
+SPLITS = Split.values()
+CLASS_FROM = ClassFrom.values()
 NOISY_MANIFEST = "medsclean-noisy.json"
 NOISY_FORMAT = "medsclean-noisy/1"
 MASK_SUFFIX = "_mask"
@@ -124,9 +125,9 @@ def discover(root: Path, *, layout: str = "auto", split: str = "train", masks: P
         UsageError: an option value is unknown.
     """
     root = Path(root).expanduser().resolve()
-    _check_choice("--layout", layout, LAYOUTS)
-    _check_choice("--split", split, SPLITS)
-    _check_choice("--class-from", class_from, CLASS_FROM)
+    _check_choice("layout", layout, LAYOUTS)
+    _check_choice("split", split, SPLITS)
+    _check_choice("class_from", class_from, CLASS_FROM)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; pass the folder that holds your images")
     if layout == "auto":
@@ -145,7 +146,7 @@ def discover(root: Path, *, layout: str = "auto", split: str = "train", masks: P
 
 def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise UsageError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+        raise ConfigError(option, f"{option} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _discover_folder(root: Path, class_from: str) -> list[ImageRecord]:

@@ -14,7 +14,7 @@ import csv
 import io
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,7 @@ def rows_to_csv(sections: dict[str, list[dict]]) -> str:
 
 
 def protocol_settings(cfg: EvalConfig, preprocess: dict) -> dict:
-    return {**asdict(cfg), "resize": preprocess["resize"], "crop": preprocess["crop"],
+    return {**cfg.protocol(), "resize": preprocess["resize"], "crop": preprocess["crop"],
             "map_upsampling": "bilinear (align_corners) to the crop, bilinear to size",
             "blur": f"{cfg.kernel}x{cfg.kernel} Gaussian sigma {cfg.sigma}, zero padding",
             "image_score": f"mean of the top {cfg.top_ratio:.0%} pixels",

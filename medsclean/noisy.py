@@ -27,7 +27,7 @@ import numpy as np
 from . import seeding
 from .data import (MASK_SUFFIX, NOISY_FORMAT, find_mask, list_images, mvtec_categories,
                    write_noisy_manifest)
-from .errors import DataError, UsageError
+from .errors import ConfigError, DataError, UsageError
 from .store import atomic_directory
 
 TRAIN_MASK_DIR = "ground_truth_train"
@@ -220,9 +220,9 @@ def make_noisy(root: Path, out: Path, *, ratio: float, seed: int, overlap: bool 
         UsageError: a bad ratio or seed, or an unknown category.
     """
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 0):
-        raise UsageError(f"ratio must be a finite number ≥ 0 (e.g. 0.1), not {ratio!r}")
+        raise ConfigError("ratio", f"ratio must be a finite number ≥ 0 (e.g. 0.1), not {ratio!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UsageError(f"seed must be a non-negative integer, not {seed!r}")
+        raise ConfigError("seed", f"seed must be a non-negative integer, not {seed!r}")
     root, out = _check_paths(root, out)
     cat_dirs = _pick_categories(root, categories)
     manifest = {"format": NOISY_FORMAT, "source": str(root), "ratio": float(ratio), "seed": int(seed),

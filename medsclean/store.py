@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, UsageError
+from .errors import ConfigError, DataError
 
 FORMAT = "medsclean-artifact/1"
 MANIFEST = "manifest.json"
@@ -288,8 +288,8 @@ class Store:
         if images_root is not None:
             images_root = Path(images_root).resolve()
             if self.work == images_root or images_root in self.work.parents:
-                raise UsageError(f"--work {self.work} lies inside the image folder {images_root}; "
-                                 f"choose a work folder outside it (the default is ./medsclean-work)")
+                raise ConfigError("work", f"work {self.work} lies inside the image folder {images_root}; "
+                                  f"choose a work folder outside it")
         self.work.mkdir(parents=True, exist_ok=True)
 
     def stage_path(self, stage: str) -> Path:
