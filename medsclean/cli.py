@@ -32,10 +32,10 @@ STAGE_GROUPS = {
     "score": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE),
     "distill": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL),
     "select": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT,
-               opts.OUTPUT[:1]),
+               opts.LISTS),
     "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL),
     "demo": (opts.RUN, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.NOISE, opts.DEMO),
-    "make-noisy": (opts.NOISE, opts.MAKE_NOISY, opts.OUTPUT[1:], tuple(o for o in opts.RUN
+    "make-noisy": (opts.NOISE, opts.MAKE_NOISY, opts.COPY, tuple(o for o in opts.RUN
                                                                       if o.name in ("seed", "as_json"))),
 }
 
@@ -181,7 +181,7 @@ def _configs(run, given: Given) -> dict[str, Any]:
 
     select = run.select_config(**given.stage("select"))
     cfgs = {"score": run.score_config(**given.stage("score")), "distill": run.distill_config(**given.stage("distill")),
-            "select": select}
+            "select": select, "cut": run.cut_config(**given.stage("cut"))}
     if given.get("budget") is not None and select.method == "meds":
         cfgs["distill"], cfgs["select"] = pipeline.apply_budget(run, cfgs["distill"], select,
                                                                 parse_duration(given.budget))
@@ -235,12 +235,20 @@ def select(given: Given) -> None:
 
     run = _run(given, given.images)
     cfgs = _configs(run, given)
-    results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], force=bool(given.force))
-    summary = pipeline.select_summary(run, results, given.images, given.out)
+    results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"],
+                                    force=bool(given.force))
+    to_stdout = given.out is not None and str(given.out) == "-"
+    summary = pipeline.select_summary(run, results, given.images, None if to_stdout else given.out,
+                                      given.rejected_out)
+    if to_stdout:
+        keep = results["cut"].artifact.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
+        paths = pipeline.user_paths(given.images, results["cut"].artifact.manifest["images"])
+        typer.echo("".join(f"{p}\n" for p, k in zip(paths, keep) if k), nl=False)
+        summary["clean_list"] = "-"
     if given.as_json:
         _emit("select", summary, True, "")
     else:
-        pipeline.print_select_table(summary)
+        pipeline.print_select_table(summary, stderr=to_stdout)
 
 
 @command("eval", IMAGES)
@@ -252,7 +260,7 @@ def evaluate(given: Given) -> None:
     cfgs = _configs(run, given)
     places = given.stage("eval")
     payload = pipeline.eval_stage(
-        run, cfgs["score"], cfgs["distill"], cfgs["select"], run.eval_config(**_fields_of("eval", places)),
+        run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"], run.eval_config(**_fields_of("eval", places)),
         out_dir=places.get("metrics_dir", run.work / "eval"), report_dir=places.get("report_dir"),
         test_dir=places.get("test_dir"), test_masks=places.get("test_masks"))
     _emit_metrics("eval", payload, given.as_json)
@@ -274,7 +282,7 @@ def demo(given: Given) -> None:
     noisy = prepare_demo_data(work, cfg, RichReporter(quiet=bool(given.quiet)))
     run = _run(given, noisy)
     cfgs = _configs(run, given)
-    payload = pipeline.eval_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], run.eval_config(),
+    payload = pipeline.eval_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"], run.eval_config(),
                                   out_dir=run.work / "demo" / "eval", report_dir=run.work / "demo" / "report")
     _emit_metrics("demo", payload, given.as_json)
 

@@ -140,12 +140,16 @@ SELECT = _opts(
         "meds (Steps 1-3), memory (Step-1 ensemble only), knn (full-bank nearest neighbour) or iterative "
         "(kNN with a shrinking memory)."),
     Opt("select_iters", int, ("select", "iters"), "Step-3 iterations T."),
-    Opt("mad_k", float, ("select", "k"), "Margin of the mad cut, and of Step 3's selection at t = T, in median "
-        "absolute deviations."),
-    Opt("cut", choices.Cut, ("select", "cut"), "Final cut on the scores per class: mixture (two-component fit, "
-        "mad fallback), mad (median + k MAD) or otsu."),
-    Opt("reject_fraction", float, ("select", "reject_fraction"),
+    Opt("mad_k", float, ("select", "k"), "Margin of Step 3's re-selection, in median absolute deviations "
+        "(k of median + k·(t/T)·MAD)."),
+    Opt("cut", choices.Cut, ("cut", "rule"), "Final cut of the scores per class: mixture (two-component fit, "
+        "mad fallback), mad (median + k MAD) or otsu. Changing the cut never retrains."),
+    Opt("cut_k", float, ("cut", "k"), "MAD margin of the final cut (mad, and mixture's fallback).",
+        default="--mad-k"),
+    Opt("reject_fraction", float, ("cut", "reject_fraction"),
         "Reject exactly this share of each class (the most suspicious), instead of --cut."),
+    Opt("threshold", float, ("cut", "threshold"), "Keep the images whose final score is below this value "
+        "(the scores of scores.csv), instead of --cut.", default="none"),
     Opt("budget", str, ("run", "budget"), "Wall-clock time for Steps 2-3 training (e.g. 90s, 10m, 1h): the "
         "iteration counts are chosen from a measured step time and printed.", default="none"),
 )
@@ -184,12 +188,15 @@ MAKE_NOISY = _opts(
     Opt("overlap", bool, ("noise", "overlap"), "Keep the injected images in the test set (MeDS) or remove them "
         "(SoftPatch).", flags=("--overlap/--no-overlap",)),
 )
-OUTPUT = _opts(
-    Opt("out", Path, ("command", "out"), "Write the clean list here (one path per line).", default="none"),
-    Opt("copy", bool, ("noise", "copy"), "Copy image files instead of symlinking them."),
+LISTS = _opts(
+    Opt("out", Path, ("command", "out"), "Write the clean list here, one path per line (- for stdout).",
+        default="none"),
+    Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line.",
+        flags=("--rejected",), default="none"),
 )
+COPY = _opts(Opt("copy", bool, ("noise", "copy"), "Copy image files instead of symlinking them."),)
 
-ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *OUTPUT)
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY)
 BY_NAME = {o.name: o for o in ALL_OPTS}
 assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
 

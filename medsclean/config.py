@@ -13,6 +13,7 @@ anything heavy is imported.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -199,11 +200,10 @@ class SelectConfig:
 
     Methods: "meds" (Steps 1-3), "memory" (Step-1 ensemble scores only), "knn" (full-bank
     leave-self-out nearest neighbour, PatchCore-style) and "iterative" (kNN re-scored against
-    a memory that drops the most suspicious share each round, SROC-style). The final clean set
-    is the cut `cut` (or `reject_fraction`) applied per class to the final scores; with
-    cut "mad" and method meds that is the paper's Step-3 rule at t = T with margin `k` MADs.
-    The hard-mining share p rises linearly to `p_final` over `ramp_steps`; easy points keep
-    `mining_factor` of their gradient.
+    a memory that drops the most suspicious share each round, SROC-style). Step 3 re-selects
+    before every pass with median + k·(t/T)·MAD per class; the hard-mining share p rises
+    linearly to `p_final` over `ramp_steps`; easy points keep `mining_factor` of their gradient.
+    Its result is the final score η of every image; the clean list is `CutConfig`'s cut of η.
     """
 
     STAGE: ClassVar[str] = "select"
@@ -214,8 +214,6 @@ class SelectConfig:
     p_final: float = 0.5
     p_ramp: int | None = None
     mining_factor: float = 0.1
-    cut: str = "mad"
-    reject_fraction: float | None = None
 
     @property
     def ramp_steps(self) -> int:
@@ -229,9 +227,6 @@ class SelectConfig:
         _require(self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
         _require(0.0 <= self.p_final <= 1.0, s, "p_final", f"p_final must lie in [0, 1], not {self.p_final}")
         _require(self.p_ramp is None or self.p_ramp >= 0, s, "p_ramp", f"p_ramp must be 0 or more, not {self.p_ramp}")
-        _one_of(s, "cut", self.cut, Cut)
-        _require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
-                 f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
 
     def step1(self, score: ScoreConfig) -> ScoreConfig:
         """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN."""
@@ -239,6 +234,45 @@ class SelectConfig:
             return score
         return replace(score, banks=1, ratio=1.0, replace=False, min_bank=1,
                        refine_rounds=ITERATIVE_ROUNDS if self.method == Method.ITERATIVE else 0)
+
+
+@dataclass(frozen=True)
+class CutConfig:
+    """The final cut of the final scores η, per class: the clean images are those below the cut.
+
+    rule: "mixture" (two Gaussians on log η, median + k·MAD when the class shows no second
+        component), "mad" (median + k·MAD: with method meds, the paper's Step-3 rule at t = T)
+        or "otsu". k: the MAD margin; None means Step 3's own `SelectConfig.k`.
+    reject_fraction: instead of the rule, reject exactly this share of each class.
+    threshold: instead of the rule, keep the images with η below this value, in every class.
+    A cut needs no training: changing it re-cuts the stored η in seconds.
+    """
+
+    STAGE: ClassVar[str] = "cut"
+
+    rule: str = "mad"
+    k: float | None = None
+    reject_fraction: float | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        s = self.STAGE
+        _one_of(s, "rule", self.rule, Cut)
+        _require(self.k is None or self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
+        _require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
+                 f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
+        _require(self.reject_fraction is None or self.threshold is None, s, ("reject_fraction", "threshold"),
+                 "reject_fraction and threshold contradict each other; pass only one")
+        _require(self.threshold is None or math.isfinite(self.threshold), s, "threshold",
+                 f"threshold must be a finite number, not {self.threshold}")
+
+    def describe(self) -> str:
+        """The rule as shown to users: "mixture", "mad", "otsu", "top 0.1" or "eta < 0.42"."""
+        if self.reject_fraction is not None:
+            return f"top {self.reject_fraction:g}"
+        if self.threshold is not None:
+            return f"eta < {self.threshold:g}"
+        return self.rule
 
 
 @dataclass(frozen=True)
@@ -284,8 +318,6 @@ class NoiseConfig:
     copy: bool = False
 
     def __post_init__(self) -> None:
-        import math
-
         _require(math.isfinite(self.ratio) and self.ratio >= 0, self.STAGE, "ratio",
                  f"ratio must be a finite number >= 0 (e.g. 0.1), not {self.ratio!r}")
 
@@ -313,7 +345,7 @@ class DemoConfig:
 
 
 STAGE_CONFIGS = {c.STAGE: c for c in (DataConfig, ExtractConfig, ScoreConfig, DistillConfig, SelectConfig,
-                                      EvalConfig, NoiseConfig, DemoConfig)}
+                                      CutConfig, EvalConfig, NoiseConfig, DemoConfig)}
 
 
 @dataclass(frozen=True)
@@ -352,7 +384,8 @@ PAPER = Preset(name="paper", overlays={"extract": {"backbone": "vit_base_patch14
 # rejected set for memory and MeDS scores).
 CPU = Preset(name="cpu", overlays={
     "distill": {"iters": 300, "width": 64, "depth": 4, "heads": 4},
-    "select": {"iters": 300, "cut": "mixture"},
+    "select": {"iters": 300},
+    "cut": {"rule": "mixture"},
 })
 
 PRESETS = {"paper": PAPER, "cpu": CPU}

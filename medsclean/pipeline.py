@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (DEFAULT_PRESET, DEFAULT_SEED, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
+from .config import (DEFAULT_PRESET, DEFAULT_SEED, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
                      resolve_device, resolve_preset)
 from .data import Dataset, discover
 from .extract import ExtractResult, run_extract
@@ -52,6 +52,9 @@ class Run:
 
     def select_config(self, **given) -> SelectConfig:
         return self.preset.build(SelectConfig, **given)
+
+    def cut_config(self, **given) -> CutConfig:
+        return self.preset.build(CutConfig, **given)
 
     def eval_config(self, **given) -> EvalConfig:
         return self.preset.build(EvalConfig, **given)
@@ -133,10 +136,11 @@ def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force
     return results
 
 
-def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, cfg: SelectConfig, *,
-                 force: bool = False) -> dict:
-    """Stage `select`: the clean list, after every stage it needs (`distill` only for method meds)."""
-    from .training_stages import run_select
+def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, cfg: SelectConfig,
+                 cut_cfg: CutConfig, *, force: bool = False) -> dict:
+    """Stages `select` (the final scores η) and `cut` (the clean list), after every stage they need
+    (`distill` only for method meds). A changed cut reuses the stored η: no retraining."""
+    from .training_stages import run_cut, run_select
 
     if cfg.method == "meds":
         results = distill_stage(run, score_cfg, distill_cfg)
@@ -146,6 +150,11 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
                                    cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter)
     _log_stage(run.reporter, "select", results["select"])
+    results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force)
+    _log_stage(run.reporter, "cut", results["cut"])
+    if results["select"].cached and not results["cut"].cached:
+        run.reporter.info(f"re-cut: the stored final scores of select {results['select'].artifact.key} cut by "
+                          f"{results['cut'].artifact.manifest['rule']} (no retraining)")
     return results
 
 
@@ -177,43 +186,46 @@ def stage_times(results: dict) -> dict:
             for name, r in results.items()}
 
 
-def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None) -> dict:
-    """Per-class counts, stage times and output paths; writes `out` (the clean list) atomically.
+def user_paths(images_arg: Path, rows: list[dict]) -> list[str]:
+    """The paths users get in every list: the image folder as they typed it joined with each image's
+    path inside it, so a relative folder gives paths relative to the current directory, like `find`."""
+    prefix = Path(images_arg)
+    return [(prefix / row["path"]).as_posix() for row in rows]
 
-    Lines of `out` are the image paths joined to `images_arg` exactly as the user typed it, so a
-    relative folder gives paths relative to the current directory, like `find` does.
-    """
+
+def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
+                   rejected_out: Path | None = None) -> dict:
+    """Per-class counts, stage times and output paths; writes the clean list to `out` and the
+    rejected list to `rejected_out` atomically (`-` for stdout is the CLI's business)."""
     from .store import write_text_atomic
 
-    art = results["select"].artifact
+    art = results["cut"].artifact
     images = art.manifest["images"]
-    kept_paths = set(art.text("clean.txt").splitlines())
+    keep = art.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
     per_class: dict[str, dict] = {}
-    for row in images:
+    for row, kept in zip(images, keep):
         c = per_class.setdefault(row["class"], {"images": 0, "kept": 0, "rejected": 0})
         c["images"] += 1
-        c["kept" if row["path"] in kept_paths else "rejected"] += 1
-    if out is not None:
-        prefix = Path(images_arg)
-        write_text_atomic(Path(out), "".join(f"{(prefix / row['path']).as_posix()}\n" for row in images
-                                             if row["path"] in kept_paths))
+        c["kept" if kept else "rejected"] += 1
+    paths = user_paths(images_arg, images)
+    for target, wanted in ((out, True), (rejected_out, False)):
+        if target is not None:
+            write_text_atomic(Path(target), "".join(f"{p}\n" for p, k in zip(paths, keep) if k == wanted))
+    selected = results["select"]
     return {"clean_list": str(Path(out).resolve()) if out is not None else None,
-            "select_dir": str(art.path), "method": art.manifest["config"]["method"],
-            "cut": _cut_name(art.manifest["config"]),
+            "rejected_list": str(Path(rejected_out).resolve()) if rejected_out is not None else None,
+            "run": art.key, "select_key": selected.artifact.key, "trained": not selected.cached,
+            "recut": selected.cached and not results["cut"].cached,
+            "cut_dir": str(art.path), "method": art.manifest["method"], "cut": art.manifest["rule"],
             "classes": per_class, "kept": art.manifest["kept"], "rejected": art.manifest["rejected"],
             "tau": art.manifest["tau"], "stages": stage_times(results)}
 
 
-def _cut_name(config: dict) -> str:
-    fraction = config.get("reject_fraction")
-    return f"reject-fraction {fraction:g}" if fraction is not None else config.get("cut", "mad")
-
-
-def print_select_table(summary: dict) -> None:
-    """The human summary of `select` on stdout: counts per class, then time per stage."""
+def print_select_table(summary: dict, *, stderr: bool = False) -> None:
+    """The human summary of `select` on stdout (stderr when stdout carries the clean list)."""
     from rich.table import Table
 
-    console = _stdout_console()
+    console = _stdout_console(stderr=stderr)
     table = Table(title=f"medsclean select ({summary['method']}, cut {summary['cut']})", title_justify="left")
     for col in ("class", "images", "kept", "rejected", "tau"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -227,11 +239,13 @@ def print_select_table(summary: dict) -> None:
     console.print(f"stages: {times}")
     if summary["clean_list"]:
         console.print(f"clean list: {summary['clean_list']}")
-    console.print(f"details: {summary['select_dir']} (rejected.txt, scores.csv, selection.json)")
+    console.print(f"run: {summary['run']} ({'Step 3 trained' if summary['trained'] else 'training reused'}"
+                  f"{', re-cut without retraining' if summary['recut'] else ''})")
+    console.print(f"details: {summary['cut_dir']} (rejected.txt, scores.csv, selection.json)")
 
 
 def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,
-               eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
+               cut_cfg: CutConfig, eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
     """Evaluate the detector on the test split and, where contaminants are known, the cleaning.
 
     Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
@@ -245,7 +259,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     elif eval_cfg.model == "distill":
         results = distill_stage(run, score_cfg, distill_cfg)
     else:
-        results = select_stage(run, score_cfg, distill_cfg, select_cfg)
+        results = select_stage(run, score_cfg, distill_cfg, select_cfg, cut_cfg)
     features = results["features"].artifact
     encoder = features.manifest["encoder"]
     grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
@@ -264,7 +278,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     train_maps = None
     if "select" in results and any(r.label == 1 for r in train_ds.records):
         train_maps = _train_maps(run, train_ds, results, eval_cfg, grid, preprocess)
-        sections["cleaning"] = ev.cleaning_metrics(train_ds, results["select"].artifact, train_maps, eval_cfg)
+        sections["cleaning"] = ev.cleaning_metrics(train_ds, results["cut"].artifact, train_maps, eval_cfg)
     if not sections:
         from .errors import DataError
 
@@ -276,7 +290,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     write_text_atomic(out_dir / "metrics.csv", ev.rows_to_csv(sections))
     payload["files"] = {"metrics_json": str(out_dir / "metrics.json"), "metrics_csv": str(out_dir / "metrics.csv")}
     if report_dir is not None:
-        selection = results["select"].artifact if "select" in results and train_maps is not None else None
+        selection = results["cut"].artifact if "cut" in results and train_maps is not None else None
         payload["files"]["report"] = str(ev.build_report(report_dir, selection, train_maps, test_maps, sections,
                                                          payload["protocol"], top=eval_cfg.report_top))
     return payload
@@ -367,10 +381,11 @@ def print_metrics_tables(payload: dict) -> None:
         console.print("report: " + payload["files"]["report"])
 
 
-def _stdout_console():
-    """A rich console on stdout; piped output gets a wide fixed width so tables are not truncated."""
+def _stdout_console(stderr: bool = False):
+    """A rich console on stdout (or stderr); piped output gets a wide fixed width so tables are not truncated."""
     import sys
 
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, soft_wrap=True, width=None if stream.isatty() else 160, stderr=stderr)

@@ -1,4 +1,4 @@
-"""The on-disk artifact format: one folder per stage with `manifest.json` plus safetensors files.
+"""The on-disk artifact format: a folder per (stage, key) with `manifest.json` plus safetensors files.
 
 This is the only module that reads or writes artifacts. A stage folder is written under a
 temporary name and renamed into place only once complete, so a folder that has a manifest is
@@ -280,8 +280,17 @@ class Artifact:
         return {k: torch.cat(v) for k, v in parts.items() if k != "index"}
 
 
+LATEST = "LATEST"
+
+
 class Store:
-    """A work folder holding one artifact folder per stage."""
+    """A work folder holding artifacts by stage and key: `<work>/<stage>/<key>/`.
+
+    Artifacts of different datasets and option sets live side by side; a later run never
+    replaces an earlier one's. `<work>/<stage>/LATEST` names the stage's most recent artifact
+    (for tools and tests); `medsclean.runs` keeps the per-dataset pointers. A work folder of the
+    0.1.0 layout (one artifact per stage folder) is moved into this layout when opened.
+    """
 
     def __init__(self, work: Path, images_root: Path | None = None):
         self.work = Path(work).expanduser().resolve()
@@ -291,51 +300,68 @@ class Store:
                 raise ConfigError("work", f"work {self.work} lies inside the image folder {images_root}; "
                                   f"choose a work folder outside it")
         self.work.mkdir(parents=True, exist_ok=True)
+        self._adopt_flat_layout()
 
-    def stage_path(self, stage: str) -> Path:
-        return self.work / stage
+    def _adopt_flat_layout(self) -> None:
+        """Move 0.1.0 artifacts (`<work>/<stage>/manifest.json`) to `<work>/<stage>/<key>/`."""
+        for manifest_path in self.work.glob(f"*/{MANIFEST}"):
+            manifest = _read_manifest(manifest_path)
+            stage_dir = manifest_path.parent
+            if manifest is None or manifest.get("stage") != stage_dir.name:
+                continue
+            aside = self.work / f".adopt-{stage_dir.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(stage_dir, aside)
+            stage_dir.mkdir()
+            os.replace(aside, stage_dir / str(manifest["key"]))
+            write_text_atomic(stage_dir / LATEST, f"{manifest['key']}\n")
 
-    def load(self, stage: str) -> Artifact | None:
-        """The completed artifact of `stage`, or None when there is none."""
-        path = self.stage_path(stage)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            return None
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        if manifest.get("format") != FORMAT:
+    def stage_path(self, stage: str, key: str) -> Path:
+        return self.work / stage / key
+
+    def keys(self, stage: str) -> list[str]:
+        """Keys of the completed artifacts of `stage`, oldest first."""
+        folder = self.work / stage
+        if not folder.is_dir():
+            return []
+        found = [(p.stat().st_mtime, p.name) for p in folder.iterdir() if (p / MANIFEST).is_file()]
+        return [name for _, name in sorted(found)]
+
+    def load(self, stage: str, key: str | None = None) -> Artifact | None:
+        """The completed artifact `key` of `stage` (by default the stage's latest), or None."""
+        if key is None:
+            pointer = self.work / stage / LATEST
+            if not pointer.is_file():
+                return None
+            key = pointer.read_text(encoding="utf-8").strip()
+        path = self.stage_path(stage, key)
+        manifest = _read_manifest(path / MANIFEST)
+        if manifest is None or manifest.get("stage") != stage:
             return None
         return Artifact(path=path, manifest=manifest)
 
     def cached(self, stage: str, key: str) -> Artifact | None:
-        """The artifact of `stage` if it was made from exactly the inputs summarised by `key`."""
-        art = self.load(stage)
-        return art if art is not None and art.key == key else None
+        """The artifact of `stage` made from exactly the inputs summarised by `key`, if there is one."""
+        return self.load(stage, key)
 
     def partial_dir(self, stage: str, key: str) -> Path:
-        """A folder for resumable work in progress of one (stage, key); other keys' leftovers are removed."""
-        base = self.work / ".partial"
-        base.mkdir(parents=True, exist_ok=True)
-        for old in base.glob(f"{stage}-*"):
-            if old.name != f"{stage}-{key}":
-                shutil.rmtree(old, ignore_errors=True)
-        path = base / f"{stage}-{key}"
-        path.mkdir(exist_ok=True)
+        """A folder for resumable work in progress of one (stage, key)."""
+        path = self.work / ".partial" / f"{stage}-{key}"
+        path.mkdir(parents=True, exist_ok=True)
         return path
 
     def commit(self, stage: str, key: str, files_dir: Path, manifest: dict) -> Artifact:
-        """Turn a folder of finished files into the stage's artifact, atomically.
+        """Turn a folder of finished files into the artifact (stage, key), atomically.
 
-        `files_dir` is renamed to the stage folder after `manifest.json` is written into it;
-        a previous artifact of the stage is replaced.
+        `files_dir` is renamed into place after `manifest.json` is written into it; an artifact
+        with the same key (the same inputs, e.g. after --force) is replaced.
         """
         manifest = {"format": FORMAT, "stage": stage, "key": key,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **manifest}
         write_json_atomic(files_dir / MANIFEST, manifest)
-        final = self.stage_path(stage)
+        final = self.stage_path(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
         replace_folder(files_dir, final)
+        write_text_atomic(final.parent / LATEST, f"{key}\n")
         return Artifact(path=final, manifest=manifest)
 
     def new_staging_dir(self, stage: str) -> Path:
@@ -358,3 +384,34 @@ class Store:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def remove(self, stage: str, key: str) -> int:
+        """Delete one artifact; returns the bytes freed."""
+        path = self.stage_path(stage, key)
+        freed = folder_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        pointer = self.work / stage / LATEST
+        if pointer.is_file() and pointer.read_text(encoding="utf-8").strip() == key:
+            remaining = self.keys(stage)
+            if remaining:
+                write_text_atomic(pointer, f"{remaining[-1]}\n")
+            else:
+                pointer.unlink()
+        return freed
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    return manifest
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the regular files under `path` (symlinks not followed)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())

@@ -1,10 +1,11 @@
-"""Stages `distill` (Step 2) and `select` (Step 3) on stored features.
+"""Stages `distill` (Step 2), `select` (Step 3) and `cut` on stored features.
 
 `distill` writes the model trained to reproduce the Step-1 maps and its maps of every training
-image. `select` writes the clean list: with method "meds" it fine-tunes the distilled model
-while re-selecting the clean images; with method "memory" it applies the same threshold rule
-directly to the Step-1 image scores, without training. Both checkpoint into the work folder's
-partial area and resume an interrupted run exactly.
+image. `select` writes the final score η of every image: with method "meds" it fine-tunes the
+distilled model while re-selecting the clean images; with the other methods η is the Step-1
+image score. `cut` writes the clean list, a cut of the stored η that needs no training, so a new
+cut of a finished run takes seconds. Training stages checkpoint into the work folder's partial
+area and resume an interrupted run exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DistillConfig, SelectConfig
+from .config import CutConfig, DistillConfig, SelectConfig
 from .store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, to_json
 from .ui import Reporter
 
@@ -142,7 +143,8 @@ def select_key(features: Artifact, scores: Artifact, distilled: Artifact | None,
 
 def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None, store: Store, cfg: SelectConfig, *,
                seed: int, device: str, force: bool = False, reporter: Reporter) -> StageResult:
-    """Choose the clean images (and, with method meds, fine-tune the detector on them)."""
+    """The final score η of every image: with method meds, Step 3 (fine-tuning the distilled model
+    while re-selecting); otherwise the Step-1 image scores. The clean list is `run_cut`'s."""
     t0 = time.perf_counter()
     key = select_key(features, scores, distilled, cfg, seed)
     if not force and (art := store.cached("select", key)) is not None:
@@ -153,49 +155,75 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
         if classes.count(name) < MIN_CLASS_SIZE:
             reporter.warn(f"class {name!r} has only {classes.count(name)} images: its threshold is "
                           f"unreliable; merge classes with --class-from none")
-    memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double().numpy()
+    memory_scores = scores.tensors("scores.safetensors", ["image_scores"])["image_scores"].double()
+    import torch
+
     if cfg.method == "meds":
         _, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
                                                              device=device, reporter=reporter)
         files = {"model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
         model_cfg = model.config.to_dict()
+        eta_tensors = {"distilled_score": torch.from_numpy(np.asarray(distilled_scores, dtype=np.float64)).float()}
     else:
-        eta, distilled_scores, files, model_cfg = memory_scores, None, {}, None
+        eta, files, model_cfg, eta_tensors = memory_scores.numpy(), {}, None, {}
         rounds = [{"t": 0, "alpha": 1.0, "final": True}]
-    keep, tau = final_cut(eta, classes, cfg)
-    rounds[-1].update(final_cut_record(keep, tau, classes, cfg))
-    import torch
-
-    files["selection.safetensors"] = {"eta": torch.from_numpy(np.asarray(eta, dtype=np.float64)).float(),
-                                      "keep": torch.from_numpy(keep.astype(np.uint8))}
-    text = {"clean.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if k),
-            "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
-            "scores.csv": selection_csv(images, memory_scores, distilled_scores, eta, keep),
-            "selection.json": to_json({"method": cfg.method, "rounds": rounds}) + "\n"}
+    files["eta.safetensors"] = {"eta": torch.from_numpy(np.asarray(eta, dtype=np.float64)),
+                                "memory_score": memory_scores.clone(), **eta_tensors}
     manifest = {"images": images, "config": asdict(cfg), "seed": seed, "model": model_cfg,
-                "grid": features.manifest["encoder"]["grid"], "tau": rounds[-1]["tau"],
-                "kept": int(keep.sum()), "rejected": int((~keep).sum()),
+                "grid": features.manifest["encoder"]["grid"], "rounds": rounds,
                 "parents": {"features": features.key, "scores": scores.key,
                             "distill": distilled.key if distilled is not None else None}}
-    art = store.write_stage("select", key, files, manifest, extra_files=text)
+    art = store.write_stage("select", key, files, manifest)
     _drop_partial(store.partial_dir("select", key))
     return StageResult(art, False, time.perf_counter() - t0)
 
 
-def final_cut(eta, classes: list[str], cfg: SelectConfig) -> tuple[np.ndarray, dict[str, float]]:
-    """The clean set: per class, the images whose final score is below the cut `cfg.cut`
-    (or below the top `cfg.reject_fraction` when set)."""
+def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = False) -> StageResult:
+    """The clean list: the cut `cfg` of the stored final scores η, per class (no training)."""
+    t0 = time.perf_counter()
+    key = digest({"select": selected.key, "cut": asdict(cfg)})
+    if not force and (art := store.cached("cut", key)) is not None:
+        return StageResult(art, True, time.perf_counter() - t0)
+    import torch
+
+    images = selected.manifest["images"]
+    classes = [row["class"] for row in images]
+    scores = selected.tensors("eta.safetensors")
+    eta = scores["eta"].double().numpy()
+    keep, tau = final_cut(eta, classes, cfg, selected.manifest["config"]["k"])
+    rounds = [dict(r) for r in selected.manifest["rounds"]]
+    rounds[-1].update(final_cut_record(keep, tau, classes, cfg))
+    distilled = scores["distilled_score"].double().numpy() if "distilled_score" in scores else None
+    text = {"clean.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if k),
+            "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
+            "scores.csv": selection_csv(images, scores["memory_score"].double().numpy(), distilled, eta, keep),
+            "selection.json": to_json({"method": selected.manifest["config"]["method"], "rounds": rounds}) + "\n"}
+    files = {"selection.safetensors": {"eta": torch.from_numpy(eta).float(),
+                                       "keep": torch.from_numpy(keep.astype(np.uint8))}}
+    manifest = {"images": images, "config": asdict(cfg), "rule": cfg.describe(), "tau": tau,
+                "kept": int(keep.sum()), "rejected": int((~keep).sum()), "model": selected.manifest["model"],
+                "method": selected.manifest["config"]["method"], "grid": selected.manifest["grid"],
+                "parents": {**selected.manifest["parents"], "select": selected.key}}
+    art = store.write_stage("cut", key, files, manifest, extra_files=text)
+    return StageResult(art, False, time.perf_counter() - t0)
+
+
+def final_cut(eta, classes: list[str], cfg: CutConfig, select_k: float) -> tuple[np.ndarray, dict[str, float]]:
+    """The clean set: per class, the images whose final score is below the cut (`cfg.rule` with
+    margin `cfg.k`, else Step 3's `select_k`; or the top `cfg.reject_fraction`; or `cfg.threshold`)."""
     from .thresholds import cut_per_class
 
-    params = {"mad": {"k": cfg.k}, "mixture": {"k_fallback": cfg.k}, "otsu": {}}[cfg.cut]
-    return cut_per_class(np.asarray(eta, dtype=np.float64), classes, cfg.cut,
-                         reject_fraction=cfg.reject_fraction, **params)
+    x = np.asarray(eta, dtype=np.float64)
+    if cfg.threshold is not None:
+        return x < cfg.threshold, {c: float(cfg.threshold) for c in sorted(set(classes))}
+    k = cfg.k if cfg.k is not None else select_k
+    params = {"mad": {"k": k}, "mixture": {"k_fallback": k}, "otsu": {}}[cfg.rule]
+    return cut_per_class(x, classes, cfg.rule, reject_fraction=cfg.reject_fraction, **params)
 
 
-def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str], cfg: SelectConfig) -> dict:
+def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str], cfg: CutConfig) -> dict:
     labels = np.asarray(classes, dtype=object)
-    rule = f"top {cfg.reject_fraction:g}" if cfg.reject_fraction is not None else cfg.cut
-    return {"cut": rule, "tau": tau, "kept": {c: int(keep[labels == c].sum()) for c in tau},
+    return {"cut": cfg.describe(), "tau": tau, "kept": {c: int(keep[labels == c].sum()) for c in tau},
             "size": {c: int((labels == c).sum()) for c in tau}}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.config import CPU, PAPER, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.config import CPU, PAPER, CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
 from medsclean.errors import ConfigError
 from medsclean.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
                               refine_memory, score_classes, scores_from_table)
@@ -104,8 +104,9 @@ def test_bank_floor_for_small_classes():
 def test_paper_preset_keeps_the_papers_rule():
     score = PAPER.build(ScoreConfig)
     assert (score.min_bank, score.ratio, score.banks, score.replace) == (1, 0.1, 100, True)
-    select = PAPER.build(SelectConfig)
-    assert (select.iters, select.k, select.cut, select.reject_fraction) == (10_000, 3.0, "mad", None)
+    select, cut = PAPER.build(SelectConfig), PAPER.build(CutConfig)
+    assert (select.iters, select.k) == (10_000, 3.0)
+    assert (cut.rule, cut.k, cut.reject_fraction, cut.threshold) == ("mad", None, None, None)
     distill = PAPER.build(DistillConfig)
     assert (distill.iters, distill.width, distill.depth, distill.heads) == (10_000, None, 8, 12)
     assert PAPER.build(ExtractConfig).backbone == "vit_base_patch14_reg4_dinov2"
@@ -114,14 +115,16 @@ def test_paper_preset_keeps_the_papers_rule():
 def test_preset_overrides_and_validation():
     assert CPU.build(SelectConfig, iters=7).iters == 7
     assert CPU.build(SelectConfig, iters=None).iters == CPU.value(SelectConfig, "iters") == 300
-    assert CPU.build(SelectConfig).cut == "mixture" and PAPER.build(SelectConfig).cut == "mad"
+    assert CPU.build(CutConfig).rule == "mixture" and PAPER.build(CutConfig).rule == "mad"
     with pytest.raises(ConfigError, match="method") as exc:
         SelectConfig(method="bogus")
     assert exc.value.params == ("method",) and exc.value.stage == "select"
-    with pytest.raises(ConfigError, match="cut"):
-        SelectConfig(cut="bogus")
+    with pytest.raises(ConfigError, match="rule"):
+        CutConfig(rule="bogus")
     with pytest.raises(ConfigError, match="reject_fraction"):
-        SelectConfig(reject_fraction=1.0)
+        CutConfig(reject_fraction=1.0)
+    with pytest.raises(ConfigError, match="contradict"):
+        CutConfig(reject_fraction=0.1, threshold=0.5)
     with pytest.raises(ConfigError, match="min_bank"):
         ScoreConfig(min_bank=0)
     for zero in ({"iters": 0}, {"depth": 0}, {"width": 0}, {"batch_size": 0}):
@@ -151,7 +154,7 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
     summary = json.loads(res.stdout)
     assert summary["method"] == "knn"
     assert all(c["rejected"] == 2 for c in summary["classes"].values())
-    with open(work / "select" / "scores.csv", newline="") as f:
+    with open(f"{summary['cut_dir']}/scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     features = Store(work).load("features").sharded_tensors(["index", "memory"])["memory"].float().numpy()
     for cls in ("brick", "gravel"):
@@ -172,7 +175,7 @@ def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
     eta = np.concatenate([rng.gamma(9, 0.1, 60), rng.gamma(9, 0.1, 40) + rng.uniform(0, 2, 40)])
     classes = ["a"] * 55 + ["b"] * 45
     cfg = PAPER.build(SelectConfig)
-    keep, tau = final_cut(eta, classes, cfg)
+    keep, tau = final_cut(eta, classes, PAPER.build(CutConfig), cfg.k)
     want_keep, want_tau = select_per_class(eta, classes, cfg.iters, cfg.iters, cfg.k)
     np.testing.assert_array_equal(keep, want_keep)
     assert tau == pytest.approx(want_tau)

@@ -46,5 +46,6 @@ def test_budget_picks_and_reports_iterations(tmp_path):
 
     line = next(line for line in res.stderr.splitlines() if line.startswith("budget"))
     iters = int(re.search(r"-> (\d+) \+", line).group(1))
-    manifest = json.loads((tmp_path / "w" / "select" / "manifest.json").read_text())
+    key = json.loads(res.stdout)["select_key"]
+    manifest = json.loads((tmp_path / "w" / "select" / key / "manifest.json").read_text())
     assert manifest["config"]["iters"] == iters and iters % 10 == 0 and iters >= 10

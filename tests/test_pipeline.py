@@ -83,7 +83,7 @@ def test_select_memory_method_and_meds_end_to_end(noisy, tmp_path):
 
     res = _invoke(["select", str(root), "--work", str(work), "--out", str(clean), *FAST, *TRAIN, "--json"])
     summary = json.loads(res.stdout)
-    sel_dir = summary["select_dir"]
+    sel_dir = summary["cut_dir"]
     kept = [line[len(str(root)) + 1:] for line in clean.read_text().splitlines()]
     rejected = open(f"{sel_dir}/rejected.txt").read().splitlines()
     assert sorted(kept + rejected) == sorted(set(kept + rejected)) and len(kept) + len(rejected) == 40
@@ -98,7 +98,7 @@ def test_select_memory_method_and_meds_end_to_end(noisy, tmp_path):
         assert top["path"] in injected and top["kept"] == "0"
     rounds = json.load(open(f"{sel_dir}/selection.json"))["rounds"]
     assert rounds[0]["t"] == 0 and rounds[-1]["final"] is True
-    assert set(summary["stages"]) == {"features", "scores", "distill", "select"}
+    assert set(summary["stages"]) == {"features", "scores", "distill", "select", "cut"}
 
 
 class _Collect(HTMLParser):

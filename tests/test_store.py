@@ -13,7 +13,8 @@ def test_round_trip_and_cache_key(tmp_path):
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64)}
     art = st.write_stage("scores", "k1", {"scores.safetensors": tensors}, {"config": {"x": 1}},
                          extra_files={"scores.csv": "path,score\n"})
-    assert art.path == tmp_path / "work" / "scores"
+    assert art.path == tmp_path / "work" / "scores" / "k1"
+    assert st.load("scores").key == "k1"  # the stage's latest
     loaded = art.tensors("scores.safetensors")
     assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
     manifest = json.loads((art.path / "manifest.json").read_text())
