@@ -34,6 +34,7 @@ STAGE_GROUPS = {
     "select": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT,
                opts.LISTS),
     "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL),
+    "runs": (tuple(o for o in opts.RUN if o.name in ("work", "as_json")), opts.RUNS),
     "demo": (opts.RUN, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.NOISE, opts.DEMO),
     "make-noisy": (opts.NOISE, opts.MAKE_NOISY, opts.COPY, tuple(o for o in opts.RUN
                                                                       if o.name in ("seed", "as_json"))),
@@ -108,6 +109,8 @@ def _validate(given: Given) -> None:
         known = {f.name for f in fields(cls)}
         if values:
             cls(**{k: v for k, v in values.items() if k in known})
+    if given.get("out") is not None and str(given.out) == "-" and given.get("as_json"):
+        raise ConfigError(("out", "json"), "out - and json both write to stdout; pass only one")
     if given.get("budget") is not None:
         parse_duration(given.budget)
         if given.get("select_iters") is not None or given.get("distill_iters") is not None:
@@ -119,7 +122,7 @@ def _interrupted(work: Path | None) -> str:
     """What an interrupted run leaves behind and how to go on."""
     kept = []
     if work is not None and work.is_dir():
-        kept = sorted(p.name for p in work.iterdir() if (p / "manifest.json").is_file())
+        kept = sorted(p.name for p in work.iterdir() if (p / "LATEST").is_file())
         partial = work / ".partial"
         if partial.is_dir() and any(partial.iterdir()):
             kept.append("checkpoints of the unfinished stage in .partial")
@@ -168,7 +171,7 @@ def _emit(name: str, payload: dict, as_json: bool | None, text: str) -> None:
 def _run(given: Given, images: Path):
     from . import pipeline
 
-    return pipeline.build_run(images, given.get("work", Path(opts.BY_NAME["work"].default)),
+    return pipeline.build_run(images, _work(given),
                               preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
                               data=given.stage("data"), extract=given.stage("extract"), quiet=bool(given.quiet))
 
@@ -251,19 +254,66 @@ def select(given: Given) -> None:
         pipeline.print_select_table(summary, stderr=to_stdout)
 
 
+RUN_STAGES = ("data", "extract", "score", "distill", "select", "cut")
+
+
+def _stage_options_given(given: Given) -> list[str]:
+    """Flags of the data/encoder/stage options set on the command line (the device aside)."""
+    names = [o for o in opts.ALL_OPTS if o.target[0] in RUN_STAGES and o.name != "device"]
+    return [o.flag for o in names if given.get(o.name) is not None]
+
+
 @command("eval", IMAGES)
 def evaluate(given: Given) -> None:
-    """Measure the detector on the labelled test split and the cleaning on known contaminants."""
+    """Measure the detector on the labelled test split and the cleaning on known contaminants.
+
+    Evaluates the latest run of IMAGES (or --run KEY) with the options it was made with; with
+    stage options and no --run, runs or reuses the stages those options describe."""
     from . import pipeline
 
-    run = _run(given, given.images)
-    cfgs = _configs(run, given)
     places = given.stage("eval")
+    chosen = _stage_options_given(given)
+    if given.get("run") is not None and chosen:
+        raise ConfigError(("run",), f"run evaluates a recorded run with its own options; drop {', '.join(chosen)}",
+                          stage="eval")
+    recorded = None
+    if not chosen:
+        recorded = pipeline.recorded_run(given.get("run"), given.images, _work(given), device=given.get("device"),
+                                         quiet=bool(given.quiet))
+    if recorded is not None:
+        run, results = recorded
+        cfgs = {"score": None, "distill": None, "select": None, "cut": None}
+    else:
+        run, results = _run(given, given.images), None
+        cfgs = _configs(run, given)
     payload = pipeline.eval_stage(
         run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"], run.eval_config(**_fields_of("eval", places)),
         out_dir=places.get("metrics_dir", run.work / "eval"), report_dir=places.get("report_dir"),
-        test_dir=places.get("test_dir"), test_masks=places.get("test_masks"))
+        test_dir=places.get("test_dir"), test_masks=places.get("test_masks"), results=results)
     _emit_metrics("eval", payload, given.as_json)
+
+
+def _work(given: Given) -> Path:
+    return Path(given.get("work", opts.BY_NAME["work"].default))
+
+
+@command("runs")
+def runs(given: Given) -> None:
+    """List the runs kept in the work folder (dataset, method, cut, date, size) or remove some."""
+    from .runs import list_runs, remove_runs
+    from .store import Store
+
+    store = Store(_work(given))
+    if given.get("remove"):
+        result = remove_runs(store, list(given.remove))
+        typer.echo(f"removed {len(result['removed'])} run(s), {result['bytes'] / 1e6:.1f} MB freed", err=True)
+        _emit("runs", result, given.as_json, "\n".join(result["removed"]))
+        return
+    rows = list_runs(store)
+    text = "\n".join(f"{r['run']}  {'*' if r['latest'] else ' '} {r['created']}  {r['method']:<9} "
+                     f"{str(r['cut']):<12} {r['bytes'] / 1e6:8.1f} MB  {r['images']}" for r in rows)
+    _emit("runs", {"work": str(store.work), "runs": rows}, given.as_json,
+          text or f"no runs in {store.work}")
 
 
 @command("demo")

@@ -154,6 +154,8 @@ SELECT = _opts(
         "iteration counts are chosen from a measured step time and printed.", default="none"),
 )
 EVAL = _opts(
+    Opt("run", str, ("eval", "run"), "Evaluate this run as it was made (a key from `medsclean runs`; a prefix "
+        "is enough). Without stage options, eval takes the latest run of IMAGES.", default="the latest run"),
     Opt("model", choices.EvalModel, ("eval", "model"), "Detector to measure: select (fine-tuned), distill, or "
         "memory (the ensemble)."),
     Opt("metrics_dir", Path, ("eval", "metrics_dir"), "Folder for metrics.json and metrics.csv.",
@@ -194,9 +196,13 @@ LISTS = _opts(
     Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line.",
         flags=("--rejected",), default="none"),
 )
+RUNS = _opts(
+    Opt("remove", list[str], ("runs", "run"), "Remove this run (repeatable) and the artifacts no other run uses.",
+        default="none"),
+)
 COPY = _opts(Opt("copy", bool, ("noise", "copy"), "Copy image files instead of symlinking them."),)
 
-ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY)
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS)
 BY_NAME = {o.name: o for o in ALL_OPTS}
 assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
 

@@ -152,10 +152,56 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     _log_stage(run.reporter, "select", results["select"])
     results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force)
     _log_stage(run.reporter, "cut", results["cut"])
+    _record(run, results, {"data": run.data, "extract": run.extract, "score": score_cfg,
+                           **({"distill": distill_cfg} if cfg.method == "meds" else {}), "select": cfg, "cut": cut_cfg})
     if results["select"].cached and not results["cut"].cached:
         run.reporter.info(f"re-cut: the stored final scores of select {results['select'].artifact.key} cut by "
                           f"{results['cut'].artifact.manifest['rule']} (no retraining)")
     return results
+
+
+def _record(run: Run, results: dict, configs: dict) -> None:
+    from .runs import record_run
+
+    chain = {stage: (results[stage].artifact.key if stage in results else None)
+             for stage in ("features", "scores", "distill", "select", "cut")}
+    record_run(run.store(), run.data.images, chain, configs, preset=run.preset.name, seed=run.seed)
+
+
+def recorded_run(key: str | None, images: Path, work: Path, *, device: str | None = None, quiet: bool = False,
+                 reporter: Reporter | None = None) -> tuple[Run, dict] | None:
+    """The run `key` (a prefix is enough; by default the latest run of `images`) rebuilt with the options
+    recorded when it was made, and its artifacts as stage results; None when `images` has no run yet."""
+    from .runs import find_run, latest_run
+    from .training_stages import StageResult
+
+    store = Store(work, images_root=images)
+    if key is None:
+        found = latest_run(store, images)
+        if found is None:
+            return None
+        key, record = found
+    else:
+        key, record, root = find_run(store, key)
+        if Path(root).resolve() != Path(images).expanduser().resolve():
+            from .errors import ConfigError
+
+            raise ConfigError("run", f"run {key} was made from {root}, not {images}")
+    options = record["options"]
+    data = DataConfig(**{**options["data"], "images": Path(options["data"]["images"]),
+                         "masks": Path(options["data"]["masks"]) if options["data"]["masks"] else None})
+    extract_opts = {**options["extract"], "device": device or ExtractConfig.device}
+    if extract_opts.get("weights"):
+        extract_opts["weights"] = Path(extract_opts["weights"])
+    resolved = resolve_device(extract_opts["device"])
+    extract = ExtractConfig(**{**extract_opts, "device": resolved})
+    preset = resolve_preset(record["preset"], cuda=resolved.startswith("cuda"))
+    built = Run(data=data, extract=extract, preset=preset, work=store.work, seed=record["seed"], device=resolved,
+                reporter=reporter or RichReporter(quiet=quiet))
+    results = {stage: StageResult(store.load(stage, k), True, 0.0) for stage, k in record["artifacts"].items() if k}
+    built.reporter.info(f"eval: run {key} ({options['select']['method']}, cut "
+                        f"{results['cut'].artifact.manifest['rule']}, made {record['created']}) with its recorded options")
+    return built, results
 
 
 def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig, seconds: float):
@@ -245,16 +291,25 @@ def print_select_table(summary: dict, *, stderr: bool = False) -> None:
 
 
 def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,
-               cut_cfg: CutConfig, eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None, test_dir: Path | None = None, test_masks: Path | None = None) -> dict:
+               cut_cfg: CutConfig, eval_cfg: EvalConfig, *, out_dir: Path, report_dir: Path | None = None,
+               test_dir: Path | None = None, test_masks: Path | None = None, results: dict | None = None) -> dict:
     """Evaluate the detector on the test split and, where contaminants are known, the cleaning.
 
-    Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
+    `results`: the stage results of a recorded run (`recorded_run`) to evaluate as they are; without
+    it, the stages the model needs are run (or reused) with the given configs. Writes `metrics.json`
+    and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
     """
 
     from . import evaluate as ev
     from .store import write_json_atomic, write_text_atomic
 
-    if eval_cfg.model == "memory":
+    if results is not None:
+        if eval_cfg.model not in ("memory", "select") and eval_cfg.model not in results:
+            from .errors import ConfigError
+
+            raise ConfigError("model", f"model {eval_cfg.model}: this run has no distilled model (method "
+                              f"{results['select'].artifact.manifest['config']['method']}); use select or memory")
+    elif eval_cfg.model == "memory":
         results = score_stage(run, score_cfg)
     elif eval_cfg.model == "distill":
         results = distill_stage(run, score_cfg, distill_cfg)
@@ -263,8 +318,8 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     features = results["features"].artifact
     encoder = features.manifest["encoder"]
     grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
-    payload: dict = {"model": eval_cfg.model, "protocol": ev.protocol_settings(eval_cfg, preprocess),
-                     "stages": stage_times(results)}
+    payload: dict = {"model": eval_cfg.model, "run": _run_identity(run, results),
+                     "protocol": ev.protocol_settings(eval_cfg, preprocess), "stages": stage_times(results)}
     sections: dict[str, list[dict]] = {}
     test_maps = None
     train_ds = run.dataset()
@@ -294,6 +349,17 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
         payload["files"]["report"] = str(ev.build_report(report_dir, selection, train_maps, test_maps, sections,
                                                          payload["protocol"], top=eval_cfg.report_top))
     return payload
+
+
+def _run_identity(run: Run, results: dict) -> dict:
+    """What metrics.json needs to say which run it measured."""
+    from .store import versions
+
+    encoder = results["features"].artifact.manifest["encoder"]
+    return {"key": results["cut"].artifact.key if "cut" in results else None,
+            "artifacts": {stage: r.artifact.key for stage, r in results.items()},
+            "backbone": encoder["name"], "weights_sha256": encoder.get("weights_sha256"), "seed": run.seed,
+            "preset": run.preset.name, "versions": versions()}
 
 
 def _test_dataset(run: Run, train_ds: Dataset, test_dir: Path | None, test_masks: Path | None) -> Dataset | None:

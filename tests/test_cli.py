@@ -134,7 +134,7 @@ def test_library_errors_name_parameters_not_flags():
 
 def test_ctrl_c_prints_what_was_kept_and_exits_130(tmp_path, monkeypatch):
     (tmp_path / "work" / "features").mkdir(parents=True)
-    (tmp_path / "work" / "features" / "manifest.json").write_text("{}")
+    (tmp_path / "work" / "features" / "LATEST").write_text("0123\n")
 
     def interrupted(run, **kwargs):
         raise KeyboardInterrupt
