@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .errors import DataError
 from .store import atomic_path, write_bytes_atomic
 
-__all__ = ["colormap_lut", "render_overlay", "overlay_png", "write_html_report"]
+__all__ = ["colormap_lut", "render_overlay", "overlay_png", "picture_data_uri", "write_html_report",
+           "escape", "html_table", "html_page", "settings_rows", "PAGE_CSS"]
 
 # Nine colours sampled at 0, 1/8, ..., 1 from the perceptually uniform matplotlib maps; the LUT
 # interpolates linearly between them, which keeps lightness monotone.
@@ -145,9 +147,27 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None, pa
     return path
 
 
+def picture_data_uri(picture: Image.Image, *, format: str = "PNG", quality: int = 85) -> str:
+    """A picture encoded in memory as a ``data:`` URI, for a page without external resources.
+
+    Args:
+        picture: RGB image, e.g. from :func:`render_overlay`.
+        format: ``PNG`` (lossless) or ``JPEG`` (about 5 times smaller for photographs).
+        quality: JPEG quality, 1-95; ignored for PNG.
+    """
+    buffer = io.BytesIO()
+    if format.upper() == "JPEG":
+        picture.convert("RGB").save(buffer, format="JPEG", quality=quality)
+        mime = "image/jpeg"
+    else:
+        picture.save(buffer, format="PNG", optimize=True)
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
 # ------------------------------------------------------------------------------ HTML: helpers
 
-_CSS = """
+PAGE_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;padding:0 16px;color:#222}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums}
@@ -165,8 +185,11 @@ figure{margin:0}figcaption{font-size:12px;color:#444;word-break:break-all}
 _SERIES_COLOURS = ("#3b7dd8", "#e4572e", "#8a8a8a")
 
 
-def _text(value) -> str:
+def escape(value) -> str:
+    """``str(value)`` escaped for HTML text and quoted attribute values (``<>&"'``)."""
     return html.escape(str(value), quote=True)
+
+
 
 
 def _format_cell(value) -> tuple[str, str]:
@@ -174,20 +197,25 @@ def _format_cell(value) -> tuple[str, str]:
     if value is None:
         return "", ""
     if isinstance(value, bool):
-        return "", _text(value)
+        return "", escape(value)
     if isinstance(value, (int, float, np.integer, np.floating)):
         if isinstance(value, (float, np.floating)) and math.isnan(value):
             return "num undefined", "n/a"
         text = f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
-        return "num", _text(text)
-    return "", _text(value)
+        return "num", escape(text)
+    return "", escape(value)
 
 
-def _table(rows: Sequence[Mapping], css_class: str) -> str:
+def html_table(rows: Sequence[Mapping], css_class: str) -> str:
+    """A ``<table class=css_class>``: columns are the union of the rows' keys in order of appearance.
+
+    Floats show with 4 decimals (NaN as "n/a"), numbers right-aligned, None as an empty cell;
+    every key and value is escaped.
+    """
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    head = "".join(f"<th>{_text(c)}</th>" for c in columns)
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cells = (_format_cell(row.get(c)) for c in columns)
@@ -247,7 +275,7 @@ def _histogram_svg(series: list[tuple[str, np.ndarray]], thresholds: list[float]
                              f'width="{bar_w:.1f}" height="{h:.1f}" fill="{colour}" fill-opacity="0.55"/>')
     for i, ((name, v), colour) in enumerate(zip(series, _SERIES_COLOURS)):
         parts.append(f'<rect x="{left + 8 + i * 110}" y="6" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{left + 22 + i * 110}" y="15" font-size="11">{_text(name)} ({len(v)})</text>')
+                     f'<text x="{left + 22 + i * 110}" y="15" font-size="11">{escape(name)} ({len(v)})</text>')
     for t in thresholds:
         x = left + (t - lo) / (hi - lo) * plot_w
         parts.append(f'<line class="threshold" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
@@ -268,7 +296,7 @@ def _histograms(rows: Sequence[Mapping], threshold, bins: int) -> str:
         else:
             lines = [] if threshold is None else [float(threshold)]
         figures.append(f"<figure>{_histogram_svg(_series(members), lines, bins)}"
-                       f"<figcaption>{_text(name)}</figcaption></figure>")
+                       f"<figcaption>{escape(name)}</figcaption></figure>")
     return f'<div class="histograms">{"".join(figures)}</div>'
 
 
@@ -292,11 +320,11 @@ def _gallery(out_dir: Path, ranked: Sequence[Mapping], limit: int) -> str:
         picture = picture if picture.is_absolute() else out_dir / picture
         status = _status(row)
         badge = f' <span class="badge {status}">{status}</span>' if status else ""
-        label = "" if row.get("label") is None else f" · label {_text(row['label'])}"
+        label = "" if row.get("label") is None else f" · label {escape(row['label'])}"
         score = _format_cell(row.get("score"))[1]
         cards.append(f'<figure class="card {status}"><img src="{_data_uri(picture)}" '
-                     f'alt="{_text(row.get("path", ""))}"><figcaption>{_text(row.get("class", ""))} · '
-                     f'score {score}{label}{badge}<br>{_text(row.get("path", ""))}</figcaption></figure>')
+                     f'alt="{escape(row.get("path", ""))}"><figcaption>{escape(row.get("class", ""))} · '
+                     f'score {score}{label}{badge}<br>{escape(row.get("path", ""))}</figcaption></figure>')
     if not cards:
         return "<p>No overlay pictures were produced.</p>"
     return f'<div class="gallery">{"".join(cards)}</div>'
@@ -308,13 +336,29 @@ def _summary(rows: Sequence[Mapping]) -> str:
     parts = [f"{len(rows)} images", f"{len(classes)} class{'es' if len(classes) != 1 else ''}"]
     if any(statuses):
         parts += [f"{statuses.count('kept')} kept", f"{statuses.count('rejected')} rejected"]
-    return f'<p class="summary">{_text(", ".join(parts))}; scores: higher = more anomalous.</p>'
+    return f'<p class="summary">{escape(", ".join(parts))}; scores: higher = more anomalous.</p>'
 
 
-def _settings_rows(settings: Mapping) -> list[dict]:
+def settings_rows(settings: Mapping) -> list[dict]:
+    """``{"setting", "value"}`` rows of a settings table; non-string values JSON-encoded."""
     def show(value):
         return value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
     return [{"setting": key, "value": show(value)} for key, value in settings.items()]
+
+
+def html_page(title: str, body: Sequence[str], *, extra_css: str = "") -> str:
+    """A whole HTML document: inline style sheet, escaped ``title`` as <title> and <h1>, then ``body``.
+
+    Args:
+        title: plain text (escaped here).
+        body: HTML fragments, already escaped, joined by newlines.
+        extra_css: rules appended to :data:`PAGE_CSS`.
+    """
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{PAGE_CSS}{extra_css}</style></head><body>",
+        f"<h1>{escape(title)}</h1>", *body, "</body></html>", ""])
 
 
 def write_html_report(out_dir: str | Path, *, title: str, metrics_rows: Sequence[Mapping],
@@ -350,20 +394,17 @@ def write_html_report(out_dir: str | Path, *, title: str, metrics_rows: Sequence
     ranked = sorted(score_rows, key=_score, reverse=True)
     score_table = [{"rank": i + 1, "path": r.get("path"), "class": r.get("class"), "score": r.get("score"),
                     "status": _status(r) or None, "label": r.get("label")} for i, r in enumerate(ranked)]
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_text(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_text(title)}</h1>", _summary(score_rows),
+    page = html_page(title, [
+        _summary(score_rows),
         '<section id="metrics"><h2>Metrics</h2>',
-        _table(metrics_rows, "metrics") if metrics_rows else "<p>No metrics.</p>", "</section>",
+        html_table(metrics_rows, "metrics") if metrics_rows else "<p>No metrics.</p>", "</section>",
         '<section id="histograms"><h2>Score distribution</h2>', _histograms(score_rows, threshold, bins),
         "</section>", '<section id="gallery"><h2>Most suspicious images</h2>',
         _gallery(out_dir, ranked, gallery_limit), "</section>",
         f'<section id="scores"><h2>All scores</h2><details><summary>{len(ranked)} images, most '
-        f'suspicious first</summary>{_table(score_table, "scores")}</details></section>',
+        f'suspicious first</summary>{html_table(score_table, "scores")}</details></section>',
         '<section id="settings"><h2>Protocol settings</h2>',
-        _table(_settings_rows(settings), "settings"), "</section>", "</body></html>", ""])
+        html_table(settings_rows(settings), "settings"), "</section>"])
     path = out_dir / "report.html"
     write_bytes_atomic(path, page.encode("utf-8"))
     return path
