@@ -32,8 +32,8 @@ STAGE_GROUPS = {
     "score": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE),
     "distill": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL),
     "select": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT,
-               opts.LISTS),
-    "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL),
+               opts.LISTS, opts.REPORT, opts.EXPORT, opts.COPY),
+    "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL, opts.REPORT),
     "runs": (tuple(o for o in opts.RUN if o.name in ("work", "as_json")), opts.RUNS),
     "demo": (opts.RUN, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.NOISE, opts.DEMO),
     "make-noisy": (opts.NOISE, opts.MAKE_NOISY, opts.COPY, tuple(o for o in opts.RUN
@@ -243,6 +243,13 @@ def select(given: Given) -> None:
     to_stdout = given.out is not None and str(given.out) == "-"
     summary = pipeline.select_summary(run, results, given.images, None if to_stdout else given.out,
                                       given.rejected_out)
+    summary["review"] = str(pipeline.select_review(run, results, given.get("report")))
+    run.reporter.info(f"review: {summary['review']}")
+    if given.get("export") is not None:
+        exported = pipeline.select_export(run, results, given.images, given.export, copy=bool(given.copy))
+        summary["export"] = str(Path(given.export).expanduser().resolve())
+        run.reporter.info(f"export: {exported['kept']} kept and {exported['rejected']} rejected images in "
+                          f"{summary['export']} ({'copies' if given.copy else 'symlinks'})")
     if to_stdout:
         keep = results["cut"].artifact.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
         paths = pipeline.user_paths(given.images, results["cut"].artifact.manifest["images"])
@@ -288,7 +295,7 @@ def evaluate(given: Given) -> None:
         cfgs = _configs(run, given)
     payload = pipeline.eval_stage(
         run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"], run.eval_config(**_fields_of("eval", places)),
-        out_dir=places.get("metrics_dir", run.work / "eval"), report_dir=places.get("report_dir"),
+        out_dir=places.get("metrics_dir", run.work / "eval"), report_dir=given.get("report"),
         test_dir=places.get("test_dir"), test_masks=places.get("test_masks"), results=results)
     _emit_metrics("eval", payload, given.as_json)
 
@@ -349,7 +356,7 @@ def make_noisy(given: Given) -> None:
 
     cfg = NoiseConfig(**given.stage("noise"))
     seed = given.get("seed", DEFAULT_SEED)
-    manifest = build(given.root, given.out, ratio=cfg.ratio, seed=seed, overlap=cfg.overlap, copy=cfg.copy)
+    manifest = build(given.root, given.out, ratio=cfg.ratio, seed=seed, overlap=cfg.overlap, copy=bool(given.copy))
     out = str(Path(given.out).resolve())
     summary = {"out": out, "ratio": cfg.ratio, "seed": seed, "overlap": cfg.overlap,
                "true_fraction": manifest["true_fraction"],

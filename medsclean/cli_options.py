@@ -160,8 +160,7 @@ EVAL = _opts(
         "memory (the ensemble)."),
     Opt("metrics_dir", Path, ("eval", "metrics_dir"), "Folder for metrics.json and metrics.csv.",
         default="WORK/eval"),
-    Opt("report", Path, ("eval", "report_dir"), "Write PNG overlays and report.html into this folder.",
-        default="none"),
+
     Opt("report_top", int, ("eval", "report_top"), "Most suspicious images pictured in the report."),
     Opt("test", Path, ("eval", "test_dir"), "Folder of labelled test images (default: the MVTec root's test split).",
         path="dir", default="the test split"),
@@ -196,13 +195,23 @@ LISTS = _opts(
     Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line.",
         flags=("--rejected",), default="none"),
 )
+REPORT = _opts(
+    Opt("report", Path, ("report", "report_dir"), "Write the HTML report (report.html) into this folder: for select "
+        "the review of what was rejected, for eval the metrics with overlays.",
+        default="select: the run's folder (WORK/cut/KEY/review); eval: none"),
+)
+EXPORT = _opts(
+    Opt("export", Path, ("command", "export"), "Write the cleaned dataset here as an MVTec tree: "
+        "<class>/train/good/ (kept) and <class>/rejected/, symlinks unless --copy.", default="none"),
+)
 RUNS = _opts(
     Opt("remove", list[str], ("runs", "run"), "Remove this run (repeatable) and the artifacts no other run uses.",
         default="none"),
 )
-COPY = _opts(Opt("copy", bool, ("noise", "copy"), "Copy image files instead of symlinking them."),)
+COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of symlinking them.",
+                 default="symlinks"),)
 
-ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS)
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
 BY_NAME = {o.name: o for o in ALL_OPTS}
 assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
 

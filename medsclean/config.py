@@ -315,7 +315,6 @@ class NoiseConfig:
 
     ratio: float = 0.1
     overlap: bool = True
-    copy: bool = False
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.ratio) and self.ratio >= 0, self.STAGE, "ratio",

@@ -206,7 +206,7 @@ def protocol_settings(cfg: EvalConfig, preprocess: dict) -> dict:
             "ap": "step-wise (as scikit-learn average_precision_score)"}
 
 
-def _display_image(record: ImageRecord, preprocess: dict, size: int) -> np.ndarray:
+def display_image(record: ImageRecord, preprocess: dict, size: int) -> np.ndarray:
     """The image as the model saw it (resize, centre crop), at the evaluation size: uint8 (size, size, 3)."""
     from PIL import Image
 
@@ -245,7 +245,7 @@ def build_report(report_dir: Path, selection: Artifact | None, train_maps: MapSe
         rec = maps.records[i]
         mask = maps.masks[i] if maps.masks is not None and rec.mask is not None else None
         path = report_dir / "overlays" / f"{rank:03d}-{rec.id}.png"
-        overlay_png(_display_image(rec, preprocess, maps.maps.shape[-1]), maps.maps[i], mask, path,
+        overlay_png(display_image(rec, preprocess, maps.maps.shape[-1]), maps.maps[i], mask, path,
                     caption=f"#{rank} {rec.rel_path}  score {suspicion[i]:.4f}", heat_range=heat_range)
         overlays[i] = path.relative_to(report_dir).as_posix()
     score_rows = [{"path": r.rel_path, "class": r.cls, "score": float(suspicion[i]),

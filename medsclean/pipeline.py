@@ -267,6 +267,55 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
             "tau": art.manifest["tau"], "stages": stage_times(results)}
 
 
+def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Path:
+    """The review page of a selection: per class the score histogram with the cut, the rejected and
+    the borderline kept images with their anomaly maps. Written into `report_dir`, by default into
+    the run's cut folder (reused there when it exists); returns the page's path."""
+    from . import evaluate as ev
+    from .review import write_review
+    from .score import ranks_within_class
+
+    cut = results["cut"].artifact
+    target = Path(report_dir) if report_dir is not None else cut.path / "review"
+    if report_dir is None and (target / "report.html").is_file():
+        return target / "report.html"
+    dataset = run.dataset()
+    records = _records_in_order(dataset, cut)
+    encoder = results["features"].artifact.manifest["encoder"]
+    grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
+    eval_cfg = run.eval_config()
+    maps = _train_maps(run, dataset, results, eval_cfg, grid, preprocess)
+    selection = cut.tensors("selection.safetensors")
+    eta, keep = selection["eta"].double().numpy(), selection["keep"].bool().numpy()
+    memory = results["select"].artifact.tensors("eta.safetensors", ["memory_score"])["memory_score"].double().numpy()
+    classes = [r.cls for r in records]
+    ranks = ranks_within_class(eta, classes)
+    rows = [{"path": r.rel_path, "class": r.cls, "eta": float(eta[i]), "kept": bool(keep[i]), "rank_in_class": ranks[i],
+             "memory_score": float(memory[i]), "label": r.label} for i, r in enumerate(records)]
+    labelled = any(r.label is not None for r in records)
+    metrics = ev.cleaning_metrics(dataset, cut, maps, eval_cfg) if any(r.label == 1 for r in records) else []
+
+    def picture(i: int):
+        mask = maps.masks[i] if maps.masks is not None and records[i].mask is not None else None
+        return ev.display_image(records[i], preprocess, eval_cfg.size), maps.maps[i], mask
+
+    settings = {"run": cut.key, "images": str(dataset.root), "method": cut.manifest["method"],
+                "cut": cut.manifest["rule"], "backbone": encoder["name"], "seed": run.seed}
+    return write_review(target, title=f"medsclean select: {dataset.root}", rows=rows,
+                        cuts={c: {"tau": t, "rule": cut.manifest["rule"]} for c, t in cut.manifest["tau"].items()},
+                        picture=picture, metrics_rows=metrics if labelled else (), settings=settings)
+
+
+def select_export(run: Run, results: dict, images_arg: Path, out: Path, *, copy: bool) -> dict:
+    """`--export DIR`: the kept and rejected images as an MVTec-layout tree (see `medsclean.export`)."""
+    from .export import export_tree
+
+    cut = results["cut"].artifact
+    rows = cut.manifest["images"]
+    keep = cut.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
+    return export_tree(out, run.data.images, rows, keep, user_paths(images_arg, rows), copy=copy, run=cut.key)
+
+
 def print_select_table(summary: dict, *, stderr: bool = False) -> None:
     """The human summary of `select` on stdout (stderr when stdout carries the clean list)."""
     from rich.table import Table
@@ -288,6 +337,10 @@ def print_select_table(summary: dict, *, stderr: bool = False) -> None:
     console.print(f"run: {summary['run']} ({'Step 3 trained' if summary['trained'] else 'training reused'}"
                   f"{', re-cut without retraining' if summary['recut'] else ''})")
     console.print(f"details: {summary['cut_dir']} (rejected.txt, scores.csv, selection.json)")
+    if summary.get("review"):
+        console.print(f"review: {summary['review']}")
+    if summary.get("export"):
+        console.print(f"export: {summary['export']}")
 
 
 def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, select_cfg: SelectConfig,

@@ -163,3 +163,42 @@ def test_a_flat_work_folder_of_0_1_0_is_adopted(tmp_path):
     art = store.load("scores", "0123456789abcdef")
     assert art is not None and (art.path / "scores.csv").read_text() == "path\n"
     assert store.load("scores").key == "0123456789abcdef"
+
+
+def test_select_writes_a_review_and_exports_a_trainer_ready_tree(noisy, tmp_path):
+    work = noisy / "work-review"
+    root = noisy / "noisy"
+    summary, res = _select(str(root), "--work", str(work), "--method", "memory", *FAST,
+                           "--export", str(tmp_path / "clean-set"))
+    review = summary["review"]
+    assert review.startswith(summary["cut_dir"]) and f"review: {review}" in res.stderr
+    html = open(review, encoding="utf-8").read()
+    rows = _rows(summary["cut_dir"])
+    rejected = [r["path"] for r in rows if r["kept"] == "0"]
+    assert rejected and all(path in html for path in rejected)
+    assert "<script" not in html and "https://" not in html and "data:image/" in html
+    assert "Metrics" in html  # the contaminants are known here (make-noisy), so the page measures the cut
+
+    tree = tmp_path / "clean-set"
+    good = sorted(tree.glob("brick/train/good/*"))
+    dropped = sorted(tree.glob("brick/rejected/*"))
+    assert len(good) == summary["kept"] and len(dropped) == summary["rejected"]
+    assert all(p.is_symlink() and p.resolve().is_file() for p in good + dropped)
+    kept_sources = {str(p.resolve()) for p in good}
+    assert kept_sources == {str((root / r["path"]).resolve()) for r in rows if r["kept"] == "1"}
+    lists = (tree / "clean.txt").read_text().splitlines()
+    assert sorted(lists) == sorted(f"{root}/{r['path']}" for r in rows if r["kept"] == "1")
+    manifest = json.loads((tree / "medsclean-export.json").read_text())
+    assert manifest["run"] == summary["run"] and manifest["classes"]["brick"]["rejected"] == summary["rejected"]
+
+    again, _ = _select(str(root), "--work", str(work), "--method", "memory", *FAST, "--copy",
+                       "--export", str(tmp_path / "copies"), "--report", str(tmp_path / "review"))
+    copies = sorted((tmp_path / "copies").glob("brick/train/good/*"))
+    assert copies and not any(p.is_symlink() for p in copies)
+    assert (tmp_path / "review" / "report.html").is_file() and again["review"] == str(tmp_path / "review" / "report.html")
+    busy = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST,
+                                    "--export", str(tmp_path / "copies")])
+    assert busy.exit_code == 1 and "already exists" in busy.output
+    inside = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST,
+                                      "--export", str(root / "exported")])
+    assert inside.exit_code == 2 and "--export" in inside.output and not (root / "exported").exists()
