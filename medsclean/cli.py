@@ -129,7 +129,7 @@ def _interrupted(work: Path | None) -> str:
     where = f" in {work}" if work is not None else ""
     done = f"kept{where}: {', '.join(kept)}; " if kept else ""
     return (f"interrupted: {done}rerun the same command to resume (finished stages are reused, training "
-            f"continues from its last checkpoint, extraction from its last finished shard)")
+            f"continues from its last checkpoint, extraction from its last finished batch)")
 
 
 def _execute(body, given: Given) -> None:

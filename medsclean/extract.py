@@ -1,14 +1,24 @@
 """Stage `features`: run the frozen encoder over every image once and store what later stages need.
 
 Per image the artifact holds the memory features `memory` (P, D) and the reconstruction groups
-`group<g>` (L, C_g), all float16, in shards of `shard_size` consecutive images. Shards are
-written as they complete into a partial folder, so an interrupted run resumes where it stopped.
+`group<g>` (L, C_g), all float16, in shards of `shard_size` consecutive images (with `index`,
+the rows of the image table each shard holds).
+
+The encoder's output is first cached per image, in the work folder's image cache
+(`<work>/image-features/<encoder key>/<hh>/<sha256>.safetensors`, see `store.ImageCache`), keyed
+by the SHA-256 of the file's bytes and by the encoder set-up. Each entry is written as soon as
+its batch is encoded; a run encodes only the images without an entry (new, edited, or not
+reached by an interrupted run) and then assembles the artifact from the entries. Adding,
+removing or editing a few images therefore re-encodes only those.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,29 +28,95 @@ from .config import ExtractConfig, resolve_device
 from .data import Dataset
 from .errors import DataError
 from .images import Preprocess, decode_image, normalise, resize_crop
-from .store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, tensor_specs
+from .store import Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
 from .ui import Reporter
 
 STAGE = "features"
+ENTRY_FORMAT = "medsclean-image-features/1"
+RANDOM_INIT_SEED = 0
+_HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class ExtractResult:
+    """What `run_extract` did.
+
+    Attributes:
+        n_images: images in the artifact (decoded, or taken from the image cache).
+        n_skipped: unreadable images, left out.
+        seconds: wall time of the call.
+        n_extracted: images encoded by this call (0 when the artifact was cached).
+        n_reused: images taken from the per-image cache (0 when the artifact was cached).
+    """
+
     artifact: Artifact
     cached: bool
     n_images: int
     n_skipped: int
     seconds: float
+    n_extracted: int = 0
+    n_reused: int = 0
 
 
-def features_key(dataset: Dataset, cfg: ExtractConfig) -> str:
-    """Digest of everything the features depend on: the image table and the encoder set-up."""
-    weights_sum = None
-    if cfg.weights is not None:
-        from .backbone import file_sha256
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks of 1 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_CHUNK_BYTES):
+            h.update(block)
+    return h.hexdigest()
 
-        weights_sum = file_sha256(Path(cfg.weights))
-    return digest({"images": dataset.table(), "encoder": cfg.key_fields(), "weights_sha256": weights_sum})
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def hash_images(paths: Sequence[Path], workers: int | None = None) -> list[str | None]:
+    """SHA-256 (hex) of each file, None where the file cannot be read; hashed on `workers` threads
+    (default: the CPU count, at most 8)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 2:
+        return [_sha256_or_none(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_sha256_or_none, paths, chunksize=16))
+
+
+def encoder_fields(cfg: ExtractConfig) -> dict:
+    """What the features of one image depend on besides its bytes: the encoder options and the
+    SHA-256 of a `weights` file."""
+    weights_sum = file_sha256(Path(cfg.weights)) if cfg.weights is not None else None
+    return {"encoder": cfg.key_fields(), "weights_sha256": weights_sum}
+
+
+def encoder_key(cfg: ExtractConfig, fields: dict | None = None) -> str:
+    """The key of the image cache that `cfg`'s encoder fills (16 hex)."""
+    return digest({"format": ENTRY_FORMAT, **(fields or encoder_fields(cfg))})
+
+
+def image_rows(dataset: Dataset, hashes: Sequence[str | None]) -> list[dict]:
+    """The image table (`Dataset.table()`) with each image's `sha256`."""
+    return [{**row, "sha256": sha} for row, sha in zip(dataset.table(), hashes, strict=True)]
+
+
+def _keyed_rows(rows: list[dict]) -> list[dict]:
+    """The rows as the features key sees them: identity and content, not size or mtime."""
+    return [{k: row[k] for k in ("id", "path", "class", "label", "sha256")} for row in rows]
+
+
+def features_key(dataset: Dataset, cfg: ExtractConfig, hashes: Sequence[str | None] | None = None,
+                 fields: dict | None = None) -> str:
+    """Digest of everything the features depend on: each image's path, class, label and content
+    (SHA-256 of its bytes, `hash_images`), and the encoder set-up (`encoder_fields`)."""
+    if hashes is None:
+        hashes = hash_images([r.path for r in dataset.records])
+    return _features_key(image_rows(dataset, hashes), fields or encoder_fields(cfg))
+
+
+def _features_key(rows: list[dict], fields: dict) -> str:
+    return digest({"images": _keyed_rows(rows), **fields})
 
 
 class _ImageFolderDataset:
@@ -67,6 +143,51 @@ def _collate(batch):
     return batch
 
 
+class _LazyEncoder:
+    """The encoder of `cfg`, loaded on first use.
+
+    With the image cache's record of the encoder, its preprocessing and description are known
+    without loading it, so a run whose images are all cached (or unreadable) never loads it.
+    """
+
+    def __init__(self, cfg: ExtractConfig, device: str, cache: ImageCache):
+        self.cfg, self.device, self.cache = cfg, device, cache
+        self._encoder = None
+        self._record = cache.record()
+
+    def get(self):
+        if self._encoder is None:
+            self._encoder = _load_encoder(self.cfg, self.device)
+            self._record = self._encoder.describe()
+            self.cache.write_record(self._record)
+        return self._encoder
+
+    @property
+    def preprocess(self) -> Preprocess:
+        if self._record is None:
+            return self.get().preprocess
+        spec = self._record["preprocess"]
+        return Preprocess(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+
+    def describe(self) -> dict:
+        if self._record is None:
+            self.get()
+        return self._record
+
+
+def _load_encoder(cfg: ExtractConfig, device: str):
+    """The encoder; random-init weights are drawn from a fixed seed, so that the image cache's
+    entries of one key all come from the same weights."""
+    import torch
+
+    from .backbone import load_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(RANDOM_INIT_SEED)
+        return load_encoder(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init,
+                            resize=cfg.resize, crop=cfg.crop, device=device)
+
+
 def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
@@ -77,109 +198,193 @@ def _shard_name(start: int) -> str:
 
 def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: str = STAGE, force: bool = False,
                 strict: bool = False, reporter: Reporter) -> ExtractResult:
-    """Extract features for `dataset` into `store`, reusing a valid cached artifact unless `force`."""
+    """Extract features for `dataset` into `store`, reusing a valid cached artifact unless `force`.
+
+    Images whose entry is in the image cache are neither decoded nor encoded (unless `force`,
+    which re-encodes every image and rewrites its entry); unreadable images are skipped and
+    listed in the manifest (with `strict`, the first one raises DataError).
+    """
     t0 = time.perf_counter()
-    key = features_key(dataset, cfg)
+    hashes = hash_images([r.path for r in dataset.records])
+    fields = encoder_fields(cfg)
+    rows = image_rows(dataset, hashes)
+    key = _features_key(rows, fields)
     if not force:
         art = store.cached(stage, key)
         if art is not None:
             return ExtractResult(art, True, len(art.manifest["images"]), len(art.manifest["skipped"]),
                                  time.perf_counter() - t0)
-
-    from .backbone import load_encoder
-
-    device = resolve_device(cfg.device)
-    encoder = load_encoder(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init,
-                           resize=cfg.resize, crop=cfg.crop, device=device)
-    partial = store.partial_dir(stage, key)
-    if force:
-        for f in partial.glob("part-*.safetensors"):
-            f.unlink()
-    shards = _shard_ranges(len(dataset), cfg.shard_size)
-    todo = [(s, e) for s, e in shards if not (partial / _shard_name(s)).is_file()]
-    if len(todo) < len(shards):
-        reporter.info(f"resuming {stage}: {len(shards) - len(todo)} of {len(shards)} shards already written")
-    paths = [r.path for r in dataset.records]
-    with reporter.task(f"extract {cfg.backbone}", total=len(dataset)) as task:
-        task.update(completed=sum(e - s for s, e in shards) - sum(e - s for s, e in todo))
-        _extract_shards(encoder, paths, todo, partial, cfg, device, strict, task)
-    return _commit(dataset, store, stage, key, partial, shards, encoder, cfg, t0)
+    why = _recompute_reason(store, stage, dataset, rows, force)
+    if why:
+        reporter.info(f"{stage}: recomputing ({why})")
+    cache = store.image_cache(encoder_key(cfg, fields))
+    encoder = _LazyEncoder(cfg, resolve_device(cfg.device), cache)
+    todo = [i for i, sha in enumerate(hashes) if force or not cache.has(sha)]
+    with reporter.task(f"extract {cfg.backbone}", total=len(todo)) as task:
+        errors = _extract_missing(encoder, dataset, hashes, todo, cache, cfg, strict, task)
+    n_extracted = len(todo) - len(errors)
+    reporter.info(f"{stage}: {n_extracted} of {len(dataset)} images extracted, {len(dataset) - len(todo)} reused "
+                  f"from the image cache" + (f", {len(errors)} unreadable" if errors else ""))
+    art = _assemble(dataset, store, stage, key, rows, errors, cache, encoder.describe(), cfg)
+    return ExtractResult(art, False, len(art.manifest["images"]), len(errors), time.perf_counter() - t0,
+                         n_extracted=n_extracted, n_reused=len(dataset) - len(todo))
 
 
-def _extract_shards(encoder, paths, todo, partial: Path, cfg: ExtractConfig, device: str, strict: bool, task) -> None:
-    import torch
+def _extract_missing(encoder: _LazyEncoder, dataset: Dataset, hashes: Sequence[str | None], todo: list[int],
+                     cache: ImageCache, cfg: ExtractConfig, strict: bool, task) -> dict[int, str]:
+    """Encode the images `todo` (indices into the dataset) in batches, writing each image's entry as
+    soon as its batch is done. Returns the errors of the unreadable ones, by index."""
     from torch.utils.data import DataLoader
 
     if not todo:
-        return
-    batches = [list(range(b, min(b + cfg.batch_size, e))) for s, e in todo for b in range(s, e, cfg.batch_size)]
+        return {}
+    paths = [r.path for r in dataset.records]
+    batches = [todo[b:b + cfg.batch_size] for b in range(0, len(todo), cfg.batch_size)]
     loader = DataLoader(_ImageFolderDataset(paths, encoder.preprocess), batch_sampler=batches,
                         num_workers=cfg.num_workers, collate_fn=_collate,
-                        pin_memory=device.startswith("cuda"), persistent_workers=False)
-    shard_iter = iter(todo)
-    start, end = next(shard_iter)
-    buffer: dict[str, list] = {}
-    skipped: list[dict] = []
+                        pin_memory=encoder.device.startswith("cuda"), persistent_workers=False)
+    errors: dict[int, str] = {}
     for batch in loader:
-        ok = [(i, arr) for i, arr, err in batch if err is None]
-        for i, _, err in batch:
-            if err is not None:
-                if strict:
-                    raise DataError(err.replace("or skip it (the default without --strict)", "or drop --strict"))
-                skipped.append({"index": i, "path": str(paths[i]), "error": err})
+        ok = []
+        for i, pixels, err in batch:
+            if err is None and hashes[i] is None:
+                err = f"{paths[i]}: could not be read for hashing; check the file"
+            if err is None:
+                ok.append((i, pixels))
+            elif strict:
+                raise DataError(err.replace("or skip it (the default without --strict)", "or drop --strict"))
+            else:
+                errors[i] = err
         if ok:
-            x = torch.from_numpy(normalise(np.stack([a for _, a in ok]), encoder.preprocess)).to(device)
-            with torch.inference_mode():
-                out = encoder(x)
-            buffer.setdefault("index", []).append(torch.tensor([i for i, _ in ok], dtype=torch.int64))
-            buffer.setdefault("memory", []).append(out.memory.to("cpu", torch.float16))
-            for g, grp in enumerate(out.groups):
-                buffer.setdefault(f"group{g}", []).append(grp.to("cpu", torch.float16))
+            _encode_batch(encoder.get(), ok, [hashes[i] for i, _ in ok], cache)
         task.advance(len(batch))
-        if batch[-1][0] == end - 1:
-            _write_shard(partial / _shard_name(start), buffer, skipped, encoder)
-            buffer, skipped = {}, []
-            start, end = next(shard_iter, (None, None))
+    return errors
 
 
-def _write_shard(path: Path, buffer: dict[str, list], skipped: list[dict], encoder) -> None:
+def _encode_batch(encoder, ok: list[tuple[int, np.ndarray]], hashes: list[str], cache: ImageCache) -> None:
+    """Encode (crop, crop, 3) uint8 images and write one cache entry per image: memory (P, D) and
+    group<g> (L, C_g), float16."""
     import torch
 
-    if buffer:
-        tensors = {k: torch.cat(v) for k, v in buffer.items()}
-    else:  # every image of the shard was unreadable
-        tensors = {"index": torch.zeros(0, dtype=torch.int64)}
-    save_tensors(path, tensors, metadata={"skipped": json.dumps(skipped)})
+    x = torch.from_numpy(normalise(np.stack([a for _, a in ok]), encoder.preprocess)).to(encoder.device)
+    with torch.inference_mode():
+        out = encoder(x)
+    memory = out.memory.to("cpu", torch.float16)
+    groups = [grp.to("cpu", torch.float16) for grp in out.groups]
+    for j, sha in enumerate(hashes):
+        tensors = {"memory": memory[j].clone(), **{f"group{g}": grp[j].clone() for g, grp in enumerate(groups)}}
+        cache.write(sha, tensors)
 
 
-def _commit(dataset: Dataset, store: Store, stage: str, key: str, partial: Path, shards, encoder,
-            cfg: ExtractConfig, t0: float) -> ExtractResult:
-    shard_rows, skipped, kept_index = [], [], []
-    specs = {}
-    for s, e in shards:
-        name = _shard_name(s)
-        tensors, meta = load_tensors_with_metadata(partial / name)
-        index = tensors["index"]
-        if index.numel():
-            specs[name] = tensor_specs(tensors)
-        skipped.extend(json.loads(meta.get("skipped", "[]")))
-        kept_index.extend(index.tolist())
-        shard_rows.append({"file": name, "start": s, "end": e, "rows": int(index.numel())})
-    if not kept_index:
+def _assemble(dataset: Dataset, store: Store, stage: str, key: str, rows: list[dict], errors: dict[int, str],
+              cache: ImageCache, encoder: dict, cfg: ExtractConfig) -> Artifact:
+    """Write the artifact: the entries of the readable images, in table order, as shards of
+    `cfg.shard_size` table rows."""
+    kept = [i for i in range(len(dataset)) if i not in errors]
+    if not kept:
         raise DataError(f"{dataset.root}: none of the {len(dataset)} images could be decoded; check the files")
-    table = dataset.table()
-    images = [table[i] for i in kept_index]
-    for row in skipped:
-        row["path"] = dataset.records[row.pop("index")].rel_path
-    manifest = {
-        "root": str(dataset.root), "layout": dataset.layout, "split": dataset.split,
-        "images_digest": digest(table), "images": images, "skipped": skipped,
-        "encoder": encoder.describe(), "config": {k: (str(v) if isinstance(v, Path) else v)
-                                                   for k, v in vars(cfg).items()},
-        "shards": shard_rows, "tensors": specs,
-    }
-    art = store.commit(stage, key, partial, manifest)
-    return ExtractResult(art, False, len(images), len(skipped), time.perf_counter() - t0)
+    with store.staged(stage) as staging:
+        shard_rows, specs = [], {}
+        for s, e in _shard_ranges(len(dataset), cfg.shard_size):
+            index = [i for i in range(s, e) if i not in errors]
+            tensors = _stack_entries(cache, [rows[i] for i in index], index)
+            name = _shard_name(s)
+            save_tensors(staging / name, tensors)
+            if index:
+                specs[name] = tensor_specs(tensors)
+            shard_rows.append({"file": name, "start": s, "end": e, "rows": len(index)})
+        skipped = [{"path": dataset.records[i].rel_path, "error": err} for i, err in sorted(errors.items())]
+        manifest = {
+            "root": str(dataset.root), "layout": dataset.layout, "split": dataset.split,
+            "images_digest": digest(_keyed_rows(rows)), "images": [rows[i] for i in kept], "skipped": skipped,
+            "encoder": encoder, "image_cache_key": cache.key,
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+            "shards": shard_rows, "tensors": specs,
+        }
+        return store.commit(stage, key, staging, manifest)
 
 
-__all__ = ["ExtractResult", "features_key", "run_extract", "STAGE", "tensor_specs"]
+def _stack_entries(cache: ImageCache, rows: list[dict], index: list[int]) -> dict:
+    """One shard's tensors: `index` (n,) int64 and each entry tensor stacked, memory (n, P, D) and
+    group<g> (n, L, C_g) float16."""
+    import torch
+
+    parts: dict[str, list] = {}
+    for row in rows:
+        if not cache.has(row["sha256"]):
+            raise DataError(f"{cache.entry(row['sha256'])}: the cached features of {row['path']} vanished "
+                            f"during the run (pruned?); rerun to extract them again")
+        for name, tensor in cache.read(row["sha256"]).items():
+            parts.setdefault(name, []).append(tensor)
+    tensors = {"index": torch.tensor(index, dtype=torch.int64)}
+    tensors.update({name: torch.stack(values) for name, values in parts.items()})
+    return tensors
+
+
+def _recompute_reason(store: Store, stage: str, dataset: Dataset, rows: list[dict], force: bool) -> str | None:
+    """Why the stage is recomputed, compared with the newest artifact of the same image folder
+    and split; None for a first run."""
+    if force:
+        return "--force"
+    previous = _previous_artifact(store, stage, dataset)
+    if previous is None:
+        return None
+    counts = _image_changes(previous.manifest, rows)
+    if not any(counts.values()):
+        return f"images unchanged since {previous.key}; the encoder options, classes or labels differ"
+    return ", ".join(f"{n} {what}" for what, n in counts.items() if n) + f" since {previous.key}"
+
+
+def _previous_artifact(store: Store, stage: str, dataset: Dataset) -> Artifact | None:
+    for key in reversed(store.keys(stage)):
+        art = store.load(stage, key)
+        m = art.manifest if art is not None else {}
+        if (m.get("root"), m.get("layout"), m.get("split")) == (str(dataset.root), dataset.layout, dataset.split):
+            return art
+    return None
+
+
+def _image_changes(previous: dict, rows: list[dict]) -> dict[str, int]:
+    """Counts of images added, removed and changed (another SHA-256 under the same path) between an
+    earlier manifest and the current image rows; images skipped then count as present, unchanged."""
+    before = {row["path"]: row.get("sha256") for row in previous.get("images", [])}
+    before.update({row["path"]: None for row in previous.get("skipped", [])})
+    now = {row["path"]: row["sha256"] for row in rows}
+    changed = sum(1 for p in now.keys() & before.keys() if before[p] is not None and before[p] != now[p])
+    return {"images added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
+            "changed": changed}
+
+
+def prune_image_cache(store: Store) -> tuple[int, int]:
+    """Delete the image-cache entries that no completed artifact of the work folder refers to.
+
+    An artifact refers to the entries named by its manifest's `image_cache_key` and the `sha256`
+    of its image rows (`features`, `features-test`, ...). Entries written by a run still in
+    progress in the same work folder are not referred to yet: prune when no run is going.
+
+    Returns:
+        (files removed, bytes freed).
+    """
+    referenced = _referenced_entries(store)
+    removed = freed = 0
+    for cache in store.image_caches():
+        n, size = cache.remove_except(referenced.get(cache.key, set()))
+        removed, freed = removed + n, freed + size
+    return removed, freed
+
+
+def _referenced_entries(store: Store) -> dict[str, set[str]]:
+    """Image-cache key → the SHA-256s of its entries that completed artifacts refer to."""
+    out: dict[str, set[str]] = {}
+    for stage in store.stages():
+        for key in store.keys(stage):
+            art = store.load(stage, key)
+            cache_key = art.manifest.get("image_cache_key") if art is not None else None
+            if cache_key is not None:
+                out.setdefault(cache_key, set()).update(
+                    row["sha256"] for row in art.manifest["images"] if row.get("sha256"))
+    return out
+
+
+__all__ = ["ExtractResult", "encoder_fields", "encoder_key", "features_key", "file_sha256", "hash_images",
+           "image_rows", "prune_image_cache", "run_extract", "STAGE", "tensor_specs"]

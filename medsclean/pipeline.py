@@ -100,9 +100,10 @@ def _log_extract(reporter: Reporter, result: ExtractResult) -> None:
     if result.cached:
         reporter.info(f"features: cached ({result.n_images} images, {m['encoder']['name']}) at {result.artifact.path}")
         return
-    rate = result.n_images / result.seconds if result.seconds > 0 else float("nan")
+    rate = result.n_extracted / result.seconds if result.seconds > 0 else float("nan")
     reporter.info(f"features: {result.n_images} images with {m['encoder']['name']} in {result.seconds:.1f} s "
-                  f"({rate:.1f} images/s), {result.n_skipped} skipped → {result.artifact.path}")
+                  f"({result.n_extracted} encoded, {rate:.1f} images/s; {result.n_reused} from the image cache), "
+                  f"{result.n_skipped} skipped → {result.artifact.path}")
     for row in m["skipped"]:
         reporter.warn(f"skipped {row['path']}: {row['error']}")
 

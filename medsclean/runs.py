@@ -148,4 +148,7 @@ def remove_runs(store: Store, keys: list[str]) -> dict:
         else:
             path.unlink()
     freed = sum(store.remove(stage, key) for stage, key in sorted(doomed_refs - keep_refs))
-    return {"removed": sorted(doomed), "bytes": freed}
+    from .extract import prune_image_cache
+
+    files, cache_bytes = prune_image_cache(store)
+    return {"removed": sorted(doomed), "bytes": freed + cache_bytes, "image_cache_files": files}

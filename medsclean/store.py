@@ -2,8 +2,9 @@
 
 This is the only module that reads or writes artifacts. A stage folder is written under a
 temporary name and renamed into place only once complete, so a folder that has a manifest is
-always whole. Work in progress (shards of an interrupted extraction, training checkpoints) lives
-in `<work>/.partial/<stage>-<key>/` and is resumed only by a run with the same key.
+always whole. Work in progress (training checkpoints) lives in `<work>/.partial/<stage>-<key>/`
+and is resumed only by a run with the same key. Features of single images, the cache that the
+features stage is assembled from, live in `<work>/image-features/` (`ImageCache`).
 
 It also owns atomic writing for the whole package: files (`atomic_path` and the writers built on
 it) and folders (`atomic_directory`) appear whole or not at all, with the modes a plain `open` or
@@ -385,6 +386,32 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    @contextlib.contextmanager
+    def staged(self, stage: str) -> Iterator[Path]:
+        """A fresh staging folder to fill and then `commit`; removed if the block raises."""
+        staging = self.new_staging_dir(stage)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def stages(self) -> list[str]:
+        """Names of the stage folders that hold at least one completed artifact, sorted."""
+        return sorted(p.name for p in self.work.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and self.keys(p.name))
+
+    def image_cache(self, key: str) -> ImageCache:
+        """The per-image tensors made with one encoder set-up (`key`): `<work>/image-features/<key>/`."""
+        return ImageCache(self.work / IMAGE_CACHE / key)
+
+    def image_caches(self) -> list[ImageCache]:
+        """Every per-image cache of the work folder, by key."""
+        folder = self.work / IMAGE_CACHE
+        if not folder.is_dir():
+            return []
+        return [ImageCache(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
     def remove(self, stage: str, key: str) -> int:
         """Delete one artifact; returns the bytes freed."""
         path = self.stage_path(stage, key)
@@ -415,3 +442,91 @@ def folder_bytes(path: Path) -> int:
     if not path.exists():
         return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+IMAGE_CACHE = "image-features"
+ENCODER_RECORD = "encoder.json"
+STALE_TEMP_SECONDS = 3600.0
+
+
+class ImageCache:
+    """Tensors of single images, one safetensors file per image content: `<root>/<hh>/<sha256>.safetensors`.
+
+    `root` is `<work>/image-features/<key>/`, `key` naming the encoder set-up that made the tensors
+    and `hh` the first two hex digits of the file's SHA-256 (at most 256 entries per folder level).
+    Entries are written atomically, so one that exists is whole. `encoder.json` beside them
+    records the encoder's description.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    def entry(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.safetensors"
+
+    def has(self, sha256: str | None) -> bool:
+        return sha256 is not None and self.entry(sha256).is_file()
+
+    def write(self, sha256: str, tensors: Mapping[str, Any]) -> None:
+        save_tensors(self.entry(sha256), tensors)
+
+    def read(self, sha256: str) -> dict[str, Any]:
+        """The tensors of one entry.
+
+        Raises:
+            DataError: the entry is missing or unreadable.
+        """
+        return load_tensors(self.entry(sha256))
+
+    def record(self) -> dict | None:
+        """The encoder description written with the entries, or None."""
+        try:
+            return json.loads((self.root / ENCODER_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def write_record(self, record: dict) -> None:
+        write_json_atomic(self.root / ENCODER_RECORD, record)
+
+    def entries(self) -> list[Path]:
+        """The entry files, sorted."""
+        return sorted(self.root.glob("??/*.safetensors"))
+
+    def remove_except(self, keep: set[str]) -> tuple[int, int]:
+        """Delete the entries whose SHA-256 is not in `keep`, temporary files left for over an hour
+        by killed writers, and the folders left empty (the whole cache when nothing is kept).
+
+        Returns:
+            (files removed, bytes freed).
+        """
+        removed = freed = 0
+        doomed = [p for p in self.entries() if p.stem not in keep]
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        doomed += [p for p in self.root.glob("??/.*.tmp-*") if _mtime(p) < cutoff]
+        for path in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                removed, freed = removed + 1, freed + size
+        self._remove_empty_folders()
+        return removed, freed
+
+    def _remove_empty_folders(self) -> None:
+        for folder in self.root.glob("??"):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if not any(p.is_dir() for p in self.root.glob("??")):
+            (self.root / ENCODER_RECORD).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return math.inf
