@@ -98,12 +98,11 @@ def extract_stage(run: Run, *, force: bool = False, stage: str = "features") -> 
 def _log_extract(reporter: Reporter, result: ExtractResult) -> None:
     m = result.artifact.manifest
     if result.cached:
-        reporter.info(f"features: cached ({result.n_images} images, {m['encoder']['name']}) at {result.artifact.path}")
+        reporter.info(f"{m['stage']}: cached ({result.n_images} images, {m['encoder']['name']}) at {result.artifact.path}")
         return
     rate = result.n_extracted / result.seconds if result.seconds > 0 else float("nan")
-    reporter.info(f"features: {result.n_images} images with {m['encoder']['name']} in {result.seconds:.1f} s "
-                  f"({result.n_extracted} encoded, {rate:.1f} images/s; {result.n_reused} from the image cache), "
-                  f"{result.n_skipped} skipped → {result.artifact.path}")
+    reporter.info(f"{m['stage']}: done in {result.seconds:.1f} s with {m['encoder']['name']} ({rate:.1f} images/s "
+                  f"encoded), {result.n_skipped} skipped → {result.artifact.path}")
     for row in m["skipped"]:
         reporter.warn(f"skipped {row['path']}: {row['error']}")
 
@@ -153,7 +152,7 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     _log_stage(run.reporter, "select", results["select"])
     results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force)
     _log_stage(run.reporter, "cut", results["cut"])
-    _record(run, results, {"data": run.data, "extract": run.extract, "score": score_cfg,
+    _record(run, results, {"data": run.data, "extract": run.extract, "score": cfg.step1(score_cfg),
                            **({"distill": distill_cfg} if cfg.method == "meds" else {}), "select": cfg, "cut": cut_cfg})
     if results["select"].cached and not results["cut"].cached:
         run.reporter.info(f"re-cut: the stored final scores of select {results['select'].artifact.key} cut by "
@@ -182,6 +181,11 @@ def recorded_run(key: str | None, images: Path, work: Path, *, device: str | Non
         if found is None:
             return None
         key, record = found
+        if record is None:
+            from .errors import DataError
+
+            raise DataError(f"{images}: its latest run {key} lost artifacts in {store.work}; rerun `medsclean "
+                            f"select`, or pass --run with another key from `medsclean runs`")
     else:
         key, record, root = find_run(store, key)
         if Path(root).resolve() != Path(images).expanduser().resolve():
@@ -261,7 +265,8 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
     selected = results["select"]
     return {"clean_list": str(Path(out).resolve()) if out is not None else None,
             "rejected_list": str(Path(rejected_out).resolve()) if rejected_out is not None else None,
-            "run": art.key, "select_key": selected.artifact.key, "trained": not selected.cached,
+            "run": art.key, "select_key": selected.artifact.key,
+            "trained": not selected.cached and art.manifest["method"] == "meds",
             "recut": selected.cached and not results["cut"].cached,
             "cut_dir": str(art.path), "method": art.manifest["method"], "cut": art.manifest["rule"],
             "classes": per_class, "kept": art.manifest["kept"], "rejected": art.manifest["rejected"],
@@ -372,7 +377,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     features = results["features"].artifact
     encoder = features.manifest["encoder"]
     grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
-    payload: dict = {"model": eval_cfg.model, "run": _run_identity(run, results),
+    payload: dict = {"model": eval_cfg.model, "run": None,
                      "protocol": ev.protocol_settings(eval_cfg, preprocess), "stages": stage_times(results)}
     sections: dict[str, list[dict]] = {}
     test_maps = None
@@ -394,6 +399,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
         raise DataError(f"{train_ds.root}: nothing to evaluate: no labelled test split (MVTec layout with test/ and "
                         f"ground_truth/) and no known contaminants in the training set (medsclean make-noisy)")
     payload.update(sections)
+    payload["run"] = _run_identity(run, results)  # after the test features: their libraries are loaded
     out_dir = Path(out_dir)
     write_json_atomic(out_dir / "metrics.json", {"schema": METRICS_SCHEMA, **payload})
     write_text_atomic(out_dir / "metrics.csv", ev.rows_to_csv(sections))

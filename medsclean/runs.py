@@ -18,7 +18,7 @@ from typing import Any
 from .errors import ConfigError
 from .store import Store, folder_bytes, to_json, write_text_atomic
 
-POINTER_SCHEMA = "medsclean.runs/1"
+POINTER_SCHEMA = "medsclean.run-record/1"
 CHAIN = ("features", "scores", "distill", "select", "cut")
 
 
@@ -71,13 +71,14 @@ def _records(store: Store) -> list[tuple[Path, dict]]:
     return [(p, r) for p, r in found if r is not None]
 
 
-def latest_run(store: Store, root: Path) -> tuple[str, dict] | None:
-    """(key, run) of the dataset's latest run whose artifacts all still exist, or None."""
+def latest_run(store: Store, root: Path) -> tuple[str, dict | None] | None:
+    """(key, run) of the dataset's latest run; run is None when some of its artifacts were removed;
+    None when the dataset has no run."""
     record = _read(_pointer(store, root))
     if record is None or record.get("latest") not in record["runs"]:
         return None
     key = record["latest"]
-    return (key, record["runs"][key]) if _complete(store, record["runs"][key]) else None
+    return (key, record["runs"][key]) if _complete(store, record["runs"][key]) else (key, None)
 
 
 def find_run(store: Store, key_prefix: str, *, stage: str = "eval") -> tuple[str, dict, str]:

@@ -198,7 +198,7 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
             "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
             "scores.csv": selection_csv(images, scores["memory_score"].double().numpy(), distilled, eta, keep),
             "selection.json": to_json({"method": selected.manifest["config"]["method"], "rounds": rounds}) + "\n"}
-    files = {"selection.safetensors": {"eta": torch.from_numpy(eta).float(),
+    files = {"selection.safetensors": {"eta": torch.from_numpy(eta),
                                        "keep": torch.from_numpy(keep.astype(np.uint8))}}
     manifest = {"images": images, "config": asdict(cfg), "rule": cfg.describe(), "tau": tau,
                 "kept": int(keep.sum()), "rejected": int((~keep).sum()), "model": selected.manifest["model"],
