@@ -118,6 +118,50 @@ def _validate(given: Given) -> None:
                               "the iteration counts); pass only one", stage="select")
 
 
+def _writable_ancestor(path: Path) -> Path:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder
+    return Path("/")
+
+
+def _check_paths(given: Given) -> None:
+    """Every path the user passed, checked before any work: one-line errors naming the flag."""
+    from .errors import DataError
+
+    for name in ("images", "root"):
+        value = given.get(name)
+        if value is not None and not Path(value).is_dir():
+            raise DataError(f"{value}: no such folder; pass the folder that holds your images")
+    for param, name in (("out", "out"), ("rejected_out", "rejected_out")):
+        value = given.get(name)
+        if value is None or str(value) == "-":
+            continue
+        path = Path(value).expanduser()
+        if path.is_dir():
+            raise ConfigError(param, f"{param} {value} is a folder; give a file path, e.g. {path / 'clean.txt'}")
+        _require_writable(param, value, path.parent if str(path.parent) else Path("."), must_exist=True)
+    for param, name in (("work", "work"), ("report_dir", "report"), ("metrics_dir", "metrics_dir"),
+                        ("export", "export")):
+        value = given.get(name)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(param, f"{param} {value} is a file; give a folder")
+        if param == "export" and path.is_dir() and any(path.iterdir()):
+            raise ConfigError(param, f"{param} {value} already exists and is not empty; choose a new folder or "
+                              f"remove it first")
+        _require_writable(param, value, _writable_ancestor(path.resolve()), must_exist=False)
+
+
+def _require_writable(param: str, value, folder: Path, *, must_exist: bool) -> None:
+    if must_exist and not folder.is_dir():
+        raise ConfigError(param, f"{param} {value}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(param, f"{param} {value}: {folder} is not writable")
+
+
 def _interrupted(work: Path | None) -> str:
     """What an interrupted run leaves behind and how to go on."""
     kept = []
@@ -135,6 +179,7 @@ def _interrupted(work: Path | None) -> str:
 def _execute(body, given: Given) -> None:
     try:
         _validate(given)
+        _check_paths(given)
         body(given)
     except MedscleanError as exc:
         typer.echo(_error_line(exc), err=True)
@@ -173,7 +218,8 @@ def _run(given: Given, images: Path):
 
     return pipeline.build_run(images, _work(given),
                               preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
-                              data=given.stage("data"), extract=given.stage("extract"), quiet=bool(given.quiet))
+                              data=given.stage("data"), extract=given.stage("extract"), quiet=bool(given.quiet),
+                              wait=not given.get("no_wait"))
 
 
 def _configs(run, given: Given) -> dict[str, Any]:

@@ -91,6 +91,8 @@ RUN = _opts(
     Opt("seed", int, ("run", "seed"), "Seed for every random choice; the same seed gives the same clean list.",
         default=str(DEFAULT_SEED)),
     Opt("as_json", bool, ("run", "json"), "Print machine-readable JSON on stdout.", flags=("--json",)),
+    Opt("no_wait", bool, ("run", "no_wait"), "Fail at once when another run is computing the same stage in the "
+        "work folder, instead of waiting for it.", default="wait"),
     Opt("quiet", bool, ("run", "quiet"), "Only warnings and errors on stderr.", flags=("--quiet", "-q")),
 )
 FORCE = _opts(Opt("force", bool, ("run", "force"), "Recompute this stage even if a valid cache exists."),)

@@ -36,13 +36,14 @@ class Run:
     seed: int
     device: str
     reporter: Reporter = field(compare=False, repr=False)
+    wait: bool = True
 
     def dataset(self) -> Dataset:
         return discover(self.data.images, layout=self.data.layout, split=self.data.split,
                         masks=self.data.masks, class_from=self.data.class_from)
 
     def store(self) -> Store:
-        return Store(self.work, images_root=self.data.images)
+        return Store(self.work, images_root=self.data.images, wait=self.wait)
 
     def score_config(self, **given) -> ScoreConfig:
         return self.preset.build(ScoreConfig, **given, seed=self.seed)
@@ -66,7 +67,7 @@ def _given(values: Mapping[str, Any] | None) -> dict:
 
 def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: int = DEFAULT_SEED,
               data: Mapping[str, Any] | None = None, extract: Mapping[str, Any] | None = None,
-              quiet: bool = False, reporter: Reporter | None = None) -> Run:
+              quiet: bool = False, reporter: Reporter | None = None, wait: bool = True) -> Run:
     """Resolve the device and the preset into a frozen `Run`.
 
     Args:
@@ -83,7 +84,7 @@ def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: i
     extract_cfg = chosen.build(ExtractConfig, **{**extract_given, "device": device})
     data_cfg = DataConfig(images=Path(images).expanduser().resolve(), **_given(data))
     return Run(data=data_cfg, extract=extract_cfg, preset=chosen, work=Path(work).expanduser().resolve(),
-               seed=seed, device=device, reporter=reporter or RichReporter(quiet=quiet))
+               seed=seed, device=device, reporter=reporter or RichReporter(quiet=quiet), wait=wait)
 
 
 def extract_stage(run: Run, *, force: bool = False, stage: str = "features") -> ExtractResult:
@@ -99,6 +100,10 @@ def _log_extract(reporter: Reporter, result: ExtractResult) -> None:
     m = result.artifact.manifest
     if result.cached:
         reporter.info(f"{m['stage']}: cached ({result.n_images} images, {m['encoder']['name']}) at {result.artifact.path}")
+        if m["skipped"]:
+            names = ", ".join(row["path"] for row in m["skipped"][:3]) + (", ..." if len(m["skipped"]) > 3 else "")
+            reporter.warn(f"{m['stage']}: {len(m['skipped'])} unreadable image(s) left out, as when the features were "
+                          f"made: {names} (the manifest lists them)")
         return
     rate = result.n_extracted / result.seconds if result.seconds > 0 else float("nan")
     reporter.info(f"{m['stage']}: done in {result.seconds:.1f} s with {m['encoder']['name']} ({rate:.1f} images/s "
@@ -121,7 +126,7 @@ def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False) -> dict:
     results = {"features": extract_stage(run)}
     art = results["features"].artifact
     results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter)
-    _log_stage(run.reporter, "scores", results["scores"])
+    _log_stage(run, "scores", results["scores"])
     return results
 
 
@@ -132,7 +137,7 @@ def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force
     results = score_stage(run, score_cfg)
     results["distill"] = run_distill(results["features"].artifact, results["scores"].artifact, run.store(), cfg,
                                      seed=run.seed, device=run.device, force=force, reporter=run.reporter)
-    _log_stage(run.reporter, "distill", results["distill"])
+    _log_stage(run, "distill", results["distill"])
     return results
 
 
@@ -149,9 +154,9 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
         results, distilled = score_stage(run, cfg.step1(score_cfg)), None
     results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
                                    cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter)
-    _log_stage(run.reporter, "select", results["select"])
-    results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force)
-    _log_stage(run.reporter, "cut", results["cut"])
+    _log_stage(run, "select", results["select"])
+    results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force, reporter=run.reporter)
+    _log_stage(run, "cut", results["cut"])
     _record(run, results, {"data": run.data, "extract": run.extract, "score": cfg.step1(score_cfg),
                            **({"distill": distill_cfg} if cfg.method == "meds" else {}), "select": cfg, "cut": cut_cfg})
     if results["select"].cached and not results["cut"].cached:
@@ -227,9 +232,30 @@ def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig,
     return replace(distill_cfg, iters=iters), replace(select_cfg, iters=iters)
 
 
-def _log_stage(reporter: Reporter, name: str, result) -> None:
+def _log_stage(run: Run, name: str, result) -> None:
     state = "cached" if result.cached else f"done in {result.seconds:.1f} s"
-    reporter.info(f"{name}: {state} → {result.artifact.path}")
+    why = None if result.cached else _changed_since_last_run(run, name, result.artifact)
+    run.reporter.info(f"{name}: {state}{f' (recomputed: {why})' if why else ''} → {result.artifact.path}")
+
+
+def _changed_since_last_run(run: Run, stage: str, art) -> str | None:
+    """What differs from the same stage of the image folder's latest recorded run: the options that
+    changed (old → new) and the inputs that changed; None when there is no earlier run to compare."""
+    from .runs import latest_run
+
+    store = run.store()
+    found = latest_run(store, run.data.images)
+    previous_key = found[1]["artifacts"].get(stage) if found and found[1] else None
+    old = store.load(stage, previous_key) if previous_key and previous_key != art.key else None
+    if old is None:
+        return None
+    old_cfg, new_cfg = old.manifest.get("config", {}), art.manifest.get("config", {})
+    parts = [f"{k} {old_cfg.get(k)} → {v}" for k, v in new_cfg.items() if old_cfg.get(k) != v]
+    if old.manifest.get("seed") != art.manifest.get("seed"):
+        parts.append(f"seed {old.manifest.get('seed')} → {art.manifest.get('seed')}")
+    old_parents = old.manifest.get("parents", {})
+    parts += [f"{p} changed" for p, k in art.manifest.get("parents", {}).items() if old_parents.get(p) != k]
+    return ", ".join(parts) or None
 
 
 def stage_times(results: dict) -> dict:

@@ -54,6 +54,12 @@ def record_run(store: Store, root: Path, chain: dict[str, str | None], configs: 
     """Add (or refresh) the run whose artifacts are `chain` (stage -> key) to the dataset's record and
     make it the latest. `configs` maps a stage name to its config dataclass (stored as plain JSON)."""
     path = _pointer(store, root)
+    with store.locked(path.stem):
+        return _add_run(store, path, root, chain, configs, preset=preset, seed=seed)
+
+
+def _add_run(store: Store, path: Path, root: Path, chain: dict[str, str | None], configs: dict[str, Any], *,
+             preset: str, seed: int) -> dict:
     record = _read(path) or {"schema": POINTER_SCHEMA, "images": str(Path(root).resolve()), "runs": {}}
     key = chain["cut"]
     record["runs"][key] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "seed": seed,

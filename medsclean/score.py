@@ -71,7 +71,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     """Compute (or reuse) the Step-1 maps for every extracted image."""
     t0 = time.perf_counter()
     key = scores_key(features, cfg)
-    if not force and (art := store.cached(STAGE, key)) is not None:
+    if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .memory import image_scores
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -293,8 +294,10 @@ class Store:
     0.1.0 layout (one artifact per stage folder) is moved into this layout when opened.
     """
 
-    def __init__(self, work: Path, images_root: Path | None = None):
+    def __init__(self, work: Path, images_root: Path | None = None, *, wait: bool = True):
         self.work = Path(work).expanduser().resolve()
+        self.wait = wait
+        self._held: dict[tuple[str, str], Any] = {}
         if images_root is not None:
             images_root = Path(images_root).resolve()
             if self.work == images_root or images_root in self.work.parents:
@@ -328,21 +331,105 @@ class Store:
         return [name for _, name in sorted(found)]
 
     def load(self, stage: str, key: str | None = None) -> Artifact | None:
-        """The completed artifact `key` of `stage` (by default the stage's latest), or None."""
+        """The completed, undamaged artifact `key` of `stage` (by default the stage's latest), or None."""
         if key is None:
-            pointer = self.work / stage / LATEST
-            if not pointer.is_file():
+            key = self.latest_key(stage)
+            if key is None:
                 return None
-            key = pointer.read_text(encoding="utf-8").strip()
-        path = self.stage_path(stage, key)
-        manifest = _read_manifest(path / MANIFEST)
-        if manifest is None or manifest.get("stage") != stage:
-            return None
-        return Artifact(path=path, manifest=manifest)
+        return self.inspect(stage, key)[0]
 
-    def cached(self, stage: str, key: str) -> Artifact | None:
-        """The artifact of `stage` made from exactly the inputs summarised by `key`, if there is one."""
-        return self.load(stage, key)
+    def latest_key(self, stage: str) -> str | None:
+        try:
+            key = (self.work / stage / LATEST).read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):
+            return None
+        return key if re.fullmatch(r"[0-9A-Za-z._-]+", key) else None
+
+    def inspect(self, stage: str, key: str) -> tuple[Artifact | None, str | None]:
+        """(artifact, None) when (stage, key) is whole; (None, why) when its folder is damaged; (None, None)
+        when there is none. Checks the manifest (a JSON object of this format, stage and key) and every
+        file it lists (tensor files: readable header, the recorded names and shapes, no truncation)."""
+        path = self.stage_path(stage, key)
+        if not path.is_dir():
+            return None, None
+        manifest = _read_manifest(path / MANIFEST)
+        if manifest is None:
+            return None, "its manifest.json is missing or not a medsclean manifest"
+        if manifest.get("stage") != stage or manifest.get("key") != key:
+            return None, f"its manifest describes {manifest.get('stage')!r} {manifest.get('key')!r}"
+        tensors = manifest.get("tensors", {})
+        if not isinstance(tensors, dict):
+            return None, "its manifest lists no tensor files"
+        for name, specs in tensors.items():
+            damage = safetensors_damage(path / name, specs)
+            if damage is not None:
+                return None, f"{name}: {damage}"
+        for name in manifest.get("files", []):
+            if not (path / name).is_file():
+                return None, f"{name} is missing"
+        return Artifact(path=path, manifest=manifest), None
+
+    def cached(self, stage: str, key: str, reporter: Any = None, *, force: bool = False) -> Artifact | None:
+        """The artifact of `stage` made from exactly the inputs summarised by `key`, if there is a whole one.
+
+        A damaged one is reported on `reporter` in one line, removed, and treated as missing. When
+        none is there, the (stage, key) lock is taken before returning None, so that the caller
+        computes it alone; a run that waited finds the artifact made meanwhile. With `force`, the
+        lock is taken and None returned: the caller recomputes whatever is there."""
+        if force:
+            self._acquire(stage, key, reporter)
+            return None
+        art = self._whole(stage, key, reporter)
+        if art is not None:
+            return art
+        self._acquire(stage, key, reporter)
+        art = self._whole(stage, key, reporter)
+        if art is not None:
+            self.release(stage, key)
+        return art
+
+    def _whole(self, stage: str, key: str, reporter: Any) -> Artifact | None:
+        art, damage = self.inspect(stage, key)
+        if damage is not None:
+            if reporter is not None:
+                reporter.warn(f"{stage}: the stored artifact {key} is damaged ({damage}); recomputing it")
+            shutil.rmtree(self.stage_path(stage, key), ignore_errors=True)
+        return art
+
+    def _acquire(self, stage: str, key: str, reporter: Any) -> None:
+        import fcntl
+
+        if (stage, key) in self._held:
+            return
+        folder = self.work / ".locks"
+        folder.mkdir(exist_ok=True)
+        handle = open(folder / f"{stage}-{key}.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not self.wait:
+                handle.close()
+                raise DataError(f"{stage}: another run is computing the same {stage} in {self.work} now; "
+                                f"wait for it or rerun without --no-wait") from None
+            if reporter is not None:
+                reporter.info(f"{stage}: another run is computing the same {stage}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        self._held[(stage, key)] = handle
+
+    def release(self, stage: str, key: str) -> None:
+        """Let other runs compute or read (stage, key) (done by `commit`)."""
+        handle = self._held.pop((stage, key), None)
+        if handle is not None:
+            handle.close()
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        """An exclusive lock on a work-folder-wide name (e.g. a run record) for a short update."""
+        self._acquire("record", name, None)
+        try:
+            yield
+        finally:
+            self.release("record", name)
 
     def partial_dir(self, stage: str, key: str) -> Path:
         """A folder for resumable work in progress of one (stage, key)."""
@@ -363,6 +450,7 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         replace_folder(files_dir, final)
         write_text_atomic(final.parent / LATEST, f"{key}\n")
+        self.release(stage, key)
         return Artifact(path=final, manifest=manifest)
 
     def new_staging_dir(self, stage: str) -> Path:
@@ -381,7 +469,8 @@ class Store:
                 specs[name] = tensor_specs(tensors)
             for name, text in (extra_files or {}).items():
                 write_text_atomic(staging / name, text)
-            return self.commit(stage, key, staging, {**manifest, "tensors": specs})
+            return self.commit(stage, key, staging, {**manifest, "tensors": specs,
+                                                      "files": sorted(extra_files or {})})
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -427,6 +516,42 @@ class Store:
         return freed
 
 
+def safetensors_damage(path: Path, specs: Mapping[str, Any] | None = None) -> str | None:
+    """Why a safetensors file cannot be what `specs` ({name: {"shape": [...]}}) says, or None.
+
+    Reads only the header: its length, its JSON, the recorded names and shapes, and that the file is
+    exactly as long as the header's data offsets say (a truncated or padded file is damaged)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            length = int.from_bytes(head, "little")
+            if length <= 0 or 8 + length > size:
+                return "its header is cut off"
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as exc:
+        return f"unreadable header ({type(exc).__name__})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (TypeError, KeyError, ValueError, IndexError):
+        return "its header has no valid data offsets"
+    if 8 + length + end != size:
+        return f"{size} bytes where its header describes {8 + length + end} (truncated or overwritten)"
+    for name, spec in (specs or {}).items():
+        if name not in tensors:
+            return f"tensor {name!r} is missing"
+        if list(tensors[name].get("shape", [])) != list(spec.get("shape", [])):
+            return f"tensor {name!r} has shape {tensors[name].get('shape')}, not {spec.get('shape')}"
+    return None
+
+
 def _read_manifest(path: Path) -> dict | None:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -469,7 +594,7 @@ class ImageCache:
         return self.root / sha256[:2] / f"{sha256}.safetensors"
 
     def has(self, sha256: str | None) -> bool:
-        return sha256 is not None and self.entry(sha256).is_file()
+        return sha256 is not None and safetensors_damage(self.entry(sha256)) is None
 
     def write(self, sha256: str, tensors: Mapping[str, Any]) -> None:
         save_tensors(self.entry(sha256), tensors)

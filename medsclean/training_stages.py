@@ -86,7 +86,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     """Train the reconstruction model on the stored features to reproduce the Step-1 maps."""
     t0 = time.perf_counter()
     key = distill_key(features, scores, cfg, seed)
-    if not force and (art := store.cached("distill", key)) is not None:
+    if (art := store.cached("distill", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     from .model import ReconstructionModel
     from .selection import image_scores
@@ -147,7 +147,7 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
     while re-selecting); otherwise the Step-1 image scores. The clean list is `run_cut`'s."""
     t0 = time.perf_counter()
     key = select_key(features, scores, distilled, cfg, seed)
-    if not force and (art := store.cached("select", key)) is not None:
+    if (art := store.cached("select", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
@@ -178,11 +178,12 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
     return StageResult(art, False, time.perf_counter() - t0)
 
 
-def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = False) -> StageResult:
+def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = False,
+            reporter: Reporter | None = None) -> StageResult:
     """The clean list: the cut `cfg` of the stored final scores η, per class (no training)."""
     t0 = time.perf_counter()
     key = digest({"select": selected.key, "cut": asdict(cfg)})
-    if not force and (art := store.cached("cut", key)) is not None:
+    if (art := store.cached("cut", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     import torch
 

@@ -198,7 +198,7 @@ def test_select_writes_a_review_and_exports_a_trainer_ready_tree(noisy, tmp_path
     assert (tmp_path / "review" / "report.html").is_file() and again["review"] == str(tmp_path / "review" / "report.html")
     busy = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST,
                                     "--export", str(tmp_path / "copies")])
-    assert busy.exit_code == 1 and "already exists" in busy.output
+    assert busy.exit_code == 2 and "--export" in busy.output and "already exists" in busy.output
     inside = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST,
                                       "--export", str(root / "exported")])
     assert inside.exit_code == 2 and "--export" in inside.output and not (root / "exported").exists()
