@@ -184,6 +184,10 @@ def _execute(body, given: Given) -> None:
     except MedscleanError as exc:
         typer.echo(_error_line(exc), err=True)
         raise typer.Exit(code=exc.exit_code) from None
+    except OSError as exc:  # the disk or the system refused: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         work = given.get("work")
         typer.echo(_interrupted(Path(work or opts.BY_NAME["work"].default).resolve()), err=True)
