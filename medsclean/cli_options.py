@@ -102,7 +102,8 @@ DATA = _opts(
     Opt("masks", Path, ("data", "masks"), "Folder of masks paired with the images by file stem.", path="dir"),
     Opt("class_from", choices.ClassFrom, ("data", "class_from"),
         "Class of plain-folder images: the top folder, the parent folder, or one class."),
-    Opt("strict", bool, ("data", "strict"), "Fail on an unreadable image instead of skipping it."),
+    Opt("strict", bool, ("data", "strict"), "Fail on an unreadable image or a damaged work-folder file instead "
+        "of skipping the image or recomputing the file."),
 )
 EXTRACT = _opts(
     Opt("backbone", str, ("extract", "backbone"), "timm model name of the frozen encoder."),

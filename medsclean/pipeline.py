@@ -43,7 +43,7 @@ class Run:
                         masks=self.data.masks, class_from=self.data.class_from)
 
     def store(self) -> Store:
-        return Store(self.work, images_root=self.data.images, wait=self.wait)
+        return Store(self.work, images_root=self.data.images, wait=self.wait, strict=self.data.strict)
 
     def score_config(self, **given) -> ScoreConfig:
         return self.preset.build(ScoreConfig, **given, seed=self.seed)

@@ -294,9 +294,10 @@ class Store:
     0.1.0 layout (one artifact per stage folder) is moved into this layout when opened.
     """
 
-    def __init__(self, work: Path, images_root: Path | None = None, *, wait: bool = True):
+    def __init__(self, work: Path, images_root: Path | None = None, *, wait: bool = True, strict: bool = False):
         self.work = Path(work).expanduser().resolve()
         self.wait = wait
+        self.strict = strict
         self._held: dict[tuple[str, str], Any] = {}
         if images_root is not None:
             images_root = Path(images_root).resolve()
@@ -391,6 +392,10 @@ class Store:
     def _whole(self, stage: str, key: str, reporter: Any) -> Artifact | None:
         art, damage = self.inspect(stage, key)
         if damage is not None:
+            if self.strict:
+                path = self.stage_path(stage, key)
+                raise DataError(f"{stage}: the stored artifact {key} is damaged ({damage}); remove it with "
+                                f"`rm -r {path}` (or rerun without --strict to recompute it)")
             if reporter is not None:
                 reporter.warn(f"{stage}: the stored artifact {key} is damaged ({damage}); recomputing it")
             shutil.rmtree(self.stage_path(stage, key), ignore_errors=True)

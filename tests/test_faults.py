@@ -62,6 +62,18 @@ def test_damaged_artifacts_are_reported_and_recomputed(data, tmp_path, damage):
         assert "Traceback" not in log
 
 
+def test_strict_refuses_a_damaged_artifact_and_names_the_fix(data, tmp_path):
+    work = tmp_path / "work"
+    _select(data, work)
+    folder = _artifact(work, "scores")
+    (folder / "manifest.json").write_text("[]")
+    res = CliRunner().invoke(app, ["select", str(data), "--work", str(work), *FAST, "--strict", "-q"])
+    assert res.exit_code == 1
+    assert res.output.strip() == f"error: scores: the stored artifact {folder.name} is damaged (its manifest.json " \
+                                 f"is missing or not a medsclean manifest); remove it with `rm -r {folder}` (or " \
+                                 f"rerun without --strict to recompute it)"
+
+
 def test_garbage_pointers_and_run_records_are_ignored(data, tmp_path):
     work = tmp_path / "work"
     reference, _ = _select(data, work)
