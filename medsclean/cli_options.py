@@ -39,6 +39,7 @@ class Opt:
     flags: tuple[str, ...] = ()
     default: str | None = None
     path: str | None = None
+    metavar: str | None = None
 
     @property
     def flag(self) -> str:
@@ -63,6 +64,8 @@ class Opt:
         extra: dict[str, Any] = {}
         if self.path is not None:
             extra = {"exists": True, "file_okay": self.path == "file", "dir_okay": self.path == "dir"}
+        if self.metavar is not None:
+            extra["metavar"] = self.metavar
         option = typer.Option(*(self.flags or ("--" + self.name.replace("_", "-"),)), help=text,
                               show_default=False, **extra)
         return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY,
@@ -209,7 +212,7 @@ EXPORT = _opts(
 )
 RUNS = _opts(
     Opt("remove", list[str], ("runs", "run"), "Remove this run (repeatable) and the artifacts no other run uses.",
-        default="none"),
+        default="none", metavar="KEY"),
 )
 COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of symlinking them.",
                  default="symlinks"),)
