@@ -1,0 +1,191 @@
+"""Process faults of `medsclean extract`, through the CLI in a subprocess (docs/reliability.md).
+
+The run is signalled once it has written its first image-cache entries, i.e. while its loader
+workers are decoding. Ctrl-C is sent as a terminal sends it: SIGINT to the whole process group.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; uses process groups")
+
+N_IMAGES = 200
+START_TIMEOUT_S = 60.0  # imports and the first batches, on a loaded CI machine
+STOP_S = 2.0  # Ctrl-C: the `interrupted:` line, and the exit, within this long
+EXIT_SLACK_S = 2.0  # interpreter teardown on a loaded machine (about 1 s idle, as after a successful run)
+CHILDREN_GONE_S = 3.0  # kill -9: the workers die with the main process (at once with PR_SET_PDEATHSIG)
+ENTRIES_BEFORE_SIGNAL = 4  # two batches: the workers are up and busy
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """200 noise PNGs (96×96, different content so that each is a cache entry of its own)."""
+    root = tmp_path_factory.mktemp("fault-images")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def _command(images: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medsclean", "extract", str(images), "--work", str(work), "--num-workers", "2",
+            "--resize", "64", "--crop", "64", "--batch-size", "2", *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MEDSCLEAN_PROGRESS": "1"}  # the bar, as in a terminal
+
+
+def _entries(work: Path) -> int:
+    folder = work / "image-features"
+    return sum(1 for _ in folder.rglob("*.safetensors")) if folder.is_dir() else 0
+
+
+def _start(images: Path, work: Path) -> subprocess.Popen:
+    """Start an extraction in a session of its own and return once it has written a few entries."""
+    proc = subprocess.Popen(_command(images, work), env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while _entries(work) < ENTRIES_BEFORE_SIGNAL:
+        if proc.poll() is not None:
+            pytest.fail(f"extract ended (exit {proc.returncode}) before it could be signalled:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            _kill_group(proc)
+            pytest.fail(f"extract wrote no image-cache entries within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.02)
+    return proc
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), None once the pid is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`: pid → start time (to tell a reused pid apart)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields is not None and int(fields[1]) == pid:
+            out[int(stat.parent.name)] = fields[19]
+    return out
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[19] == start_time and fields[0] not in ("Z", "X")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_kill_9_of_extract_takes_its_loader_workers_with_it(images, tmp_path):
+    work = tmp_path / "work"
+    proc = _start(images, work)
+    children = _children(proc.pid)
+    assert len(children) >= 2, f"expected the 2 loader workers as children, found {children}"
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + CHILDREN_GONE_S
+        while (left := [pid for pid, start in children.items() if _alive(pid, start)]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not left, f"loader workers {left} outlived the killed extract (pid {proc.pid})"
+    finally:
+        for pid, start in children.items():
+            if _alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
+        proc.stderr.close()
+    # nothing holds the stage lock any more: a rerun that refuses to wait for another run completes
+    rerun = subprocess.run(_command(images, work, "--no-wait"), env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+
+
+def test_ctrl_c_stops_extract_at_once_and_a_rerun_resumes(images, tmp_path):
+    work = tmp_path / "work"
+    proc = _start(images, work)
+    watchdog = threading.Timer(120, _kill_group, (proc,))  # never hang the suite on a stuck worker
+    watchdog.start()
+    try:
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the main process and its workers
+        said = None
+        err = []
+        for line in proc.stderr:  # ends when every holder of the pipe (main process, workers) is gone
+            err.append(line)
+            if said is None and line.startswith("interrupted:"):
+                said = time.monotonic() - signalled
+        code = proc.wait(timeout=30)
+        stopped = time.monotonic() - signalled
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            _kill_group(proc)
+    stderr = "".join(err)
+    assert code == 130, stderr
+    assert said is not None and "rerun the same command to resume" in stderr, stderr
+    assert said <= STOP_S, f"the interrupted line came {said:.1f} s after Ctrl-C"
+    assert stopped <= STOP_S + EXIT_SLACK_S, f"extract took {stopped:.1f} s to stop after Ctrl-C"
+
+    done = _entries(work)
+    assert 0 < done < N_IMAGES
+    rerun = subprocess.run(_command(images, work), env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    counts = re.search(r"features: (\d+) of (\d+) images extracted, (\d+) reused from the image cache", rerun.stderr)
+    assert counts, rerun.stderr
+    assert tuple(map(int, counts.groups())) == (N_IMAGES - done, N_IMAGES, done)
+    assert _entries(work) == N_IMAGES
+
+
+class _Slow:
+    """A dataset whose every item takes far longer than the loader's stop grace (a huge file)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        time.sleep(60)
+        return i
+
+
+def test_a_worker_busy_with_one_image_is_stopped_after_the_grace_not_the_loaders_5_s():
+    from torch.utils.data import DataLoader
+
+    from medsclean.extract import _init_worker, _stop_workers
+
+    loader = DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=partial(_init_worker, os.getpid()))
+    batches = iter(loader)
+    worker = batches._workers[0]
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # in __getitem__ by now (at worst still starting: stopped all the same)
+    t0 = time.monotonic()
+    _stop_workers(batches, grace_s=0.5)
+    took = time.monotonic() - t0
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert took < 3.0, f"stopping a busy worker took {took:.1f} s"
