@@ -316,7 +316,7 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
     encoder = results["features"].artifact.manifest["encoder"]
     grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
     eval_cfg = run.eval_config()
-    maps = _train_maps(run, dataset, results, eval_cfg, grid, preprocess)
+    tokens = _train_tokens(run, results)  # (N, P): small; full-size maps are made only for pictured images
     selection = cut.tensors("selection.safetensors")
     eta, keep = selection["eta"].double().numpy(), selection["keep"].bool().numpy()
     memory = results["select"].artifact.tensors("eta.safetensors", ["memory_score"])["memory_score"].double().numpy()
@@ -325,11 +325,12 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
     rows = [{"path": r.rel_path, "class": r.cls, "eta": float(eta[i]), "kept": bool(keep[i]), "rank_in_class": ranks[i],
              "memory_score": float(memory[i]), "label": r.label} for i, r in enumerate(records)]
     labelled = any(r.label is not None for r in records)
-    metrics = ev.cleaning_metrics(dataset, cut, maps, eval_cfg) if any(r.label == 1 for r in records) else []
+    metrics = ev.cleaning_metrics(dataset, cut, None, eval_cfg) if any(r.label == 1 for r in records) else []
 
     def picture(i: int):
-        mask = maps.masks[i] if maps.masks is not None and records[i].mask is not None else None
-        return ev.display_image(records[i], preprocess, eval_cfg.size), maps.maps[i], mask
+        one = ev.postprocess([records[i]], tokens[i:i + 1], grid, preprocess, eval_cfg)
+        mask = one.masks[0] if one.masks is not None and records[i].mask is not None else None
+        return ev.display_image(records[i], preprocess, eval_cfg.size), one.maps[0], mask
 
     settings = {"run": cut.key, "images": str(dataset.root), "method": cut.manifest["method"],
                 "cut": cut.manifest["rule"], "backbone": encoder["name"], "seed": run.seed}
@@ -487,16 +488,21 @@ def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, p
 def _train_maps(run: Run, train_ds: Dataset, results: dict, cfg, grid, preprocess):
     """Training-image maps of the selection's model (method meds) or the Step-1 maps (method memory)."""
     from . import evaluate as ev
+
+    records = _records_in_order(train_ds, results["select"].artifact)
+    return ev.postprocess(records, _train_tokens(run, results), grid, preprocess, cfg)
+
+
+def _train_tokens(run: Run, results: dict):
+    """(N, P) token maps of the training images: the fine-tuned model's, or Step 1's without a model."""
+    from . import evaluate as ev
     from .training_stages import load_groups
 
     select_art = results["select"].artifact
-    records = _records_in_order(train_ds, select_art)
     if select_art.manifest["model"] is None:
-        tokens = results["scores"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
-    else:
-        groups, _ = load_groups(results["features"].artifact)
-        tokens = ev.token_maps_from_model(select_art, groups, device=run.device)
-    return ev.postprocess(records, tokens, grid, preprocess, cfg)
+        return results["scores"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
+    groups, _ = load_groups(results["features"].artifact)
+    return ev.token_maps_from_model(select_art, groups, device=run.device)
 
 
 def print_metrics_tables(payload: dict) -> None:
