@@ -98,17 +98,12 @@ def _error_line(exc: MedscleanError) -> str:
 def _validate(given: Given) -> None:
     """Build every config from the user's values alone (defaults for the rest), so that a bad value
     fails before torch is imported; the real configs add the preset later."""
-    from dataclasses import fields
-
     from .config import STAGE_CONFIGS, parse_duration
 
     for stage, cls in STAGE_CONFIGS.items():
-        values = given.stage(stage)
-        if stage == "data":
-            values["images"] = Path(".")
-        known = {f.name for f in fields(cls)}
+        values = _fields_of(stage, given.stage(stage))
         if values:
-            cls(**{k: v for k, v in values.items() if k in known})
+            cls(**({"images": Path(".")} if stage == "data" else {}), **values)
     if given.get("out") is not None and str(given.out) == "-" and given.get("as_json"):
         raise ConfigError(("out", "json"), "out - and json both write to stdout; pass only one")
     if given.get("budget") is not None:
