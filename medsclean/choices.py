@@ -48,6 +48,7 @@ class Engine(Choice):
     EXACT = "exact"
     FAISS = "faiss"
     IVF = "ivf"
+    APPROX = "approx"
 
 
 class Aggregate(Choice):

@@ -129,7 +129,14 @@ SCORE = _opts(
     Opt("include_self", bool, ("score", "include_self"),
         "Match an image against its own patches too (as the reference code does)."),
     Opt("engine", choices.Engine, ("score", "engine"),
-        "Nearest-neighbour engine: exact (torch), faiss, ivf (approximate), or auto."),
+        "Nearest-neighbour engine: exact (torch), faiss, ivf (approximate FAISS), approx (exact search of a "
+        "per-image patch coreset), or auto (approx only for classes whose exact pass is projected over "
+        "30 minutes; see docs/scaling.md)."),
+    Opt("coreset", float, ("score", "coreset"), "Share of each image's patches the approx engine keeps in "
+        "its memories (greedy k-center coreset)."),
+    Opt("max_memory", str, ("score", "max_memory"), "Bound on Step 1's working memory per class, e.g. 4GB or 512MiB: "
+        "the block sizes derive from it (the class's features must fit in it; none: fixed 256 MiB blocks).",
+        metavar="SIZE"),
     Opt("aggregate", choices.Aggregate, ("score", "aggregate"), "Image score: mean of the top 1 % of patches, or max."),
     Opt("min_bank", int, ("score", "min_bank"), "Floor on the images per memory, for small classes."),
 )

@@ -101,6 +101,31 @@ class ExtractConfig:
                 "random_init": self.random_init, "resize": self.resize, "crop": self.crop}
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MIN_MAX_MEMORY = 64 * 10**6
+"""Smallest `ScoreConfig.max_memory`: below it the torch runtime alone does not fit."""
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes of a size: an int, or a string like "4GB", "512MiB", "1.5G", "2000000" (GB = 10^9, GiB = 2^30).
+
+    Raises:
+        ValueError: not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size must be 0 or more, not {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (e.g. 4GB, 512MiB, or bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """Step 1: the random-memory ensemble (the paper: B = 100 memories of rho = 10 % of a class)."""
@@ -120,14 +145,28 @@ class ScoreConfig:
     min_bank: int = 1
     refine_rounds: int = 0
     refine_drop: float = 0.1
+    coreset: float = 0.1
+    max_memory: int | str | None = None
 
-    def key_fields(self) -> dict:
+    def key_fields(self, *, approx: bool | None = None) -> dict:
+        """The fields that change the scores. `approx`: whether the approximate engine scores
+        some class (engine auto decides per class size; None: only when engine is approx)."""
         fields_ = asdict(self)
         fields_.pop("device")
-        fields_.pop("engine")  # every engine gives the same scores (to float32 round-off) except IVF
+        fields_.pop("max_memory")  # block sizes change the speed, never the scores
+        fields_.pop("engine")  # every engine gives the same scores (to float32 round-off) except IVF and approx
+        coreset = fields_.pop("coreset")
         if self.engine == "ivf":
             fields_["engine"] = "ivf"
+        if approx or (approx is None and self.engine == "approx"):
+            if coreset < 1.0:  # a coreset of every patch is the exact engine
+                fields_["engine"], fields_["coreset"] = "approx", coreset
         return fields_
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """`max_memory` in bytes (None: no bound)."""
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     def __post_init__(self) -> None:
         s = self.STAGE
@@ -140,6 +179,14 @@ class ScoreConfig:
                  f"engine {self.engine} needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12 on a "
                  f"CUDA machine, in its place), or use engine exact")
         _require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
+        _require(0.0 < self.coreset <= 1.0, s, "coreset", f"coreset must be in (0, 1], not {self.coreset}")
+        if self.max_memory is not None:
+            try:
+                size = parse_size(self.max_memory)
+            except ValueError as error:
+                raise ConfigError("max_memory", str(error), stage=s) from None
+            _require(size >= MIN_MAX_MEMORY, s, "max_memory",
+                     f"max_memory must be at least 64MB, not {self.max_memory}")
         _require(self.refine_rounds >= 0 and 0.0 < self.refine_drop < 1.0
                  and self.refine_rounds * self.refine_drop < 1.0, s, ("refine_rounds", "refine_drop"),
                  f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "

@@ -26,6 +26,15 @@ Two engines give the same maps:
 * ``faiss``: one exact FAISS inner-product index per bank, as the reference does;
   about ``B * ratio`` times the work of ``exact``, but it runs on faiss-gpu when
   torch has no GPU, and ``index="ivf"`` trades exactness for speed on huge classes.
+
+An approximate engine trades exactness for speed on large classes:
+
+* ``approx``: the exact engine's single pass against a reduced memory: every image keeps a
+  greedy k-center coreset (PatchCore's, on a random projection) of ``coreset * P`` of its
+  patches, so a bank's memory is the union of its members' coresets, a subset of its
+  patches. Scores are therefore >= the exact ones patch by patch, equal with
+  ``coreset=1``; the work is about ``coreset`` times the exact engine's
+  (``docs/scaling.md`` measures its ranking agreement with ``exact``).
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ from .config import ScoreConfig
 from .errors import ConfigError, DataError
 
 Aggregate = Literal["top1pct", "max"]
-EngineName = Literal["auto", "exact", "faiss"]
+EngineName = Literal["auto", "exact", "faiss", "approx"]
+CoresetMethod = Literal["greedy", "random"]
 ProgressCallback = Callable[[int, int], None]
 
 ALL_CLASSES = "<all>"
@@ -56,6 +66,18 @@ GPU_BLOCK_BYTES = 2048 * _MIB
 """Default working-memory target of one exact-engine block on a GPU."""
 TABLE_BYTES = 2048 * _MIB
 """Largest :func:`nearest_table` iterative refinement keeps in memory; above it, one pass per round."""
+MIN_BLOCK_BYTES = 4 * _MIB
+"""Smallest block budget a ``max_memory`` bound may leave after the class's own tensors."""
+
+CPU_FLOPS = 50e9
+"""FLOP rate the engine choice assumes on the CPU: the exact engine's measured rate on the
+2-core reference machine (docs/bench-score.md, docs/scaling.md)."""
+GPU_FLOPS = 20e12
+"""FLOP rate assumed on a GPU (float32 matmul of a current data-centre GPU; not measured here)."""
+AUTO_EXACT_SECONDS = 1800.0
+"""``engine="auto"`` keeps the exact engine for a class while its projected time is at most this."""
+CORESET_PROJECTION_DIM = 128
+"""Width of the random projection the greedy coreset measures distances in (PatchCore uses 128)."""
 
 
 def table_bytes(n_images: int, n_patches: int, k: int = 1) -> int:
@@ -210,14 +232,17 @@ def plan_exact_blocks(
     bank_width: int = 1,
     max_block_bytes: int = CPU_BLOCK_BYTES,
     block_images: int | None = None,
+    database_patches: int | None = None,
 ) -> ExactPlan:
     """Pick block sizes so that one block's working memory stays near ``max_block_bytes``.
 
     Half of the budget goes to the similarity block, a quarter to the per-image nearest
     distances, the rest to the bank reduction. With a tiny budget the blocks shrink to
     one image, and the memory is then :meth:`ExactPlan.peak_bytes` of that plan.
+    ``database_patches``: patches per database image when the memory is reduced (approx engine).
     """
     row_bytes = _FLOAT_BYTES * n_patches
+    database_patches = n_patches if database_patches is None else database_patches
     if block_images is None:
         # Per query image: nearest distances (1/4 of the budget), per-bank scores (1/8),
         # and a similarity block against at least one database image (1/2).
@@ -225,7 +250,7 @@ def plan_exact_blocks(
         block_images = max_block_bytes // per_query_image
     query_images = int(min(n_images, max(1, block_images)))
     rows_bytes = query_images * row_bytes
-    database_images = int(min(n_images, max(1, (max_block_bytes // 2) // (rows_bytes * n_patches))))
+    database_images = int(min(n_images, max(1, (max_block_bytes // 2) // (rows_bytes * database_patches))))
     bank_chunk = int(min(n_banks, max(1, (max_block_bytes // 8) // (rows_bytes * bank_width * k))))
     return ExactPlan(query_images, database_images, bank_chunk)
 
@@ -249,7 +274,7 @@ def _nearest_similarities(
     buffer = torch.empty(rows * database_images * n_patches, dtype=queries.dtype, device=queries.device)
     for start in range(0, n_images, database_images):
         stop = min(n_images, start + database_images)
-        block = features[start:stop].reshape(-1, dim)
+        block = features[start:stop].reshape(-1, dim).to(queries.dtype)  # float16 memories widen per block
         # A reused output buffer avoids a fresh allocation (and page faults) per product.
         similarities = buffer[: rows * block.shape[0]].view(rows, block.shape[0])
         torch.matmul(queries, block.T, out=similarities)
@@ -330,12 +355,29 @@ def memory_scores_exact(
         (N, P) float32 CPU tensor of memory scores (cosine distances, higher = more anomalous).
     """
     features = _as_features(features, device)
+    _check_k(k, features.shape[1])
+    return _one_pass(features, features, banks, k=k, leave_self_out=leave_self_out, block_images=block_images,
+                     max_block_bytes=max_block_bytes, on_block=on_block)
+
+
+def _one_pass(
+    features: torch.Tensor,
+    database: torch.Tensor,
+    banks: np.ndarray,
+    *,
+    k: int,
+    leave_self_out: bool,
+    block_images: int | None,
+    max_block_bytes: int | None,
+    on_block: ProgressCallback | None,
+) -> torch.Tensor:
+    """The exact engine's pass: every patch of ``features`` (N, P, D) against the patches each
+    image keeps in ``database`` (N, P', D): all of them (exact) or a coreset (approx)."""
     n_images, n_patches, dim = features.shape
     banks = _check_banks(banks, n_images)
-    _check_k(k, n_patches)
     if max_block_bytes is None:
         max_block_bytes = CPU_BLOCK_BYTES if features.device.type == "cpu" else GPU_BLOCK_BYTES
-    member_table = _padded_members(banks, pad_index=n_images).to(device)
+    member_table = _padded_members(banks, pad_index=n_images).to(features.device)
     plan = plan_exact_blocks(
         n_images,
         n_patches,
@@ -344,11 +386,12 @@ def memory_scores_exact(
         bank_width=member_table.shape[1],
         max_block_bytes=max_block_bytes,
         block_images=block_images,
+        database_patches=database.shape[1],
     )
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     for start in range(0, n_images, plan.query_images):
         stop = min(n_images, start + plan.query_images)
-        block_maps = _exact_block(features, start, stop, member_table, k, leave_self_out, plan)
+        block_maps = _exact_block(features, start, stop, member_table, k, leave_self_out, plan, database)
         maps[start:stop] = block_maps.cpu()
         _report(on_block, stop, n_images)
     return maps
@@ -362,13 +405,15 @@ def _exact_block(
     k: int,
     leave_self_out: bool,
     plan: ExactPlan,
+    database: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(stop-start, P) memory scores of query images start..stop-1."""
+    """(stop-start, P) memory scores of query images start..stop-1 against ``database`` (default: features)."""
     n_images, n_patches, dim = features.shape
     block = stop - start
     rows = block * n_patches
     nearest = torch.empty(rows, n_images + 1, k, dtype=torch.float32, device=features.device)
-    _nearest_similarities(features[start:stop].reshape(rows, dim), features, k, plan.database_images, nearest)
+    queries = features[start:stop].reshape(rows, dim).float()
+    _nearest_similarities(queries, features if database is None else database, k, plan.database_images, nearest)
     torch.sub(1.0, nearest, out=nearest)  # similarities -> distances, ascending along k
     return _scores_from_nearest(nearest, start, stop, member_table, k, leave_self_out, plan.bank_chunk)
 
@@ -474,6 +519,148 @@ def scores_from_table(table: torch.Tensor, banks: np.ndarray, *, leave_self_out:
         nearest[:, :n_images] = table[start:stop].reshape(rows, n_images, k)
         maps[start:stop] = _scores_from_nearest(nearest, start, stop, member_table, k, leave_self_out, bank_chunk)
     return maps
+
+
+# ---------------------------------------------------------------------------
+# Approximate engine: the exact pass against per-image patch coresets
+
+
+def coreset_size(n_patches: int, coreset: float, k: int = 1) -> int:
+    """Patches each image keeps: ceil(coreset * P), at least k (and 1), at most P."""
+    return min(n_patches, max(1, k, math.ceil(round(coreset * n_patches, 9))))
+
+
+def coreset_patches(
+    features: torch.Tensor | np.ndarray,
+    coreset: float,
+    *,
+    generator: np.random.Generator,
+    method: CoresetMethod = "greedy",
+    k: int = 1,
+    projection_dim: int = CORESET_PROJECTION_DIM,
+    block_images: int = 256,
+) -> torch.Tensor:
+    """Indices of the patches each image keeps in the approx engine's memories.
+
+    ``greedy``: PatchCore's greedy k-center coreset, per image: the features are projected to
+    ``projection_dim`` dimensions by one Gaussian matrix, the first centre is a random patch,
+    and each next centre is the patch farthest (Euclidean, in the projection) from those
+    chosen. ``random``: a uniform random subset. Both draw only from ``generator``, so the
+    same generator state gives the same coreset.
+
+    Args:
+        features: (N, P, D) patch features.
+        coreset: share of each image's patches kept (:func:`coreset_size`).
+        generator: the source of randomness.
+        method: "greedy" or "random".
+        k: the coreset keeps at least k patches.
+        projection_dim: width of the random projection (none when D is not larger).
+        block_images: images processed together.
+
+    Returns:
+        (N, s) int64 patch indices, s = :func:`coreset_size`; with s = P, every patch in order.
+    """
+    features = _as_feature_tensor(features)
+    n_images, n_patches, dim = features.shape
+    size = coreset_size(n_patches, coreset, k)
+    if size == n_patches:
+        return torch.arange(n_patches).expand(n_images, n_patches).clone()
+    if method == "random":
+        keys = generator.random((n_images, n_patches))
+        return torch.from_numpy(np.sort(np.argsort(keys, axis=1, kind="stable")[:, :size], axis=1))
+    if method != "greedy":
+        raise ConfigError("coreset_method", f"coreset method must be greedy or random, not {method!r}")
+    projection = None
+    if dim > projection_dim:
+        projection = torch.from_numpy(generator.standard_normal((dim, projection_dim)).astype(np.float32))
+        projection = projection.to(features.device)
+    starts = torch.from_numpy(generator.integers(0, n_patches, size=n_images))
+    chosen = torch.empty(n_images, size, dtype=torch.int64)
+    for first in range(0, n_images, block_images):
+        last = min(n_images, first + block_images)
+        points = features[first:last].float()
+        if projection is not None:
+            points = points @ projection
+        rows = torch.arange(last - first, device=points.device)
+        centre = starts[first:last].to(points.device)
+        picked = [centre]
+        nearest = ((points - points[rows, centre][:, None, :]) ** 2).sum(dim=-1)
+        for _ in range(1, size):
+            centre = nearest.argmax(dim=1)
+            picked.append(centre)
+            nearest = torch.minimum(nearest, ((points - points[rows, centre][:, None, :]) ** 2).sum(dim=-1))
+        chosen[first:last] = torch.stack(picked, dim=1).cpu()
+    return chosen
+
+
+def memory_scores_approx(
+    features: torch.Tensor | np.ndarray,
+    banks: np.ndarray,
+    *,
+    coreset: float = ScoreConfig.coreset,
+    generator: np.random.Generator | None = None,
+    method: CoresetMethod = "greedy",
+    k: int = ScoreConfig.k,
+    leave_self_out: bool = True,
+    device: str | torch.device = "cpu",
+    block_images: int | None = None,
+    max_block_bytes: int | None = None,
+    on_block: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Memory-ensemble maps of one class against per-image coresets (see the module docstring).
+
+    Every patch of every image is scored, as by :func:`memory_scores_exact`; only the memories
+    shrink: a bank's memory is the union of its members' :func:`coreset_patches`. A patch's
+    distance to a subset is never smaller, so the maps are >= the exact maps, and equal to
+    them with ``coreset=1``. Work: about ``coreset`` times the exact engine's products.
+
+    Args:
+        features: (N, P, D) L2-normalised patch features.
+        banks: (B, m) image indices of each bank.
+        coreset: share of each image's patches kept.
+        generator: randomness of the coreset (default: seed 0).
+        method: "greedy" (k-center) or "random" coreset.
+        k, leave_self_out, device, block_images, max_block_bytes, on_block: as for
+            :func:`memory_scores_exact`.
+
+    Returns:
+        (N, P) float32 CPU tensor of memory scores.
+    """
+    features = _as_features(features, device)
+    n_images, n_patches, dim = features.shape
+    _check_k(k, n_patches)
+    if generator is None:
+        generator = np.random.default_rng(0)
+    kept = coreset_patches(features, coreset, generator=generator, method=method, k=k).to(features.device)
+    database = features if kept.shape[1] == n_patches else \
+        torch.gather(features, 1, kept[:, :, None].expand(-1, -1, dim))
+    return _one_pass(features, database, banks, k=k, leave_self_out=leave_self_out, block_images=block_images,
+                     max_block_bytes=max_block_bytes, on_block=on_block)
+
+
+def working_set_bytes(n_images: int, n_patches: int, dim: int, *, coreset: float = 1.0, k: int = 1) -> int:
+    """Bytes a class's own tensors hold during Step 1 besides the blocks: its float32 features,
+    the reduced memory of the approx engine (``coreset`` < 1) and the (N, P) maps."""
+    kept = coreset_size(n_patches, coreset, k)
+    reduced = n_images * kept * dim if kept < n_patches else 0
+    return _FLOAT_BYTES * (n_images * n_patches * dim + reduced + 2 * n_images * n_patches)
+
+
+def block_budget(max_memory: int, n_images: int, n_patches: int, dim: int, *, coreset: float = 1.0,
+                 k: int = 1, label: Hashable = ALL_CLASSES) -> int:
+    """The block budget ``max_memory`` leaves once the class's own tensors are counted.
+
+    Raises:
+        DataError: the class's own tensors leave less than :data:`MIN_BLOCK_BYTES`.
+    """
+    own = working_set_bytes(n_images, n_patches, dim, coreset=coreset, k=k)
+    budget = max_memory - own
+    if budget < MIN_BLOCK_BYTES:
+        raise DataError(
+            f"class {label!r} needs {own / 1e9:.2f} GB for its features and maps alone, more than the "
+            f"{max_memory / 1e9:.2f} GB of --max-memory allow with {MIN_BLOCK_BYTES // _MIB} MiB of blocks; "
+            "raise --max-memory")
+    return int(budget)
 
 
 # ---------------------------------------------------------------------------
@@ -594,7 +781,7 @@ def memory_scores_faiss(
 class EngineChoice(NamedTuple):
     """The engine ``auto`` picked and why, in one line for the log."""
 
-    name: Literal["exact", "faiss"]
+    name: Literal["exact", "faiss", "approx"]
     reason: str
 
 
@@ -617,12 +804,15 @@ def choose_engine(
     faiss_gpu: bool | None = None,
     n_banks: int = ScoreConfig.banks,
     ratio: float = ScoreConfig.ratio,
+    coreset: float = ScoreConfig.coreset,
 ) -> EngineChoice:
     """The engine ``--engine auto`` runs for one class.
 
     The exact engine does the least work (one all-against-all pass instead of about
     ``B * ratio``), so it wins wherever torch has the fastest device. FAISS is picked
-    only when faiss-gpu sees a GPU that torch was not given.
+    only when faiss-gpu sees a GPU that torch was not given. The approximate engine is
+    picked only when the exact pass is projected to take longer than
+    :data:`AUTO_EXACT_SECONDS` (:func:`auto_picks_approx`) and ``coreset`` < 1.
 
     Args:
         n_images: N, images in the class (the largest class when one engine serves all).
@@ -642,11 +832,30 @@ def choose_engine(
     one_pass = exact_flops(n_images, n_patches, dim)
     per_bank = bank_flops(n_images, n_patches, dim, n_banks=n_banks, ratio=ratio)
     work = f"exact {one_pass / 1e12:.3g} TFLOP vs per-bank search {per_bank / 1e12:.3g} TFLOP"
+    if auto_picks_approx(n_images, n_patches, dim, device=device, coreset=coreset):
+        return EngineChoice("approx", f"exact {one_pass / 1e12:.3g} TFLOP is projected at "
+                            f"{projected_exact_seconds(n_images, n_patches, dim, device=device) / 60:.0f} min on "
+                            f"{device.type}, over {AUTO_EXACT_SECONDS / 60:.0f} min: coreset {coreset:g} of the patches")
     if device.type != "cpu":
         return EngineChoice("exact", f"torch on {device}: {work}")
     if faiss_gpu:
         return EngineChoice("faiss", f"faiss-gpu sees a GPU and torch runs on the CPU ({work})")
     return EngineChoice("exact", f"CPU only: {work}")
+
+
+def projected_exact_seconds(n_images: int, n_patches: int, dim: int, *, device: str | torch.device = "cpu") -> float:
+    """Projected time of the exact engine on one class: its FLOPs at :data:`CPU_FLOPS` or :data:`GPU_FLOPS`."""
+    rate = CPU_FLOPS if torch.device(device).type == "cpu" else GPU_FLOPS
+    return exact_flops(n_images, n_patches, dim) / rate
+
+
+def auto_picks_approx(n_images: int, n_patches: int, dim: int, *, device: str | torch.device = "cpu",
+                      coreset: float = ScoreConfig.coreset) -> bool:
+    """Whether ``engine="auto"`` scores a class of N images with the approximate engine: the exact
+    pass is projected over :data:`AUTO_EXACT_SECONDS` and the coreset drops patches."""
+    if coreset_size(n_patches, coreset) >= n_patches:
+        return False
+    return projected_exact_seconds(n_images, n_patches, dim, device=device) > AUTO_EXACT_SECONDS
 
 
 def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top1pct") -> torch.Tensor:
@@ -699,6 +908,8 @@ def score_classes(
     device: str | torch.device = "cpu",
     faiss_index: knn.IndexKind = "flat",
     max_block_bytes: int | None = None,
+    max_memory: int | None = None,
+    coreset: float = ScoreConfig.coreset,
     min_bank: int = ScoreConfig.min_bank,
     refine_rounds: int = 0,
     refine_drop: float = ScoreConfig.refine_drop,
@@ -724,11 +935,15 @@ def score_classes(
         replace: draw banks with replacement (the paper) or without.
         per_class: score each class against its own images, or all images together.
         leave_self_out: never match an image against itself.
-        engine: "exact", "faiss" or "auto" (:func:`choose_engine`).
+        engine: "exact", "faiss", "approx" or "auto" (:func:`choose_engine`).
         seed: non-negative run seed.
         device: torch device of the exact engine.
         faiss_index: "flat" or "ivf" for the FAISS engine.
         max_block_bytes: block memory target of the exact engine (default by device).
+        max_memory: bound in bytes on a class's Step-1 working set (its float32 features, the
+            reduced memory, the maps and the blocks); the block budget is what is left
+            (:func:`block_budget`). Overrides ``max_block_bytes``.
+        coreset: share of each image's patches the approx engine keeps.
         min_bank: floor on the images per bank (:func:`bank_size`).
         refine_rounds: iterative refinement (SROC-style), for a single full bank: after
             scoring, keep the ``1 - r * refine_drop`` least suspicious share of the class
@@ -753,8 +968,8 @@ def score_classes(
     features = _as_feature_tensor(features)  # stays float16 if stored so; engines widen one class at a time
     if len(classes) != features.shape[0]:
         raise ValueError(f"got {len(classes)} class labels for {features.shape[0]} feature maps")
-    if engine not in ("auto", "exact", "faiss"):
-        raise ConfigError("engine", f"engine must be auto, exact or faiss, not {engine!r}")
+    if engine not in ("auto", "exact", "faiss", "approx"):
+        raise ConfigError("engine", f"engine must be auto, exact, faiss or approx, not {engine!r}")
     n_images, n_patches, dim = features.shape
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     banks_per_class: dict[Hashable, torch.Tensor] = {}
@@ -767,22 +982,36 @@ def score_classes(
         generator = class_generator(seed, label)
         local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator,
                                  min_images=min_bank)
-        choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio)
+        choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio, coreset)
         if on_engine is not None:
             on_engine(label, choice)
         progress = None if on_progress is None else (lambda done, total, label=label: on_progress(label, done, total))
         options = dict(k=k, leave_self_out=leave_self_out, on_block=progress)
-        if choice.name == "exact":
-            options.update(device=device, max_block_bytes=max_block_bytes)
+        class_block_bytes = max_block_bytes
+        if max_memory is not None and choice.name in ("exact", "approx"):
+            class_block_bytes = block_budget(max_memory, len(positions), n_patches, dim, k=k, label=label,
+                                             coreset=coreset if choice.name == "approx" else 1.0)
+        if choice.name in ("exact", "approx"):
+            options.update(device=device, max_block_bytes=class_block_bytes)
         else:
             options.update(index=faiss_index, seed=seed)
-        engine_function = memory_scores_exact if choice.name == "exact" else memory_scores_faiss
+        if choice.name == "approx":
+            # The coreset draws from the class generator after the banks: deterministic per (seed, class),
+            # and the same coreset for every bank set (refinement rounds) of the class.
+            coreset_state = generator.bit_generator.state
+            options.update(coreset=coreset, generator=generator)
+        engine_function = {"exact": memory_scores_exact, "faiss": memory_scores_faiss,
+                           "approx": memory_scores_approx}[choice.name]
         rows = torch.from_numpy(positions)
-        score_against = lambda bank, rows=rows: engine_function(features[rows], bank, **options)  # noqa: E731
+        def score_against(bank, rows=rows, options=options):
+            if "generator" in options:
+                generator.bit_generator.state = coreset_state
+            return engine_function(features[rows], bank, **options)
+
         table = (tables or {}).get(label)
         if table is None and refine_rounds and choice.name == "exact" and \
                 table_bytes(len(positions), n_patches, k) <= TABLE_BYTES:
-            table = nearest_table(features[rows], k=k, device=device, max_block_bytes=max_block_bytes,
+            table = nearest_table(features[rows], k=k, device=device, max_block_bytes=class_block_bytes,
                                   on_block=progress)
         if table is not None:
             score_against = lambda bank, table=table: scores_from_table(  # noqa: E731
@@ -835,10 +1064,12 @@ def refine_memory(
 
 
 def _resolve_engine(
-    engine: EngineName, n_images: int, n_patches: int, dim: int, device, n_banks: int, ratio: float
+    engine: EngineName, n_images: int, n_patches: int, dim: int, device, n_banks: int, ratio: float,
+    coreset: float = ScoreConfig.coreset,
 ) -> EngineChoice:
     if engine == "auto":
         return choose_engine(
-            n_images, n_patches, dim, device=device, faiss_gpu=knn.gpu_count() > 0, n_banks=n_banks, ratio=ratio
+            n_images, n_patches, dim, device=device, faiss_gpu=knn.gpu_count() > 0, n_banks=n_banks, ratio=ratio,
+            coreset=coreset,
         )
     return EngineChoice(engine, f"--engine {engine}")

@@ -26,8 +26,26 @@ class ScoreResult:
     seconds: float
 
 
-def scores_key(features: Artifact, cfg: ScoreConfig) -> str:
-    return digest({"features": features.key, "score": cfg.key_fields()})
+def scores_key(features: Artifact, cfg: ScoreConfig, *, device: str = "cpu") -> str:
+    """The scores key: the features key and the Step-1 options that change the maps, the approximate
+    engine among them when it scores some class (engine approx, or auto above its class size)."""
+    return digest({"features": features.key, "score": cfg.key_fields(approx=uses_approx(features, cfg, device))})
+
+
+def uses_approx(features: Artifact, cfg: ScoreConfig, device: str) -> bool:
+    """Whether the approximate engine scores at least one class of `features` under `cfg`."""
+    if cfg.engine != "auto":
+        return cfg.engine == "approx"
+    encoder = features.manifest.get("encoder") or {}
+    grid, dim = encoder.get("grid"), encoder.get("memory_dim")
+    if not grid or not dim:
+        return False
+    from .memory import auto_picks_approx
+
+    classes = [row["class"] for row in features.manifest["images"]]
+    sizes = [len(classes)] if not cfg.per_class else [classes.count(c) for c in set(classes)]
+    n_patches = int(grid[0]) * int(grid[1])
+    return any(auto_picks_approx(n, n_patches, int(dim), device=device, coreset=cfg.coreset) for n in sizes)
 
 
 def ranks_within_class(scores, classes: list[str]) -> list[int]:
@@ -63,14 +81,15 @@ def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **o
         memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
         per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
         device=device, faiss_index=index, min_bank=cfg.min_bank, refine_rounds=cfg.refine_rounds,
-        refine_drop=cfg.refine_drop, aggregate=cfg.aggregate, **options)
+        refine_drop=cfg.refine_drop, aggregate=cfg.aggregate, coreset=cfg.coreset,
+        max_memory=cfg.max_memory_bytes, **options)
 
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
               reporter: Reporter) -> ScoreResult:
     """Compute (or reuse) the Step-1 maps for every extracted image."""
     t0 = time.perf_counter()
-    key = scores_key(features, cfg)
+    key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .memory import image_scores

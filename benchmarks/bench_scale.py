@@ -1,0 +1,180 @@
+"""Step 1 against class size N: exact vs approximate (coreset) engine, on generated features.
+
+No images: each class is N images of P = GRID x GRID unit patch features of width D, drawn
+around a set of normal patch prototypes (the cluster structure of real patch features), and
+a planted share of contaminant images with a tenth of their patches shifted along a random
+direction of their own (a defect region). Every case runs in its own process, so that its peak resident
+set (VmHWM from /proc/self/status) is its own.
+
+Reported per case: Step-1 time (score_classes only), peak RSS of the process and the RSS
+before scoring (features generated), the image-score AUROC against the planted labels, and for
+the approximate engine its agreement with the exact one: the AUROC of its scores at finding
+the exact engine's rejected set (the top `rate` share of the class) and the recall of that set
+by its own top `rate` share (`rejected recall`). Exact runs above --exact-max are skipped
+(their time is projected from the measured FLOP rate instead).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scale.py --json /tmp/bench/scale.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scale.py --sizes 20000 --exact-max 0 \\
+        --max-memory 4GB --json /tmp/bench/scale-20k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def generate(n_images: int, grid: int, dim: int, rate: float, seed: int):
+    """(N, P, D) float32 unit features and (N,) bool contaminant labels."""
+    rng = np.random.default_rng(seed)
+    n_patches = grid * grid
+    prototypes = rng.standard_normal((32, dim)).astype(np.float32)
+    # each image: a layout of prototypes per patch position, jittered per image
+    layout = rng.integers(0, len(prototypes), size=n_patches)
+    labels = np.zeros(n_images, dtype=bool)
+    labels[rng.choice(n_images, size=int(round(rate * n_images)), replace=False)] = True
+    features = np.empty((n_images, n_patches, dim), dtype=np.float32)
+    for start in range(0, n_images, 1000):
+        stop = min(n_images, start + 1000)
+        swap = rng.random((stop - start, n_patches)) < 0.2  # some positions show another normal pattern
+        pattern = np.where(swap, rng.integers(0, len(prototypes), size=(stop - start, n_patches)), layout)
+        block = prototypes[pattern] + 0.6 * rng.standard_normal((stop - start, n_patches, dim), dtype=np.float32)
+        for row in np.flatnonzero(labels[start:stop]):
+            spot = rng.choice(n_patches, size=max(1, n_patches // 10), replace=False)  # a defect region
+            block[row, spot] += 1.5 * rng.standard_normal(dim, dtype=np.float32)  # its own defect
+        block /= np.linalg.norm(block, axis=-1, keepdims=True)
+        features[start:stop] = block
+    return features, labels
+
+
+def vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return -1
+
+
+def child(args) -> None:
+    import torch
+
+    from medsclean.config import parse_size
+    from medsclean.memory import image_scores, score_classes
+
+    torch.set_num_threads(args.threads)
+    features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
+    features = torch.from_numpy(features)
+    before = vm_kib("VmRSS")
+    engine, method = (args.child.split("-") + ["greedy"])[:2]
+    extra = {}
+    if engine == "approx":
+        import medsclean.memory as memory
+
+        if method == "random":  # the random-subsample variant, for the coreset choice
+            original = memory.coreset_patches
+            memory.coreset_patches = lambda *a, **kw: original(*a, **{**kw, "method": "random"})
+        extra["coreset"] = args.coreset
+    t0 = time.perf_counter()
+    maps, _ = score_classes(features, ["c"] * args.n, engine=engine, seed=args.seed,
+                            max_memory=parse_size(args.max_memory) if args.max_memory else None, **extra)
+    seconds = time.perf_counter() - t0
+    scores = image_scores(maps).numpy()
+    np.savez(args.out, scores=scores, labels=labels)
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": vm_kib("VmHWM") / 1024,
+                      "rss_before_mib": before / 1024}))
+
+
+def top_share(scores: np.ndarray, rate: float) -> np.ndarray:
+    count = max(1, int(round(rate * len(scores))))
+    mask = np.zeros(len(scores), dtype=bool)
+    mask[np.argsort(-scores, kind="stable")[:count]] = True
+    return mask
+
+
+def run_case(case: str, n: int, args, workdir: Path) -> dict:
+    out = workdir / f"{case}-{n}.npz"
+    command = [sys.executable, __file__, "--child", case, "--n", str(n), "--out", str(out), "--grid", str(args.grid),
+               "--dim", str(args.dim), "--rate", str(args.rate), "--seed", str(args.seed), "--coreset",
+               str(args.coreset), "--threads", str(args.threads)]
+    if args.max_memory:
+        command += ["--max-memory", args.max_memory]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    data = np.load(out)
+    result.update(case=case, n=n, scores=data["scores"], labels=data["labels"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 4000, 8000])
+    parser.add_argument("--exact-max", type=int, default=4000, help="largest N timed with the exact engine")
+    parser.add_argument("--random-max", type=int, default=1000, help="largest N also run with a random-subsample "
+                        "coreset (0: none)")
+    parser.add_argument("--grid", type=int, default=6)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=0.1, help="planted contamination rate")
+    parser.add_argument("--coreset", type=float, default=0.1)
+    parser.add_argument("--max-memory", default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    from sklearn.metrics import roc_auc_score
+
+    from medsclean.memory import exact_flops
+
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_scale"
+    workdir.mkdir(parents=True, exist_ok=True)
+    n_patches = args.grid * args.grid
+    rows = []
+    print(f"P = {n_patches}, D = {args.dim}, rate = {args.rate}, coreset = {args.coreset}, "
+          f"threads = {args.threads}, max_memory = {args.max_memory}", flush=True)
+    header = ("| N | engine | Step-1 time (s) | GFLOP/s (exact products) | peak RSS (MiB) | RSS before (MiB) | "
+              "AUROC vs planted | AUROC vs exact rejected | rejected recall vs exact | recall of planted |")
+    print(header + "\n|" + "---|" * 10, flush=True)
+    for n in args.sizes:
+        cases = (["exact"] if n <= args.exact_max else []) + ["approx"] + \
+            (["approx-random"] if n <= args.random_max else [])
+        exact = None
+        for case in cases:
+            r = run_case(case, n, args, workdir)
+            flops = exact_flops(n, n_patches, args.dim)
+            r["gflops"] = flops / r["seconds"] / 1e9 if case == "exact" else None
+            r["auroc_planted"] = float(roc_auc_score(r["labels"], r["scores"]))
+            r["recall_planted"] = float((top_share(r["scores"], args.rate) & r["labels"]).sum() / r["labels"].sum())
+            if case == "exact":
+                exact = r
+            if exact is not None and case != "exact":
+                rejected = top_share(exact["scores"], args.rate)
+                r["auroc_vs_exact"] = float(roc_auc_score(rejected, r["scores"]))
+                r["recall_vs_exact"] = float((top_share(r["scores"], args.rate) & rejected).sum() / rejected.sum())
+            else:
+                r["auroc_vs_exact"] = r["recall_vs_exact"] = None
+            show = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
+            print(f"| {n} | {case} | {r['seconds']:.1f} | {show(r['gflops'], '{:.1f}')} | {r['peak_rss_mib']:.0f} | "
+                  f"{r['rss_before_mib']:.0f} | {r['auroc_planted']:.3f} | {show(r['auroc_vs_exact'])} | "
+                  f"{show(r['recall_vs_exact'])} | {r['recall_planted']:.3f} |", flush=True)
+            rows.append({k: v for k, v in r.items() if k not in ("scores", "labels")})
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

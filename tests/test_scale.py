@@ -1,0 +1,166 @@
+"""Scaling Step 1: the approximate (coreset) engine, the automatic choice, and --max-memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medsclean.config import ScoreConfig, parse_size
+from medsclean.errors import ConfigError, DataError
+from medsclean.memory import (
+    AUTO_EXACT_SECONDS,
+    auto_picks_approx,
+    block_budget,
+    choose_engine,
+    coreset_patches,
+    coreset_size,
+    draw_banks,
+    memory_scores_approx,
+    memory_scores_exact,
+    projected_exact_seconds,
+    score_classes,
+)
+from medsclean.score import step1_maps
+from tests.test_memory import random_features, structured_features
+
+
+def oracle_approx(features: np.ndarray, kept: np.ndarray, banks: np.ndarray, k: int, leave_self_out: bool):
+    """Brute force: each bank's memory is the kept patches of its distinct members (minus the query image)."""
+    features = features.astype(np.float64)
+    n_images, n_patches, dim = features.shape
+    reduced = np.stack([features[i, kept[i]] for i in range(n_images)])
+    sums, counts = np.zeros((n_images, n_patches)), np.zeros(n_images)
+    for bank in banks:
+        members = np.unique(bank)
+        for image in range(n_images):
+            others = members[members != image] if leave_self_out else members
+            if len(others) == 0:
+                continue
+            distances = 1.0 - features[image] @ reduced[others].reshape(-1, dim).T
+            sums[image] += np.sort(distances, axis=1)[:, :k].mean(axis=1)
+            counts[image] += 1
+    return sums / counts[:, None]
+
+
+@pytest.mark.parametrize("method", ["greedy", "random"])
+@pytest.mark.parametrize("k,leave_self_out", [(1, True), (2, True), (1, False)])
+def test_approx_equals_brute_force_on_its_coreset(method, k, leave_self_out):
+    features = random_features(12, 16, 8, seed=3)
+    banks = draw_banks(12, 7, 0.3, generator=np.random.default_rng(1))
+    kept = coreset_patches(features, 0.25, generator=np.random.default_rng(5), method=method, k=k).numpy()
+    assert kept.shape == (12, coreset_size(16, 0.25, k)) == (12, 4)
+    assert all(len(np.unique(row)) == len(row) for row in kept)  # distinct patches
+    maps = memory_scores_approx(features, banks, coreset=0.25, generator=np.random.default_rng(5), method=method,
+                                k=k, leave_self_out=leave_self_out, max_block_bytes=3_000)
+    reference = oracle_approx(features, kept, banks, k, leave_self_out)
+    assert np.abs(maps.numpy() - reference).max() <= 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_approx_with_every_patch_is_the_exact_engine_and_never_below_it(k):
+    features = structured_features(10, 4, 12, seed=2)
+    banks = draw_banks(10, 9, 0.3, generator=np.random.default_rng(0))
+    exact = memory_scores_exact(features, banks, k=k)
+    assert torch.equal(memory_scores_approx(features, banks, coreset=1.0, k=k), exact)
+    for coreset in (0.1, 0.3, 0.6):
+        approx = memory_scores_approx(features, banks, coreset=coreset, k=k, generator=np.random.default_rng(4))
+        assert (approx >= exact - 1e-6).all()
+
+
+def test_greedy_coreset_covers_the_image_better_than_its_first_centre():
+    """The k-center rule: every further centre is the patch farthest from those chosen."""
+    points = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.9, 0.0], [0.0, 1.0], [0.05, 0.0]]])
+    kept = coreset_patches(points, 0.6, generator=np.random.default_rng(0), projection_dim=8)[0].tolist()
+    start = kept[0]
+    assert len(kept) == 3 and len(set(kept)) == 3
+    if start == 0:
+        assert set(kept[1:]) == {1, 3}
+
+
+def test_score_classes_approx_is_deterministic_per_seed():
+    features = random_features(16, 16, 8, seed=0)
+    classes = ["a"] * 8 + ["b"] * 8
+    first, banks = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=3)
+    again, banks_again = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=3)
+    other, _ = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=4)
+    exact, exact_banks = score_classes(features, classes, n_banks=6, engine="exact", seed=3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert all(torch.equal(banks[c], exact_banks[c]) for c in banks)  # the coreset draws after the banks
+    assert (first >= exact - 1e-6).all() and (first > exact + 1e-4).any()
+    full, _ = score_classes(features, classes, n_banks=6, engine="approx", coreset=1.0, seed=3)
+    assert torch.equal(full, exact)
+    # refinement rounds score against the same coreset each round
+    refined, _ = score_classes(features, classes, n_banks=1, ratio=1.0, replace=False, engine="approx",
+                               coreset=0.25, seed=3, refine_rounds=2, refine_drop=0.2)
+    assert torch.isfinite(refined).all()
+
+
+def test_max_memory_changes_blocks_not_scores():
+    features = random_features(40, 16, 24, seed=1)
+    classes = ["a"] * 25 + ["b"] * 15
+    maps = {}
+    for bound in (None, 8 * 2**20, 64 * 2**20, 2**32):
+        for engine in ("exact", "approx"):
+            maps[bound, engine], _ = score_classes(features, classes, n_banks=12, engine=engine, seed=0,
+                                                   max_memory=bound, coreset=0.5)
+    for engine in ("exact", "approx"):
+        reference = maps[None, engine]
+        for bound in (8 * 2**20, 64 * 2**20, 2**32):
+            assert torch.allclose(maps[bound, engine], reference, atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match="raise --max-memory"):
+        score_classes(random_features(4000, 16, 64, seed=0), ["a"] * 4000, n_banks=2, engine="exact",
+                      max_memory=20 * 10**6)
+
+
+def test_block_budget_counts_the_class_tensors():
+    own = 4 * (100 * 64 * 32 + 2 * 100 * 64)
+    assert block_budget(own + 2**23, 100, 64, 32) == 2**23
+    assert block_budget(own + 2**23, 100, 64, 32, coreset=0.1) == 2**23 - 4 * 100 * 7 * 32
+
+
+def test_auto_picks_approx_only_above_the_projected_time():
+    assert not auto_picks_approx(200, 784, 768, device="cpu")
+    assert choose_engine(200, 784, 768, device="cpu", faiss_gpu=False).name == "exact"
+    big = choose_engine(5000, 784, 152, device="cpu", faiss_gpu=False)
+    assert big.name == "approx" and "min" in big.reason
+    assert projected_exact_seconds(5000, 784, 152) > AUTO_EXACT_SECONDS
+    assert choose_engine(5000, 784, 152, device="cuda:0", faiss_gpu=False).name == "exact"
+    assert not auto_picks_approx(5000, 784, 152, device="cpu", coreset=1.0)
+    # the threshold: the largest class kept exact on the CPU is a monotone cut in N
+    sizes = [n for n in range(100, 3000, 50) if not auto_picks_approx(n, 784, 152)]
+    assert sizes == list(range(100, sizes[-1] + 50, 50))
+
+
+def test_step1_maps_passes_coreset_and_max_memory():
+    features = random_features(10, 16, 8, seed=0)
+    cfg = ScoreConfig(banks=4, engine="approx", coreset=0.25, max_memory="1GB")
+    maps, _ = step1_maps(features, ["a"] * 10, cfg, device="cpu")
+    direct, _ = score_classes(features, ["a"] * 10, n_banks=4, engine="approx", coreset=0.25)
+    assert torch.equal(maps, direct)
+
+
+def test_config_parses_sizes_and_validates():
+    assert parse_size("4GB") == 4 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size(123) == 123
+    assert parse_size("1.5g") == 1_500_000_000 and parse_size("2000000") == 2_000_000
+    for bad in ("4 parsecs", "-1GB", "GB", True):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert ScoreConfig(max_memory="4GB").max_memory_bytes == 4 * 10**9
+    assert ScoreConfig().max_memory_bytes is None
+    for field, value in (("coreset", 0.0), ("coreset", 1.5), ("max_memory", "lots"), ("max_memory", "1MB")):
+        with pytest.raises(ConfigError) as error:
+            ScoreConfig(**{field: value})
+        assert error.value.param == field
+
+
+def test_key_fields_name_the_approximation_only_when_it_changes_scores():
+    base = ScoreConfig().key_fields()
+    assert "coreset" not in base and "engine" not in base and "max_memory" not in base
+    assert ScoreConfig(max_memory="4GB").key_fields() == base
+    assert ScoreConfig(engine="exact", coreset=0.5).key_fields() == base
+    approx = ScoreConfig(engine="approx").key_fields()
+    assert approx["engine"] == "approx" and approx["coreset"] == ScoreConfig.coreset
+    assert ScoreConfig(engine="approx", coreset=1.0).key_fields() == base
+    assert ScoreConfig(engine="auto").key_fields(approx=True) == approx
