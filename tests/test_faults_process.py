@@ -54,10 +54,17 @@ def _entries(work: Path) -> int:
     return sum(1 for _ in folder.rglob("*.safetensors")) if folder.is_dir() else 0
 
 
+def _default_sigint() -> None:
+    """Give the child the default SIGINT disposition: a test runner started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(images: Path, work: Path) -> subprocess.Popen:
     """Start an extraction in a session of its own and return once it has written a few entries."""
     proc = subprocess.Popen(_command(images, work), env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     deadline = time.monotonic() + START_TIMEOUT_S
     while _entries(work) < ENTRIES_BEFORE_SIGNAL:
         if proc.poll() is not None:
