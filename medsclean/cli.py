@@ -296,9 +296,7 @@ def select(given: Given) -> None:
         run.reporter.info(f"export: {exported['kept']} kept and {exported['rejected']} rejected images in "
                           f"{summary['export']} ({'copies' if given.copy else 'symlinks'})")
     if to_stdout:
-        keep = results["cut"].artifact.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
-        paths = pipeline.user_paths(given.images, results["cut"].artifact.manifest["images"])
-        typer.echo("".join(f"{p}\n" for p, k in zip(paths, keep) if k), nl=False)
+        typer.echo(pipeline.user_list(given.images, results, kept=True), nl=False)
         summary["clean_list"] = "-"
     if given.as_json:
         _emit("select", summary, True, "")

@@ -270,6 +270,17 @@ def user_paths(images_arg: Path, rows: list[dict]) -> list[str]:
     return [(prefix / row["path"]).as_posix() for row in rows]
 
 
+def kept_flags(results: dict) -> list[bool]:
+    """One flag per image of the run's cut, in its manifest's order: True for a kept image."""
+    return results["cut"].artifact.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
+
+
+def user_list(images_arg: Path, results: dict, *, kept: bool) -> str:
+    """The kept (or rejected) images of the run's cut, one user path per line."""
+    paths = user_paths(images_arg, results["cut"].artifact.manifest["images"])
+    return "".join(f"{p}\n" for p, k in zip(paths, kept_flags(results)) if k == kept)
+
+
 def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
                    rejected_out: Path | None = None) -> dict:
     """Per-class counts, stage times and output paths; writes the clean list to `out` and the
@@ -278,16 +289,14 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
 
     art = results["cut"].artifact
     images = art.manifest["images"]
-    keep = art.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
     per_class: dict[str, dict] = {}
-    for row, kept in zip(images, keep):
+    for row, kept in zip(images, kept_flags(results)):
         c = per_class.setdefault(row["class"], {"images": 0, "kept": 0, "rejected": 0})
         c["images"] += 1
         c["kept" if kept else "rejected"] += 1
-    paths = user_paths(images_arg, images)
     for target, wanted in ((out, True), (rejected_out, False)):
         if target is not None:
-            write_text_atomic(Path(target), "".join(f"{p}\n" for p, k in zip(paths, keep) if k == wanted))
+            write_text_atomic(Path(target), user_list(images_arg, results, kept=wanted))
     selected = results["select"]
     return {"clean_list": str(Path(out).resolve()) if out is not None else None,
             "rejected_list": str(Path(rejected_out).resolve()) if rejected_out is not None else None,
@@ -345,8 +354,8 @@ def select_export(run: Run, results: dict, images_arg: Path, out: Path, *, copy:
 
     cut = results["cut"].artifact
     rows = cut.manifest["images"]
-    keep = cut.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
-    return export_tree(out, run.data.images, rows, keep, user_paths(images_arg, rows), copy=copy, run=cut.key)
+    return export_tree(out, run.data.images, rows, kept_flags(results), user_paths(images_arg, rows), copy=copy,
+                       run=cut.key)
 
 
 def print_select_table(summary: dict, *, stderr: bool = False) -> None:
@@ -390,7 +399,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     from .store import write_json_atomic, write_text_atomic
 
     if results is not None:
-        if eval_cfg.model not in ("memory", "select") and eval_cfg.model not in results:
+        if eval_cfg.model == "distill" and "distill" not in results:
             from .errors import ConfigError
 
             raise ConfigError("model", f"model {eval_cfg.model}: this run has no distilled model (method "
