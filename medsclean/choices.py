@@ -78,3 +78,8 @@ class EvalModel(Choice):
     SELECT = "select"
     DISTILL = "distill"
     MEMORY = "memory"
+
+
+class Executor(Choice):
+    LOCAL = "local"
+    RAY = "ray"

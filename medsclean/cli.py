@@ -28,12 +28,13 @@ app = typer.Typer(
 
 IMAGES = argument("images", "Image folder or MVTec-layout dataset root.", "IMAGES")
 STAGE_GROUPS = {
-    "extract": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT),
-    "score": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE),
-    "distill": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL),
-    "select": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT,
+    "extract": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.CLUSTER),
+    "score": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.CLUSTER, opts.SCORE),
+    "distill": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.CLUSTER, opts.SCORE, opts.DISTILL),
+    "select": (opts.RUN, opts.FORCE, opts.DATA, opts.EXTRACT, opts.CLUSTER, opts.SCORE, opts.DISTILL, opts.SELECT,
                opts.LISTS, opts.REPORT, opts.EXPORT, opts.COPY),
-    "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL, opts.REPORT),
+    "eval": (opts.RUN, opts.DATA, opts.EXTRACT, opts.CLUSTER, opts.SCORE, opts.DISTILL, opts.SELECT, opts.EVAL,
+             opts.REPORT),
     "runs": (tuple(o for o in opts.RUN if o.name in ("work", "as_json")), opts.RUNS),
     "demo": (opts.RUN, opts.EXTRACT, opts.SCORE, opts.DISTILL, opts.SELECT, opts.NOISE, opts.DEMO),
     "make-noisy": (opts.NOISE, opts.MAKE_NOISY, opts.COPY, tuple(o for o in opts.RUN

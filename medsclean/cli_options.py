@@ -118,6 +118,16 @@ EXTRACT = _opts(
     Opt("batch_size", int, ("extract", "batch_size"), "Images per encoder batch."),
     Opt("num_workers", int, ("extract", "num_workers"), "Image-decoding worker processes (0: in this process)."),
 )
+CLUSTER = _opts(
+    Opt("executor", choices.Executor, ("cluster", "executor"),
+        "Where the stages run: local (this process) or ray (Ray workers: extract through Ray Data, the exact "
+        "Step 1 as Ray tasks; same results; needs pip install 'medsclean[ray]' and a work folder every node "
+        "sees)."),
+    Opt("ray_address", str, ("cluster", "address"), "Ray cluster to join: auto (the cluster of this machine) or "
+        "ray://HOST:PORT.", default="start a private instance on this machine", metavar="ADDRESS"),
+    Opt("ray_workers", int, ("cluster", "workers"), "CPU workers of the private Ray instance.",
+        default="every core"),
+)
 SCORE = _opts(
     Opt("banks", int, ("score", "banks"), "Number of random memories B."),
     Opt("bank_ratio", float, ("score", "ratio"), "Share of a class's images in each memory (rho)."),
@@ -224,7 +234,7 @@ RUNS = _opts(
 COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of symlinking them.",
                  default="symlinks"),)
 
-ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *CLUSTER, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
 BY_NAME = {o.name: o for o in ALL_OPTS}
 assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
 

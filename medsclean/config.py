@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
-from .choices import Aggregate, ClassFrom, Cut, Engine, EvalModel, Layout, Loss, Method, PresetName, Split
+from .choices import Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, Layout, Loss, Method, PresetName, Split
 from .errors import ConfigError
 
 
@@ -390,8 +390,43 @@ class DemoConfig:
                  f"noise_ratio must be 0 or more, not {self.noise_ratio}")
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the stages run: in this process (`local`) or on a Ray cluster (`ray`).
+
+    The executor changes where the work is done, never its result: it is not part of any cache key.
+
+    address: None starts a private Ray instance on this machine (stopped when the command ends);
+        "auto" joins the cluster this machine belongs to; "ray://host:port" a remote one.
+    workers: CPU workers of a private instance (None: every core); ignored when joining a cluster.
+    """
+
+    STAGE: ClassVar[str] = "cluster"
+
+    executor: str = "local"
+    address: str | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        s = self.STAGE
+        _one_of(s, "executor", self.executor, Executor)
+        _require(self.executor == Executor.RAY or (self.address is None and self.workers is None), s,
+                 "address" if self.address is not None else "workers",
+                 "address and workers are options of executor ray; add --executor ray or drop them")
+        _require(self.workers is None or self.workers >= 1, s, "workers",
+                 f"workers must be at least 1, not {self.workers}")
+        _require(self.executor != Executor.RAY or _ray_installed(), s, "executor",
+                 "executor ray needs the ray package: pip install 'medsclean[ray]'")
+
+
+def _ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 STAGE_CONFIGS = {c.STAGE: c for c in (DataConfig, ExtractConfig, ScoreConfig, DistillConfig, SelectConfig,
-                                      CutConfig, EvalConfig, NoiseConfig, DemoConfig)}
+                                      CutConfig, EvalConfig, NoiseConfig, DemoConfig, ClusterConfig)}
 
 
 @dataclass(frozen=True)

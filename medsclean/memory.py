@@ -39,9 +39,10 @@ An approximate engine trades exactness for speed on large classes:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Literal, NamedTuple, Sequence
+from typing import Callable, Hashable, Literal, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -915,6 +916,7 @@ def score_classes(
     refine_drop: float = ScoreConfig.refine_drop,
     aggregate: Aggregate = "top1pct",
     tables: dict[Hashable, torch.Tensor] | None = None,
+    executor: "TaskExecutor | None" = None,
     on_engine: Callable[[Hashable, EngineChoice], None] | None = None,
     on_progress: Callable[[Hashable, int, int], None] | None = None,
     on_class: Callable[[Hashable], None] | None = None,
@@ -927,7 +929,9 @@ def score_classes(
     across classes, and the same seed gives identical output.
 
     Args:
-        features: (N, P, D) L2-normalised patch features of all images.
+        features: (N, P, D) L2-normalised patch features of all images: a tensor, or rows read on
+            demand (``store.ShardedRows``), so that only one class is in memory at a time, and
+            under ``max_memory`` not even that (the exact engine then streams key chunks).
         classes: N class labels, one per image.
         n_banks: B banks per class.
         ratio: fraction of the class per bank.
@@ -953,6 +957,8 @@ def score_classes(
         aggregate: image score that ranks images during refinement.
         tables: class -> its :func:`nearest_table`, precomputed; such a class is scored from
             its table (the same maps, no pass over the features).
+        executor: runs the exact engine's (query block x key chunk) tasks elsewhere (Ray workers,
+            ``medsclean.distributed``); the maps are identical to those of this process.
         on_engine: called with (class, EngineChoice) before a class is scored.
         on_progress: called with (class, done, total) as a class advances.
         on_class: called with the class label when a class is finished.
@@ -965,12 +971,13 @@ def score_classes(
         DataError: a class has a single image under leave-self-out.
         ConfigError: an unknown engine or an invalid option.
     """
-    features = _as_feature_tensor(features)  # stays float16 if stored so; engines widen one class at a time
-    if len(classes) != features.shape[0]:
-        raise ValueError(f"got {len(classes)} class labels for {features.shape[0]} feature maps")
+    source = features if hasattr(features, "subset") else None
+    tensor = None if source is not None else _as_feature_tensor(features)  # float16 stays float16
+    if len(classes) != (source or tensor).shape[0]:
+        raise ValueError(f"got {len(classes)} class labels for {(source or tensor).shape[0]} feature maps")
     if engine not in ("auto", "exact", "faiss", "approx"):
         raise ConfigError("engine", f"engine must be auto, exact, faiss or approx, not {engine!r}")
-    n_images, n_patches, dim = features.shape
+    n_images, n_patches, dim = (source or tensor).shape
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     banks_per_class: dict[Hashable, torch.Tensor] = {}
     for label, positions in _group_images(classes, per_class).items():
@@ -979,6 +986,8 @@ def score_classes(
                 f"class {label!r} has a single training image, so leave-self-out has no memory for it; "
                 "add images to the class or pass --include-self"
             )
+        rows = torch.from_numpy(positions)
+        class_rows = source.subset(positions) if source is not None else _memory_blocks().TensorRows(tensor[rows])
         generator = class_generator(seed, label)
         local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator,
                                  min_images=min_bank)
@@ -987,8 +996,12 @@ def score_classes(
             on_engine(label, choice)
         progress = None if on_progress is None else (lambda done, total, label=label: on_progress(label, done, total))
         options = dict(k=k, leave_self_out=leave_self_out, on_block=progress)
-        class_block_bytes = max_block_bytes
-        if max_memory is not None and choice.name in ("exact", "approx"):
+        class_block_bytes, key_images = max_block_bytes, None
+        if max_memory is not None and choice.name == "exact" and \
+                working_set_bytes(len(positions), n_patches, dim, k=k) + MIN_BLOCK_BYTES > max_memory:
+            class_block_bytes, key_images = streaming_layout(max_memory, len(positions), n_patches, dim, k=k,
+                                                             label=label)
+        elif max_memory is not None and choice.name in ("exact", "approx"):
             class_block_bytes = block_budget(max_memory, len(positions), n_patches, dim, k=k, label=label,
                                              coreset=coreset if choice.name == "approx" else 1.0)
         if choice.name in ("exact", "approx"):
@@ -1002,16 +1015,22 @@ def score_classes(
             options.update(coreset=coreset, generator=generator)
         engine_function = {"exact": memory_scores_exact, "faiss": memory_scores_faiss,
                            "approx": memory_scores_approx}[choice.name]
-        rows = torch.from_numpy(positions)
-        def score_against(bank, rows=rows, options=options):
+
+        def score_against(bank, class_rows=class_rows, options=options):
             if "generator" in options:
                 generator.bit_generator.state = coreset_state
-            return engine_function(features[rows], bank, **options)
+            return engine_function(class_rows.read(), bank, **options)
 
+        blocked = choice.name == "exact" and (executor is not None or key_images is not None) and \
+            torch.device(device).type == "cpu"
+        if blocked:
+            score_against = functools.partial(
+                _score_blocked, class_rows, k=k, leave_self_out=leave_self_out, max_block_bytes=class_block_bytes,
+                key_images=key_images, executor=executor, on_block=progress)
         table = (tables or {}).get(label)
-        if table is None and refine_rounds and choice.name == "exact" and \
+        if table is None and refine_rounds and choice.name == "exact" and not blocked and \
                 table_bytes(len(positions), n_patches, k) <= TABLE_BYTES:
-            table = nearest_table(features[rows], k=k, device=device, max_block_bytes=class_block_bytes,
+            table = nearest_table(class_rows.read(), k=k, device=device, max_block_bytes=class_block_bytes,
                                   on_block=progress)
         if table is not None:
             score_against = lambda bank, table=table: scores_from_table(  # noqa: E731
@@ -1025,6 +1044,60 @@ def score_classes(
         if on_class is not None:
             on_class(label)
     return maps, banks_per_class
+
+
+class TaskExecutor(Protocol):
+    """Runs the exact engine's block tasks (``memory_blocks.MapTasks``) on `workers` workers."""
+
+    workers: int
+
+    def map_tasks(self, function, job, tasks): ...
+
+
+def _memory_blocks():
+    from . import memory_blocks  # it imports this module's engine internals
+
+    return memory_blocks
+
+
+def _score_blocked(class_rows, bank: np.ndarray, *, k: int, leave_self_out: bool, max_block_bytes: int | None,
+                   key_images: int | None, executor: TaskExecutor | None, on_block) -> torch.Tensor:
+    """The exact maps of a class from block tasks: streamed here under a memory bound, or spread
+    over the executor's workers (about four tasks per worker)."""
+    blocks = _memory_blocks()
+    if executor is None:
+        return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
+                                            max_block_bytes=max_block_bytes, key_images=key_images, on_block=on_block)
+    n_images, n_patches, _ = class_rows.shape
+    members = _padded_members(_check_banks(bank, n_images), pad_index=n_images)
+    plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=len(bank), bank_width=members.shape[1],
+                             max_block_bytes=CPU_BLOCK_BYTES if max_block_bytes is None else max_block_bytes)
+    query_blocks = math.ceil(n_images / plan.query_images)
+    chunks = max(1, math.ceil(4 * executor.workers / query_blocks))
+    if key_images is not None:
+        chunks = max(chunks, math.ceil(n_images / key_images))
+    return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
+                                        max_block_bytes=max_block_bytes, key_chunks=chunks,
+                                        map_tasks=executor.map_tasks, on_block=on_block)
+
+
+def streaming_layout(max_memory: int, n_images: int, n_patches: int, dim: int, *, k: int = 1,
+                     label: Hashable = ALL_CLASSES) -> tuple[int, int]:
+    """Block budget and key-chunk size (images) of the exact engine when the class's features do
+    not fit in ``max_memory``: the (N, P) maps are held, a quarter of the rest goes to a key chunk
+    of float16 features (read, then copied out of its shard), the blocks take the rest.
+
+    Raises:
+        DataError: the maps alone leave less than twice :data:`MIN_BLOCK_BYTES`.
+    """
+    own = 2 * _FLOAT_BYTES * n_images * n_patches
+    budget = max_memory - own
+    if budget < 2 * MIN_BLOCK_BYTES:
+        raise DataError(
+            f"class {label!r} needs {own / 1e9:.2f} GB for its maps alone, more than the {max_memory / 1e9:.2f} GB "
+            f"of --max-memory allow with {2 * MIN_BLOCK_BYTES // _MIB} MiB of blocks; raise --max-memory")
+    key_images = max(1, (budget // 4) // (2 * 2 * n_patches * dim))
+    return int(budget // 2), int(key_images)
 
 
 def refine_memory(

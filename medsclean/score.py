@@ -86,15 +86,16 @@ def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **o
 
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
-              reporter: Reporter) -> ScoreResult:
-    """Compute (or reuse) the Step-1 maps for every extracted image."""
+              reporter: Reporter, executor=None) -> ScoreResult:
+    """Compute (or reuse) the Step-1 maps for every extracted image; `executor` (a
+    `memory.TaskExecutor`, e.g. Ray workers) runs the exact engine's block tasks, to the same maps."""
     t0 = time.perf_counter()
     key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .memory import image_scores
 
-    memory = features.sharded_tensors(["index", "memory"])["memory"]
+    memory = features.rows("memory")  # read class by class (or block by block), never all at once
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
     chosen = []
@@ -112,7 +113,8 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
             finished[name] = total
 
     with reporter.task("score", total=len(images)) as task:
-        maps, banks = step1_maps(memory, classes, cfg, device=device, on_engine=on_engine, on_progress=on_progress)
+        maps, banks = step1_maps(memory, classes, cfg, device=device, on_engine=on_engine, on_progress=on_progress,
+                                 executor=executor)
     engine = cfg.engine
     if engine != "ivf" and chosen:
         engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))

@@ -281,6 +281,88 @@ class Artifact:
                 parts.setdefault(k, []).append(v)
         return {k: torch.cat(v) for k, v in parts.items() if k != "index"}
 
+    def rows(self, name: str = "memory") -> "ShardedRows":
+        """Tensor `name` of every image, read from the shards on demand (see `ShardedRows`)."""
+        spans, start = [], 0
+        for shard in self.manifest["shards"]:
+            if shard["rows"]:
+                spans.append((str(self.path / shard["file"]), start, shard["rows"]))
+                start += shard["rows"]
+        shape = self.manifest["tensors"][spans[0][0].rsplit("/", 1)[-1]][name]["shape"] if spans else [0, 0, 0]
+        return ShardedRows(name, tuple(spans), tuple(range(start)), (start, *shape[1:]))
+
+
+@dataclass(frozen=True)
+class ShardedRows:
+    """Rows of one tensor of a sharded artifact, read from its files only when asked for.
+
+    Row i is image `positions[i]` of the artifact (its order in the manifest's image table).
+    Pickles as a few paths and numbers, so that a worker on another node of a cluster reads only
+    the rows it needs from storage both can see.
+
+    Attributes:
+        name: the tensor ("memory": (P, D) per image).
+        spans: (file, first position, rows) of each non-empty shard, in order.
+        positions: artifact positions of these rows.
+        shape: (len(positions), *row shape).
+    """
+
+    name: str
+    spans: tuple[tuple[str, int, int], ...]
+    positions: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def subset(self, rows) -> "ShardedRows":
+        """The rows `rows` (indices into this one) as a new `ShardedRows`."""
+        picked = tuple(self.positions[int(i)] for i in rows)
+        return ShardedRows(self.name, self.spans, picked, (len(picked), *self.shape[1:]))
+
+    def read(self, start: int = 0, stop: int | None = None):
+        """Rows start..stop-1 as one tensor of the stored dtype; each shard is opened once and only the
+        range of its rows that is needed is read."""
+        import torch
+        from safetensors import SafetensorError, safe_open
+
+        wanted = self.positions[start:stop]
+        if not wanted:
+            return torch.empty(0, *self.shape[1:])
+        parts = []
+        for path, first, count, rows in self._by_shard(wanted):
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    lo, hi = min(rows) - first, max(rows) - first + 1
+                    block = f.get_slice(self.name)[lo:hi]
+            except (OSError, KeyError, ValueError, SafetensorError) as exc:
+                raise DataError(f"{path}: unreadable artifact file ({exc}); rerun the stage with --force") from exc
+            local = torch.tensor([r - first - lo for r in rows])
+            parts.append(block if len(rows) == hi - lo and bool((local == torch.arange(len(rows))).all())
+                         else block[local])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def load(self):
+        """Every row, as one tensor."""
+        return self.read(0, None)
+
+    def _by_shard(self, wanted: tuple[int, ...]) -> list[tuple[str, int, int, list[int]]]:
+        """Consecutive runs of `wanted` that fall in the same shard, in order."""
+        import bisect
+
+        firsts = [first for _, first, _ in self.spans]
+        runs: list[tuple[str, int, int, list[int]]] = []
+        for position in wanted:
+            shard = bisect.bisect_right(firsts, position) - 1
+            path, first, count = self.spans[shard]
+            if not 0 <= position - first < count:
+                raise IndexError(f"row {position} is outside the artifact's {firsts[-1] + self.spans[-1][2]} rows")
+            if runs and runs[-1][0] == path:
+                runs[-1][3].append(position)
+            else:
+                runs.append((path, first, count, [position]))
+        return runs
+
 
 LATEST = "LATEST"
 

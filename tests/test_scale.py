@@ -20,6 +20,8 @@ from medsclean.memory import (
     memory_scores_exact,
     projected_exact_seconds,
     score_classes,
+    streaming_layout,
+    working_set_bytes,
 )
 from medsclean.score import step1_maps
 from tests.test_memory import random_features, structured_features
@@ -109,9 +111,20 @@ def test_max_memory_changes_blocks_not_scores():
         reference = maps[None, engine]
         for bound in (8 * 2**20, 64 * 2**20, 2**32):
             assert torch.allclose(maps[bound, engine], reference, atol=1e-6, rtol=0)
-    with pytest.raises(DataError, match="raise --max-memory"):
+    with pytest.raises(DataError, match="raise --max-memory"):  # the maps alone leave too little
         score_classes(random_features(4000, 16, 64, seed=0), ["a"] * 4000, n_banks=2, engine="exact",
-                      max_memory=20 * 10**6)
+                      max_memory=6 * 2**20)
+
+
+def test_a_class_larger_than_the_bound_streams_its_key_chunks():
+    features = random_features(1200, 16, 64, seed=2)  # 4.9 MB of float32 features
+    bound = 8_600_000  # less than those, 4 MiB of blocks and the maps: the exact engine streams
+    assert working_set_bytes(1200, 16, 64) + 4 * 2**20 > bound
+    block_bytes, key_images = streaming_layout(bound, 1200, 16, 64)
+    assert key_images < 1200 and block_bytes < bound
+    streamed, _ = score_classes(features, ["a"] * 1200, n_banks=5, engine="exact", seed=0, max_memory=bound)
+    unbounded, _ = score_classes(features, ["a"] * 1200, n_banks=5, engine="exact", seed=0)
+    assert torch.allclose(streamed, unbounded, atol=1e-6, rtol=0)
 
 
 def test_block_budget_counts_the_class_tensors():

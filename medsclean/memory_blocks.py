@@ -1,0 +1,231 @@
+"""The exact Step-1 engine as independent tasks: (query block) x (key chunk), then a min-reduction.
+
+`memory.memory_scores_exact` scores a block of query images against every image of the class at
+once. Here the images of the class are also cut into key chunks. A task scores one query block
+against one key chunk and returns, per query patch, its best distances to each memory restricted
+to the chunk's images (plus to all of them, the fallback of a patch no memory can score). The
+nearest distance to a memory is a minimum over its images, so the result of all chunks is the
+elementwise minimum of the parts (for k > 1: the k smallest of the parts' k smallest). The bank
+sum is then done as the one-pass engine does it.
+
+Tasks read their rows from a `FeatureRows` source, so that neither a task nor the caller holds
+the class's features: a tensor in memory, or the rows of the features artifact on disk
+(`store.ShardedRows`). A task is a plain picklable value; `map_tasks` decides where it runs (in
+this process, or on Ray workers: `medsclean.distributed.score`).
+
+Identical to the one-pass engine, bit for bit, when both use the same `ExactPlan`: the query
+blocks, the database blocks of each matrix product and the bank chunks of the sum are the same,
+and the key chunks are whole multiples of the database block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .memory import (CPU_BLOCK_BYTES, ExactPlan, _check_banks, _check_k, _mean_of_k_smallest, _nearest_similarities,
+                     _padded_members, _report, plan_exact_blocks, ProgressCallback)
+
+
+class FeatureRows(Protocol):
+    """(N, P, D) patch features of a class, read a range of images at a time."""
+
+    shape: tuple[int, ...]
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(stop - start, P, D) rows of any float dtype."""
+
+
+@dataclass(frozen=True)
+class TensorRows:
+    """A `FeatureRows` over a tensor already in memory."""
+
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """Query images [q0, q1) of a class against key images [k0, k1)."""
+
+    query: tuple[int, int]
+    keys: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """What every task of one class shares (sent to a worker once)."""
+
+    rows: FeatureRows
+    member_table: torch.Tensor  # (B, w) distinct members of each bank, padded with N
+    k: int
+    leave_self_out: bool
+    plan: ExactPlan
+
+
+MapTasks = Callable[[Callable, BlockJob, list[BlockTask]], Iterable[tuple[BlockTask, torch.Tensor]]]
+
+
+def key_chunk_images(n_images: int, plan: ExactPlan, chunks: int) -> int:
+    """Images per key chunk for about `chunks` chunks: a whole number of database blocks."""
+    per_chunk = math.ceil(n_images / max(1, chunks))
+    return min(n_images, math.ceil(per_chunk / plan.database_images) * plan.database_images)
+
+
+def block_tasks(n_images: int, plan: ExactPlan, key_images: int) -> list[BlockTask]:
+    """Every (query block, key chunk) pair, query block by query block."""
+    if key_images % plan.database_images and key_images < n_images:
+        raise ValueError(f"key chunks of {key_images} images are not whole database blocks of "
+                         f"{plan.database_images}")
+    return [BlockTask((q, min(n_images, q + plan.query_images)), (c, min(n_images, c + key_images)))
+            for q in range(0, n_images, plan.query_images) for c in range(0, n_images, key_images)]
+
+
+def partial_bank_distances(job: BlockJob, task: BlockTask) -> torch.Tensor:
+    """One task: (R, B + 1, k) ascending best distances of the query block's R = q * P patches to
+    each bank's images within the key chunk (+inf for a bank with none there), and in column B to
+    every image of the chunk; the query's own image is left out under leave-self-out."""
+    q0, q1 = task.query
+    k0, k1 = task.keys
+    k, plan = job.k, job.plan
+    queries = job.rows.read(q0, q1).float()
+    block, n_patches, dim = queries.shape
+    rows = block * n_patches
+    keys = job.rows.read(k0, k1)
+    chunk = k1 - k0
+    nearest = torch.empty(rows, chunk + 1, k, dtype=torch.float32)
+    _nearest_similarities(queries.reshape(rows, dim), keys, k, plan.database_images, nearest)
+    torch.sub(1.0, nearest, out=nearest)
+    nearest[:, chunk, :] = math.inf
+    if job.leave_self_out:
+        own = range(max(q0, k0), min(q1, k1))
+        if len(own):
+            view = nearest.view(block, n_patches, chunk + 1, k)
+            view[torch.tensor(own) - q0, :, torch.tensor(own) - k0, :] = math.inf
+    members = job.member_table
+    local = torch.where((members >= k0) & (members < k1), members - k0, chunk)  # elsewhere: the +inf column
+    out = torch.empty(rows, members.shape[0] + 1, k, dtype=torch.float32)
+    for start in range(0, members.shape[0], plan.bank_chunk):
+        part = local[start:start + plan.bank_chunk]
+        gathered = nearest[:, part.reshape(-1), :].view(rows, part.shape[0], -1)
+        out[:, start:start + part.shape[0], :] = _k_smallest(gathered, k)
+    out[:, -1, :] = _k_smallest(nearest[:, :chunk, :].reshape(rows, 1, -1), k)[:, 0, :]
+    return out
+
+
+def _k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) the k smallest of the last dim, ascending."""
+    if k == 1:
+        return values.amin(dim=-1, keepdim=True)
+    return values.topk(k, dim=-1, largest=False).values
+
+
+def merge_partials(merged: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """The min-reduction of two parts of one query block (either order gives the same result)."""
+    if merged is None:
+        return part
+    if part.shape[-1] == 1:
+        return torch.minimum(merged, part)
+    return _k_smallest(torch.cat([merged, part], dim=-1), part.shape[-1])
+
+
+def scores_from_partials(merged: torch.Tensor, block: int, bank_chunk: int) -> torch.Tensor:
+    """(block, P) scores from the reduced (R, B + 1, k) distances of a query block: the mean over
+    the banks that could score a patch, summed in the one-pass engine's bank chunks."""
+    rows, columns, k = merged.shape
+    n_banks = columns - 1
+    sums = torch.zeros(rows, dtype=torch.float32)
+    counts = torch.zeros(rows, dtype=torch.float32)
+    for start in range(0, n_banks, bank_chunk):
+        part = merged[:, start:min(n_banks, start + bank_chunk), :].contiguous()
+        per_bank = part[..., 0] if k == 1 else part.mean(dim=-1)
+        usable = torch.isfinite(per_bank)
+        sums += torch.where(usable, per_bank, 0.0).sum(dim=1)
+        counts += usable.sum(dim=1)
+    scores = sums / counts
+    unscored = counts == 0
+    if unscored.any():
+        fallback = _mean_of_k_smallest(merged[unscored, n_banks, :], k) if k > 1 else merged[unscored, n_banks, 0]
+        scores[unscored] = torch.where(torch.isfinite(fallback), fallback, math.nan)
+    return scores.view(block, rows // block)
+
+
+def run_locally(function: Callable, job: BlockJob, tasks: list[BlockTask]) -> Iterator[tuple[BlockTask, torch.Tensor]]:
+    """`MapTasks` in this process, in order."""
+    for task in tasks:
+        yield task, function(job, task)
+
+
+def memory_scores_blocked(
+    rows: FeatureRows,
+    banks: np.ndarray,
+    *,
+    k: int = 1,
+    leave_self_out: bool = True,
+    max_block_bytes: int | None = None,
+    block_images: int | None = None,
+    key_images: int | None = None,
+    key_chunks: int = 1,
+    map_tasks: MapTasks = run_locally,
+    on_block: ProgressCallback | None = None,
+) -> torch.Tensor:
+    """Memory-ensemble maps of one class from (query block x key chunk) tasks; equal to
+    `memory.memory_scores_exact` with the same `max_block_bytes` / `block_images`.
+
+    Besides the (N, P) maps the caller holds, per unfinished query block, the (q*P, B+1, k) reduced
+    distances; a task holds a query block and a key chunk of features and their distances.
+
+    Args:
+        rows: the class's (N, P, D) L2-normalised features.
+        banks: (B, m) image indices of each bank.
+        k: nearest neighbours per score.
+        leave_self_out: never match an image against itself.
+        max_block_bytes: the one-pass engine's block target (default `memory.CPU_BLOCK_BYTES`).
+        block_images: query images per block (default from `max_block_bytes`).
+        key_images: images per key chunk (rounded up to whole database blocks); default from `key_chunks`.
+        key_chunks: key chunks per class when `key_images` is not given.
+        map_tasks: runs `partial_bank_distances` over the tasks, yielding (task, result) in any order.
+        on_block: called with (query images done, N) as query blocks finish (in any order).
+
+    Returns:
+        (N, P) float32 maps.
+    """
+    n_images, n_patches, _ = rows.shape
+    _check_k(k, n_patches)
+    banks = _check_banks(banks, n_images)
+    member_table = _padded_members(banks, pad_index=n_images)
+    plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=len(banks), bank_width=member_table.shape[1],
+                             max_block_bytes=CPU_BLOCK_BYTES if max_block_bytes is None else max_block_bytes,
+                             block_images=block_images)
+    if key_images is None:
+        key_images = key_chunk_images(n_images, plan, key_chunks)
+    else:
+        key_images = min(n_images, math.ceil(key_images / plan.database_images) * plan.database_images)
+    tasks = block_tasks(n_images, plan, key_images)
+    expected = {}
+    for task in tasks:
+        expected[task.query] = expected.get(task.query, 0) + 1
+    job = BlockJob(rows, member_table, k, leave_self_out, plan)
+    maps = torch.empty(n_images, n_patches, dtype=torch.float32)
+    merged: dict[tuple[int, int], torch.Tensor] = {}
+    done = 0
+    for task, part in map_tasks(partial_bank_distances, job, tasks):
+        merged[task.query] = merge_partials(merged.get(task.query), part)
+        expected[task.query] -= 1
+        if expected[task.query] == 0:
+            q0, q1 = task.query
+            maps[q0:q1] = scores_from_partials(merged.pop(task.query), q1 - q0, plan.bank_chunk)
+            done += q1 - q0
+            _report(on_block, done, n_images)
+    return maps
