@@ -6,15 +6,18 @@
 #              install a CUDA build of torch into .venv first, then `make install FAISS=gpu`);
 #   FAISS=     .[test]: no FAISS; medsclean then runs its exact torch engine only.
 # Pass the same FAISS=... to `make test`/`make demo` on that machine.
+# RAY=1 adds the `ray` extra (Ray Data and Ray Core for `--executor ray`) and with it the Ray tests,
+# which start and stop a private Ray instance on this machine; CI runs `RAY=1 make test`.
 PYTHON ?= python3
 VENV ?= .venv
 FAISS ?= cpu
+RAY ?=
 CONSTRAINTS ?= $(if $(filter gpu,$(FAISS)),,constraints-cpu.txt)
 BIN := $(VENV)/bin
 comma := ,
-EXTRAS := test$(if $(FAISS),$(comma)$(FAISS))
+EXTRAS := test$(if $(FAISS),$(comma)$(FAISS))$(if $(RAY),$(comma)ray)
 OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
-STAMP := $(VENV)/.medsclean-installed-$(or $(FAISS),nofaiss)
+STAMP := $(VENV)/.medsclean-installed-$(or $(FAISS),nofaiss)$(if $(RAY),-ray)
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test test-all demo bench clean

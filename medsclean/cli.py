@@ -8,6 +8,7 @@ only results (paths, tables, JSON); progress and logs go to stderr. Options are 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,9 @@ def _execute(body, given: Given) -> None:
         work = given.get("work")
         typer.echo(_interrupted(Path(work or opts.BY_NAME["work"].default).resolve()), err=True)
         raise typer.Exit(code=130) from None
+    finally:
+        if "medsclean.distributed.session" in sys.modules:  # a Ray instance this command started stops here
+            sys.modules["medsclean.distributed.session"].shutdown()
 
 
 def command(name: str, *arguments):
@@ -219,7 +223,7 @@ def _run(given: Given, images: Path):
     return pipeline.build_run(images, _work(given),
                               preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
                               data=given.stage("data"), extract=given.stage("extract"), quiet=bool(given.quiet),
-                              wait=not given.get("no_wait"))
+                              wait=not given.get("no_wait"), cluster=given.stage("cluster"))
 
 
 def _configs(run, given: Given) -> dict[str, Any]:

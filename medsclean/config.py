@@ -410,9 +410,9 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         s = self.STAGE
         _one_of(s, "executor", self.executor, Executor)
-        _require(self.executor == Executor.RAY or (self.address is None and self.workers is None), s,
-                 "address" if self.address is not None else "workers",
-                 "address and workers are options of executor ray; add --executor ray or drop them")
+        for name in ("address", "workers"):
+            _require(self.executor == Executor.RAY or getattr(self, name) is None, s, name,
+                     f"{name} is an option of executor ray; add --executor ray or drop {name}")
         _require(self.workers is None or self.workers >= 1, s, "workers",
                  f"workers must be at least 1, not {self.workers}")
         _require(self.executor != Executor.RAY or _ray_installed(), s, "executor",

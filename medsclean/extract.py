@@ -159,6 +159,11 @@ class _LazyEncoder:
         self._encoder = None
         self._record = cache.record()
 
+    def _known(self) -> dict | None:
+        if self._record is None:
+            self._record = self.cache.record()  # written since (by Ray workers, or a Ray run's driver)
+        return self._record
+
     def get(self):
         if self._encoder is None:
             self._encoder = _load_encoder(self.cfg, self.device)
@@ -168,13 +173,13 @@ class _LazyEncoder:
 
     @property
     def preprocess(self) -> Preprocess:
-        if self._record is None:
+        if self._known() is None:
             return self.get().preprocess
         spec = self._record["preprocess"]
         return Preprocess(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
 
     def describe(self) -> dict:
-        if self._record is None:
+        if self._known() is None:
             self.get()
         return self._record
 
@@ -201,12 +206,14 @@ def _shard_name(start: int) -> str:
 
 
 def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: str = STAGE, force: bool = False,
-                strict: bool = False, reporter: Reporter) -> ExtractResult:
+                strict: bool = False, reporter: Reporter, executor=None) -> ExtractResult:
     """Extract features for `dataset` into `store`, reusing a valid cached artifact unless `force`.
 
     Images whose entry is in the image cache are neither decoded nor encoded (unless `force`,
     which re-encodes every image and rewrites its entry); unreadable images are skipped and
-    listed in the manifest (with `strict`, the first one raises DataError).
+    listed in the manifest (with `strict`, the first one raises DataError). `executor` (a
+    `distributed.RaySession`) encodes the missing images on Ray workers instead of this process;
+    the cache entries, artifact and key are the same.
     """
     t0 = time.perf_counter()
     hashes = hash_images([r.path for r in dataset.records])
@@ -224,7 +231,12 @@ def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: st
     encoder = _LazyEncoder(cfg, resolve_device(cfg.device), cache)
     todo = [i for i, sha in enumerate(hashes) if force or not cache.has(sha)]
     with reporter.task(f"extract {cfg.backbone}", total=len(todo)) as task:
-        errors = _extract_missing(encoder, dataset, hashes, todo, cache, cfg, strict, task)
+        if executor is None:
+            errors = _extract_missing(encoder, dataset, hashes, todo, cache, cfg, strict, task)
+        else:
+            from .distributed.extract import extract_missing
+
+            errors = extract_missing(executor, encoder, dataset, hashes, todo, cache, cfg, strict, task)
     n_extracted = len(todo) - len(errors)
     reporter.info(f"{stage}: {n_extracted} of {len(dataset)} images extracted, {len(dataset) - len(todo)} reused "
                   f"from the image cache" + (f", {len(errors)} unreadable" if errors else ""))
@@ -258,7 +270,7 @@ def _extract_missing(encoder: _LazyEncoder, dataset: Dataset, hashes: Sequence[s
                 if err is None:
                     ok.append((i, pixels))
                 elif strict:
-                    raise DataError(err.replace("or skip it (the default without --strict)", "or drop --strict"))
+                    raise _strict_error(err)
                 else:
                     errors[i] = err
             if ok:
@@ -267,6 +279,11 @@ def _extract_missing(encoder: _LazyEncoder, dataset: Dataset, hashes: Sequence[s
     finally:
         _stop_workers(batches_iter)
     return errors
+
+
+def _strict_error(err: str) -> DataError:
+    """The error raised under --strict for an unreadable image whose skip-message is `err`."""
+    return DataError(err.replace("or skip it (the default without --strict)", "or drop --strict"))
 
 
 # Loader workers. They are forked helpers of this process: they must neither outlive it (a kill -9

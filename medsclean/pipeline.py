@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (DEFAULT_PRESET, DEFAULT_SEED, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
+from .config import (DEFAULT_PRESET, DEFAULT_SEED, ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
                      resolve_device, resolve_preset)
 from .data import Dataset, discover
 from .extract import ExtractResult, run_extract
@@ -37,6 +37,15 @@ class Run:
     device: str
     reporter: Reporter = field(compare=False, repr=False)
     wait: bool = True
+    cluster: ClusterConfig = ClusterConfig()
+
+    def executor(self):
+        """The Ray session of `--executor ray` (started on first use), or None to run here."""
+        if self.cluster.executor != "ray":
+            return None
+        from . import distributed
+
+        return distributed.connect(self.cluster, self.work, self.reporter)
 
     def dataset(self) -> Dataset:
         return discover(self.data.images, layout=self.data.layout, split=self.data.split,
@@ -67,14 +76,16 @@ def _given(values: Mapping[str, Any] | None) -> dict:
 
 def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: int = DEFAULT_SEED,
               data: Mapping[str, Any] | None = None, extract: Mapping[str, Any] | None = None,
-              quiet: bool = False, reporter: Reporter | None = None, wait: bool = True) -> Run:
+              quiet: bool = False, reporter: Reporter | None = None, wait: bool = True,
+              cluster: Mapping[str, Any] | None = None) -> Run:
     """Resolve the device and the preset into a frozen `Run`.
 
     Args:
         images: the image folder or dataset root.
         work: the work folder.
         preset: "auto" (paper on a GPU, cpu otherwise), "cpu" or "paper".
-        data, extract: `DataConfig` / `ExtractConfig` field values; None values are unset.
+        data, extract, cluster: `DataConfig` / `ExtractConfig` / `ClusterConfig` field values; None
+            values are unset.
     """
     extract_given = _given(extract)
     device = resolve_device(extract_given.get("device", ExtractConfig.device))
@@ -84,7 +95,8 @@ def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: i
     extract_cfg = chosen.build(ExtractConfig, **{**extract_given, "device": device})
     data_cfg = DataConfig(images=Path(images).expanduser().resolve(), **_given(data))
     return Run(data=data_cfg, extract=extract_cfg, preset=chosen, work=Path(work).expanduser().resolve(),
-               seed=seed, device=device, reporter=reporter or RichReporter(quiet=quiet), wait=wait)
+               seed=seed, device=device, reporter=reporter or RichReporter(quiet=quiet), wait=wait,
+               cluster=ClusterConfig(**_given(cluster)))
 
 
 def extract_stage(run: Run, *, force: bool = False, stage: str = "features") -> ExtractResult:
@@ -125,7 +137,8 @@ def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False) -> dict:
 
     results = {"features": extract_stage(run)}
     art = results["features"].artifact
-    results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter)
+    results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter,
+                                  executor=run.executor)
     _log_stage(run, "scores", results["scores"])
     return results
 

@@ -87,14 +87,18 @@ def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **o
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
               reporter: Reporter, executor=None) -> ScoreResult:
-    """Compute (or reuse) the Step-1 maps for every extracted image; `executor` (a
-    `memory.TaskExecutor`, e.g. Ray workers) runs the exact engine's block tasks, to the same maps."""
+    """Compute (or reuse) the Step-1 maps for every extracted image.
+
+    `executor`: None, or a function returning the `memory.TaskExecutor` (e.g. Ray workers) that runs
+    the exact engine's block tasks, to the same maps; it is called only when the maps are computed.
+    """
     t0 = time.perf_counter()
     key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .memory import image_scores
 
+    executor = executor() if executor is not None else None
     memory = features.rows("memory")  # read class by class (or block by block), never all at once
     images = features.manifest["images"]
     classes = [row["class"] for row in images]

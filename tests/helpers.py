@@ -52,3 +52,23 @@ def make_mvtec(root: Path, *, categories=("brick", "gravel"), n_train=6, n_test_
             save_png(root / cat / "test" / "spot" / f"{i:03d}.png", img)
             save_png(root / cat / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
     return root
+
+
+REQUIRE_RAY = "MEDSCLEAN_REQUIRE_RAY"
+
+
+def require_ray():
+    """The ray module; skips without it, unless $MEDSCLEAN_REQUIRE_RAY is set (CI sets it), which makes its
+    absence a failure."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get(REQUIRE_RAY):
+            pytest.fail(f"{REQUIRE_RAY} is set but ray is not installed; pip install -e '.[ray]'")
+        pytest.skip(f"needs the ray extra (set {REQUIRE_RAY}=1 to make its absence a failure)")
+    import ray
+
+    return ray

@@ -1,0 +1,121 @@
+"""`--executor ray`: Step 1's exact engine as Ray tasks on a private local instance.
+
+Oracle: the exact engine in this process; the Ray tasks must give the same maps bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medsclean.cli import app
+from medsclean.config import ClusterConfig
+from medsclean.errors import ConfigError
+from medsclean.memory import score_classes
+from medsclean.store import Store, load_tensors
+
+from .helpers import crops, require_ray, save_png, texture
+from .test_memory import random_features
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    require_ray()
+    from medsclean import distributed
+
+    live = distributed.connect(ClusterConfig(executor="ray", workers=2), tmp_path_factory.mktemp("ray-work"))
+    yield live
+    distributed.shutdown()
+
+
+@pytest.mark.parametrize("k,leave_self_out,per_class", [(1, True, True), (2, True, False), (1, False, True)])
+def test_ray_tasks_give_the_local_maps_bit_for_bit(session, k, leave_self_out, per_class):
+    features = torch.as_tensor(random_features(130, 16, 24, seed=k)).half()
+    classes = ["a"] * 80 + ["b"] * 50
+    options = dict(n_banks=30, ratio=0.1, k=k, leave_self_out=leave_self_out, per_class=per_class, engine="exact",
+                   seed=5, max_block_bytes=1 << 20)  # small blocks: several query blocks and key chunks
+    local, local_banks = score_classes(features, classes, **options)
+    on_ray, ray_banks = score_classes(features, classes, executor=session, **options)
+    assert torch.equal(on_ray, local)
+    assert all(torch.equal(ray_banks[c], local_banks[c]) for c in local_banks)
+
+
+def test_tasks_on_ray_read_the_shards_themselves(session, tmp_path):
+    """Tasks get the artifact's rows (paths), not the tensors, and give the same maps."""
+    from .test_blocks import _write_features
+
+    features = torch.as_tensor(random_features(90, 9, 16, seed=7)).half()
+    art = _write_features(tmp_path, features, shard_size=20)
+    options = dict(n_banks=12, engine="exact", seed=1, max_block_bytes=1 << 18)
+    local, _ = score_classes(features, ["a"] * 90, **options)
+    on_ray, _ = score_classes(art.rows("memory"), ["a"] * 90, executor=session, **options)
+    assert torch.equal(on_ray, local)
+
+
+def test_the_work_folder_check_passes_on_a_node_that_sees_it(session, tmp_path):
+    from medsclean.distributed.session import check_shared_work_folder
+
+    check_shared_work_folder(tmp_path / "shared")  # raises DataError when a node cannot read the probe
+    assert not list((tmp_path / "shared").glob(".cluster-probe-*"))
+
+
+def test_cluster_options_are_checked_before_anything_runs(monkeypatch):
+    with pytest.raises(ConfigError, match="option of executor ray"):
+        ClusterConfig(address="auto")
+    with pytest.raises(ConfigError, match="at least 1"):
+        ClusterConfig(executor="ray", workers=0)
+    from medsclean import config
+
+    monkeypatch.setattr(config, "_ray_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'medsclean\[ray\]'"):
+        ClusterConfig(executor="ray")
+    res = CliRunner().invoke(app, ["score", ".", "--ray-address", "auto"])
+    assert res.exit_code == 2 and "error: --ray-address is an option of executor ray; add --executor ray or drop --ray-address" in res.output
+
+
+def _ray_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if name in ("raylet", "gcs_server") or name.startswith("ray::"):
+                found.add(int(entry.name))
+    return found
+
+
+def test_score_cli_on_ray_equals_local_and_leaves_no_ray_process(tmp_path):
+    require_ray()
+    rng = np.random.default_rng(0)
+    for name in ("brick", "gravel"):
+        for i, image in enumerate(crops(texture(name), 12, 64, rng)):
+            save_png(tmp_path / "images" / name / f"{i:02d}.png", image)
+    before = _ray_processes()
+    common = ["score", str(tmp_path / "images"), "--resize", "64", "--crop", "64", "--num-workers", "0",
+              "--engine", "exact", "--banks", "20", "--json", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for executor in ("local", "ray"):
+        extra = ["--executor", "ray", "--ray-workers", "2"] if executor == "ray" else []
+        done = subprocess.run([sys.executable, "-m", "medsclean", *common, "--work", str(tmp_path / executor), *extra],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        outputs[executor] = json.loads(done.stdout)
+    local, on_ray = (Store(tmp_path / e).load("scores") for e in ("local", "ray"))
+    assert local.key == on_ray.key  # the executor is not part of the cache key
+    assert torch.equal(load_tensors(on_ray.file("scores.safetensors"))["maps"],
+                       load_tensors(local.file("scores.safetensors"))["maps"])
+    assert on_ray.text("scores.csv") == local.text("scores.csv")
+    assert _ray_processes() <= before  # the private instance stopped with the command
