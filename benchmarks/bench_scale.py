@@ -65,18 +65,55 @@ def vm_kib(field: str) -> int:
     return -1
 
 
+def write_shards(args) -> None:
+    """Child: the generated class as a features artifact (float16 shards of 500 images), as `extract` writes it."""
+    import torch
+
+    from medsclean.store import Store, save_tensors, tensor_specs
+
+    features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
+    store = Store(Path(args.out))
+    shards, specs = [], {}
+    with store.staged("features") as staging:
+        for start in range(0, args.n, 500):
+            stop = min(args.n, start + 500)
+            tensors = {"index": torch.arange(start, stop), "memory": torch.from_numpy(features[start:stop]).half()}
+            name = f"part-{start:07d}.safetensors"
+            save_tensors(staging / name, tensors)
+            specs[name] = tensor_specs(tensors)
+            shards.append({"file": name, "start": start, "end": stop, "rows": stop - start})
+        store.commit("features", f"bench{args.n:011d}", staging, {"shards": shards, "tensors": specs, "images": []})
+    np.save(Path(args.out) / "labels.npy", labels)
+
+
 def child(args) -> None:
     import torch
 
     from medsclean.config import parse_size
     from medsclean.memory import image_scores, score_classes
 
-    torch.set_num_threads(args.threads)
-    features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
-    features = torch.from_numpy(features)
+    torch.set_num_threads(1 if args.child in ("exact-1thread", "exact-ray") else args.threads)
+    if args.shards:  # read from the artifact's shards on disk, class by class or block by block
+        from medsclean.store import Store
+
+        features = Store(Path(args.shards)).load("features").rows("memory")
+        labels = np.load(Path(args.shards) / "labels.npy")
+    else:
+        features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
+        features = torch.from_numpy(features)
     before = vm_kib("VmRSS")
     engine, method = (args.child.split("-") + ["greedy"])[:2]
     extra = {}
+    startup = None
+    if method == "ray":
+        from medsclean import distributed
+        from medsclean.config import ClusterConfig
+
+        t0 = time.perf_counter()
+        extra["executor"] = distributed.connect(ClusterConfig(executor="ray", workers=args.ray_workers), Path(args.out).parent)
+        warm = features.subset(range(100)) if args.shards else features[:100]
+        score_classes(warm, ["c"] * 100, engine="exact", seed=args.seed, **extra)  # workers up and warm
+        startup = time.perf_counter() - t0
     if engine == "approx":
         import medsclean.memory as memory
 
@@ -88,10 +125,15 @@ def child(args) -> None:
     maps, _ = score_classes(features, ["c"] * args.n, engine=engine, seed=args.seed,
                             max_memory=parse_size(args.max_memory) if args.max_memory else None, **extra)
     seconds = time.perf_counter() - t0
+    peak = vm_kib("VmHWM") / 1024
+    if method == "ray":
+        from medsclean import distributed
+
+        distributed.shutdown()
     scores = image_scores(maps).numpy()
-    np.savez(args.out, scores=scores, labels=labels)
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": vm_kib("VmHWM") / 1024,
-                      "rss_before_mib": before / 1024}))
+    np.savez(args.out, scores=scores, labels=labels, maps=maps.numpy())
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before / 1024,
+                      "startup_s": startup}))
 
 
 def top_share(scores: np.ndarray, rate: float) -> np.ndarray:
@@ -108,10 +150,19 @@ def run_case(case: str, n: int, args, workdir: Path) -> dict:
                str(args.coreset), "--threads", str(args.threads)]
     if args.max_memory:
         command += ["--max-memory", args.max_memory]
+    if case == "exact-ray":
+        command += ["--ray-workers", str(args.ray_workers)]
+    if args.from_shards:
+        shards = workdir / f"shards-{n}-{args.grid}-{args.dim}-{args.seed}"
+        if not (shards / "labels.npy").is_file():
+            subprocess.run([sys.executable, __file__, "--child", "write-shards", "--n", str(n), "--out", str(shards),
+                            "--grid", str(args.grid), "--dim", str(args.dim), "--rate", str(args.rate), "--seed",
+                            str(args.seed)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        command += ["--shards", str(shards)]
     done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads(done.stdout.strip().splitlines()[-1])
     data = np.load(out)
-    result.update(case=case, n=n, scores=data["scores"], labels=data["labels"])
+    result.update(case=case, n=n, scores=data["scores"], labels=data["labels"], maps=data["maps"])
     return result
 
 
@@ -121,6 +172,13 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=4000, help="largest N timed with the exact engine")
     parser.add_argument("--random-max", type=int, default=1000, help="largest N also run with a random-subsample "
                         "coreset (0: none)")
+    parser.add_argument("--ray-max", type=int, default=4000, help="largest N also run on a private Ray instance "
+                        "(exact-ray, --ray-workers workers of one thread) and with the local engine on one thread "
+                        "(exact-1thread); 0: neither")
+    parser.add_argument("--ray-workers", type=int, default=2)
+    parser.add_argument("--from-shards", action="store_true", help="score from a features artifact on disk (float16 "
+                        "shards, read class by class or, under --max-memory, block by block) instead of a tensor")
+    parser.add_argument("--cases", nargs="+", default=None, help="run only these cases (e.g. exact approx)")
     parser.add_argument("--grid", type=int, default=6)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--rate", type=float, default=0.1, help="planted contamination rate")
@@ -132,7 +190,10 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "write-shards":
+        return write_shards(args)
     if args.child:
         return child(args)
     from sklearn.metrics import roc_auc_score
@@ -146,21 +207,26 @@ def main() -> None:
     print(f"P = {n_patches}, D = {args.dim}, rate = {args.rate}, coreset = {args.coreset}, "
           f"threads = {args.threads}, max_memory = {args.max_memory}", flush=True)
     header = ("| N | engine | Step-1 time (s) | GFLOP/s (exact products) | peak RSS (MiB) | RSS before (MiB) | "
-              "AUROC vs planted | AUROC vs exact rejected | rejected recall vs exact | recall of planted |")
-    print(header + "\n|" + "---|" * 10, flush=True)
+              "AUROC vs planted | AUROC vs exact rejected | rejected recall vs exact | recall of planted | "
+              "maps = exact |")
+    print(header + "\n|" + "---|" * 11, flush=True)
     for n in args.sizes:
-        cases = (["exact"] if n <= args.exact_max else []) + ["approx"] + \
+        cases = (["exact"] if n <= args.exact_max else []) + \
+            (["exact-1thread", "exact-ray"] if n <= args.ray_max else []) + ["approx"] + \
             (["approx-random"] if n <= args.random_max else [])
+        cases = [c for c in cases if args.cases is None or c in args.cases]
         exact = None
         for case in cases:
             r = run_case(case, n, args, workdir)
             flops = exact_flops(n, n_patches, args.dim)
-            r["gflops"] = flops / r["seconds"] / 1e9 if case == "exact" else None
+            r["gflops"] = flops / r["seconds"] / 1e9 if case.startswith("exact") else None
+            r["maps_equal_exact"] = None if exact is None or case == "exact" else bool(
+                np.array_equal(r["maps"], exact["maps"]))
             r["auroc_planted"] = float(roc_auc_score(r["labels"], r["scores"]))
             r["recall_planted"] = float((top_share(r["scores"], args.rate) & r["labels"]).sum() / r["labels"].sum())
             if case == "exact":
                 exact = r
-            if exact is not None and case != "exact":
+            if exact is not None and case.startswith("approx"):
                 rejected = top_share(exact["scores"], args.rate)
                 r["auroc_vs_exact"] = float(roc_auc_score(rejected, r["scores"]))
                 r["recall_vs_exact"] = float((top_share(r["scores"], args.rate) & rejected).sum() / rejected.sum())
@@ -169,8 +235,10 @@ def main() -> None:
             show = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
             print(f"| {n} | {case} | {r['seconds']:.1f} | {show(r['gflops'], '{:.1f}')} | {r['peak_rss_mib']:.0f} | "
                   f"{r['rss_before_mib']:.0f} | {r['auroc_planted']:.3f} | {show(r['auroc_vs_exact'])} | "
-                  f"{show(r['recall_vs_exact'])} | {r['recall_planted']:.3f} |", flush=True)
-            rows.append({k: v for k, v in r.items() if k not in ("scores", "labels")})
+                  f"{show(r['recall_vs_exact'])} | {r['recall_planted']:.3f} | "
+                  f"{show(r['maps_equal_exact'], '{}')} |" + (f" (Ray start-up and warm-up {r['startup_s']:.1f} s, "
+                                                             f"not counted)" if r.get("startup_s") else ""), flush=True)
+            rows.append({k: v for k, v in r.items() if k not in ("scores", "labels", "maps")})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

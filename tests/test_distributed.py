@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -83,16 +84,16 @@ def test_cluster_options_are_checked_before_anything_runs(monkeypatch):
     assert res.exit_code == 2 and "error: --ray-address is an option of executor ray; add --executor ray or drop --ray-address" in res.output
 
 
-def _ray_processes() -> set[int]:
-    found = set()
+def _processes_marked(marker: str) -> list[str]:
+    """Command names of the processes whose environment holds `marker` (a command's children inherit it)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                name = (entry / "comm").read_text().strip()
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append((entry / "comm").read_text().strip())
             except OSError:
                 continue
-            if name in ("raylet", "gcs_server") or name.startswith("ray::"):
-                found.add(int(entry.name))
     return found
 
 
@@ -102,10 +103,10 @@ def test_score_cli_on_ray_equals_local_and_leaves_no_ray_process(tmp_path):
     for name in ("brick", "gravel"):
         for i, image in enumerate(crops(texture(name), 12, 64, rng)):
             save_png(tmp_path / "images" / name / f"{i:02d}.png", image)
-    before = _ray_processes()
     common = ["score", str(tmp_path / "images"), "--resize", "64", "--crop", "64", "--num-workers", "0",
               "--engine", "exact", "--banks", "20", "--json", "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    marker = f"MEDSCLEAN_TEST_RUN={uuid.uuid4().hex}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", marker.split("=")[0]: marker.split("=")[1]}
     outputs = {}
     for executor in ("local", "ray"):
         extra = ["--executor", "ray", "--ray-workers", "2"] if executor == "ray" else []
@@ -118,4 +119,4 @@ def test_score_cli_on_ray_equals_local_and_leaves_no_ray_process(tmp_path):
     assert torch.equal(load_tensors(on_ray.file("scores.safetensors"))["maps"],
                        load_tensors(local.file("scores.safetensors"))["maps"])
     assert on_ray.text("scores.csv") == local.text("scores.csv")
-    assert _ray_processes() <= before  # the private instance stopped with the command
+    assert _processes_marked(marker) == []  # the private instance and its workers stopped with the command
