@@ -1021,12 +1021,12 @@ def score_classes(
                 generator.bit_generator.state = coreset_state
             return engine_function(class_rows.read(), bank, **options)
 
-        blocked = choice.name == "exact" and (executor is not None or key_images is not None) and \
-            torch.device(device).type == "cpu"
+        blocked = choice.name == "exact" and (executor is not None or
+                                              (key_images is not None and torch.device(device).type == "cpu"))
         if blocked:
             score_against = functools.partial(
                 _score_blocked, class_rows, k=k, leave_self_out=leave_self_out, max_block_bytes=class_block_bytes,
-                key_images=key_images, executor=executor, on_block=progress)
+                key_images=key_images, executor=executor, device=str(device), on_block=progress)
         table = (tables or {}).get(label)
         if table is None and refine_rounds and choice.name == "exact" and not blocked and \
                 table_bytes(len(positions), n_patches, k) <= TABLE_BYTES:
@@ -1061,24 +1061,26 @@ def _memory_blocks():
 
 
 def _score_blocked(class_rows, bank: np.ndarray, *, k: int, leave_self_out: bool, max_block_bytes: int | None,
-                   key_images: int | None, executor: TaskExecutor | None, on_block) -> torch.Tensor:
+                   key_images: int | None, executor: TaskExecutor | None, device: str, on_block) -> torch.Tensor:
     """The exact maps of a class from block tasks: streamed here under a memory bound, or spread
-    over the executor's workers (about four tasks per worker)."""
+    over the executor's workers (about four tasks per worker; on `device` "cuda", one GPU each)."""
     blocks = _memory_blocks()
     if executor is None:
         return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
                                             max_block_bytes=max_block_bytes, key_images=key_images, on_block=on_block)
     n_images, n_patches, _ = class_rows.shape
     members = _padded_members(_check_banks(bank, n_images), pad_index=n_images)
+    if max_block_bytes is None:
+        max_block_bytes = CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else GPU_BLOCK_BYTES
     plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=len(bank), bank_width=members.shape[1],
-                             max_block_bytes=CPU_BLOCK_BYTES if max_block_bytes is None else max_block_bytes)
+                             max_block_bytes=max_block_bytes)
     query_blocks = math.ceil(n_images / plan.query_images)
     chunks = max(1, math.ceil(4 * executor.workers / query_blocks))
     if key_images is not None:
         chunks = max(chunks, math.ceil(n_images / key_images))
     return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
                                         max_block_bytes=max_block_bytes, key_chunks=chunks,
-                                        map_tasks=executor.map_tasks, on_block=on_block)
+                                        map_tasks=executor.map_tasks, device=device, on_block=on_block)
 
 
 def streaming_layout(max_memory: int, n_images: int, n_patches: int, dim: int, *, k: int = 1,

@@ -72,6 +72,7 @@ class BlockJob:
     k: int
     leave_self_out: bool
     plan: ExactPlan
+    device: str = "cpu"  # "cuda": the task's products run on the GPU its worker was given
 
 
 MapTasks = Callable[[Callable, BlockJob, list[BlockTask]], Iterable[tuple[BlockTask, torch.Tensor]]]
@@ -99,12 +100,12 @@ def partial_bank_distances(job: BlockJob, task: BlockTask) -> torch.Tensor:
     q0, q1 = task.query
     k0, k1 = task.keys
     k, plan = job.k, job.plan
-    queries = job.rows.read(q0, q1).float()
+    queries = job.rows.read(q0, q1).to(job.device).float()
     block, n_patches, dim = queries.shape
     rows = block * n_patches
-    keys = job.rows.read(k0, k1)
+    keys = job.rows.read(k0, k1).to(job.device)
     chunk = k1 - k0
-    nearest = torch.empty(rows, chunk + 1, k, dtype=torch.float32)
+    nearest = torch.empty(rows, chunk + 1, k, dtype=torch.float32, device=job.device)
     _nearest_similarities(queries.reshape(rows, dim), keys, k, plan.database_images, nearest)
     torch.sub(1.0, nearest, out=nearest)
     nearest[:, chunk, :] = math.inf
@@ -113,15 +114,15 @@ def partial_bank_distances(job: BlockJob, task: BlockTask) -> torch.Tensor:
         if len(own):
             view = nearest.view(block, n_patches, chunk + 1, k)
             view[torch.tensor(own) - q0, :, torch.tensor(own) - k0, :] = math.inf
-    members = job.member_table
+    members = job.member_table.to(job.device)
     local = torch.where((members >= k0) & (members < k1), members - k0, chunk)  # elsewhere: the +inf column
-    out = torch.empty(rows, members.shape[0] + 1, k, dtype=torch.float32)
+    out = torch.empty(rows, members.shape[0] + 1, k, dtype=torch.float32, device=job.device)
     for start in range(0, members.shape[0], plan.bank_chunk):
         part = local[start:start + plan.bank_chunk]
         gathered = nearest[:, part.reshape(-1), :].view(rows, part.shape[0], -1)
         out[:, start:start + part.shape[0], :] = _k_smallest(gathered, k)
     out[:, -1, :] = _k_smallest(nearest[:, :chunk, :].reshape(rows, 1, -1), k)[:, 0, :]
-    return out
+    return out.cpu()
 
 
 def _k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,6 +179,7 @@ def memory_scores_blocked(
     key_images: int | None = None,
     key_chunks: int = 1,
     map_tasks: MapTasks = run_locally,
+    device: str = "cpu",
     on_block: ProgressCallback | None = None,
 ) -> torch.Tensor:
     """Memory-ensemble maps of one class from (query block x key chunk) tasks; equal to
@@ -196,6 +198,7 @@ def memory_scores_blocked(
         key_images: images per key chunk (rounded up to whole database blocks); default from `key_chunks`.
         key_chunks: key chunks per class when `key_images` is not given.
         map_tasks: runs `partial_bank_distances` over the tasks, yielding (task, result) in any order.
+        device: where a task's products run ("cuda": the GPU of the worker that runs it).
         on_block: called with (query images done, N) as query blocks finish (in any order).
 
     Returns:
@@ -216,7 +219,7 @@ def memory_scores_blocked(
     expected = {}
     for task in tasks:
         expected[task.query] = expected.get(task.query, 0) + 1
-    job = BlockJob(rows, member_table, k, leave_self_out, plan)
+    job = BlockJob(rows, member_table, k, leave_self_out, plan, "cuda" if str(device).startswith("cuda") else "cpu")
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     merged: dict[tuple[int, int], torch.Tensor] = {}
     done = 0

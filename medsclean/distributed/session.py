@@ -58,10 +58,12 @@ class RaySession:
             reporter.info(f"executor: {where}, {self.workers} CPU workers")
 
     def map_tasks(self, function: Callable, job: Any, tasks: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        """Run `function(job, task)` for every task on the workers (one CPU each); yield (task, result) as
-        they finish. `job` is sent to the object store once. Results are torch tensors."""
+        """Run `function(job, task)` for every task on the workers (one CPU each, and one GPU each when
+        `job.device` is "cuda"); yield (task, result) as they finish. `job` is sent to the object store
+        once. Results are torch tensors."""
         ray = self._ray
-        remote = ray.remote(num_cpus=1, max_retries=2)(_call_single_threaded)
+        gpus = 1 if getattr(job, "device", "cpu") == "cuda" else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_call_single_threaded)
         job_ref = ray.put(job)
         pending: dict[Any, Any] = {}
         queue = list(tasks)
