@@ -212,8 +212,9 @@ def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: st
     Images whose entry is in the image cache are neither decoded nor encoded (unless `force`,
     which re-encodes every image and rewrites its entry); unreadable images are skipped and
     listed in the manifest (with `strict`, the first one raises DataError). `executor` (a
-    `distributed.RaySession`) encodes the missing images on Ray workers instead of this process;
-    the cache entries, artifact and key are the same.
+    `distributed.RaySession`, or a function returning one, called only when images are missing)
+    encodes the missing images on Ray workers instead of this process; the cache entries, artifact
+    and key are the same.
     """
     t0 = time.perf_counter()
     hashes = hash_images([r.path for r in dataset.records])
@@ -231,12 +232,13 @@ def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: st
     encoder = _LazyEncoder(cfg, resolve_device(cfg.device), cache)
     todo = [i for i, sha in enumerate(hashes) if force or not cache.has(sha)]
     with reporter.task(f"extract {cfg.backbone}", total=len(todo)) as task:
-        if executor is None:
+        session = executor() if callable(executor) and todo else executor
+        if session is None or not todo:
             errors = _extract_missing(encoder, dataset, hashes, todo, cache, cfg, strict, task)
         else:
             from .distributed.extract import extract_missing
 
-            errors = extract_missing(executor, encoder, dataset, hashes, todo, cache, cfg, strict, task)
+            errors = extract_missing(session, encoder, dataset, hashes, todo, cache, cfg, strict, task)
     n_extracted = len(todo) - len(errors)
     reporter.info(f"{stage}: {n_extracted} of {len(dataset)} images extracted, {len(dataset) - len(todo)} reused "
                   f"from the image cache" + (f", {len(errors)} unreadable" if errors else ""))

@@ -103,7 +103,7 @@ def extract_stage(run: Run, *, force: bool = False, stage: str = "features") -> 
     """Stage `features` for the run's images."""
     dataset = run.dataset()
     result = run_extract(dataset, run.store(), run.extract, stage=stage, force=force, strict=run.data.strict,
-                         reporter=run.reporter)
+                         reporter=run.reporter, executor=run.executor)
     _log_extract(run.reporter, result)
     return result
 
@@ -434,7 +434,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     test_ds = _test_dataset(run, train_ds, test_dir, test_masks)
     if test_ds is not None:
         test_features = run_extract(test_ds, run.store(), run.extract, stage="features-test",
-                                    strict=run.data.strict, reporter=run.reporter)
+                                    strict=run.data.strict, reporter=run.reporter, executor=run.executor)
         _log_extract(run.reporter, test_features)
         test_maps = _test_maps(run, test_ds, test_features.artifact, results, eval_cfg, grid, preprocess)
         sections["detector"] = ev.detector_metrics(test_maps, eval_cfg)

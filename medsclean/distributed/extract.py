@@ -6,9 +6,10 @@ the images `todo`, writes one image-cache entry per image as soon as its batch i
 dataset index. Only indices and error strings come back to the driver, never features; the
 artifact is then assembled from the cache by `run_extract`, exactly as for the local executor.
 
-    rows (index, path, sha256)  --from_items-->  decode (tasks: decode, resize, crop; uint8)
-        --map_batches-->  encode (actors, one encoder each: normalise, forward, write entries)
-        --iter_batches-->  driver (progress, errors)
+    from_items: one block per batch of `todo`, (index, path, sha256) lists
+      -> map_batches, tasks: decode, resize, crop (uint8 pixels; the unreadable get their error)
+      -> map_batches, an actor pool, one encoder each: normalise, forward, write the entries
+      -> iter_batches on the driver: (index, error) per image; progress, errors, --strict
 
 Ray Data streams the blocks with back-pressure, so neither the pixels nor the features of the
 whole dataset are ever held at once. An interrupted run leaves the entries of the batches it
@@ -17,13 +18,14 @@ finished; a rerun encodes only the images without one.
 
 from __future__ import annotations
 
-import math
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..config import ExtractConfig
 from ..data import Dataset
+from ..errors import DataError, MedscleanError, UsageError, WeightsError
 from ..extract import _encode_batch, _ImageFolderDataset, _LazyEncoder, _load_encoder, _strict_error
 from ..images import Preprocess
 from ..store import ImageCache
@@ -33,7 +35,6 @@ DECODE_CPUS = 0.25
 """CPUs a decode task reserves. On CPU the encoder actors hold the rest of each worker's CPU (the
 forward pass is most of the work), so that decoding runs beside them instead of waiting for a
 free CPU that a pool of `workers` actors would never leave."""
-MAX_ROWS_PER_BLOCK = 256
 HASH_ERROR = "{path}: could not be read for hashing; check the file"
 
 
@@ -47,22 +48,30 @@ def extract_missing(session: RaySession, encoder: _LazyEncoder, dataset: Dataset
 
     Raises:
         DataError: with `strict`, for the first unreadable image reported by a worker.
+        MedscleanError: what an encoder actor raised (e.g. WeightsError: a node without the
+            weights file), as the local executor would have raised it.
     """
     if not todo:
         return {}
     import ray
 
+    _quiet(ray)
     spec = _preprocess(encoder)
     cuda = encoder.device.startswith("cuda")
-    decoded = _rows(ray, dataset, hashes, todo, cfg, session.workers).map_batches(
-        _decode, fn_args=(spec,), batch_size=cfg.batch_size, batch_format="numpy",
-        num_cpus=1 if cuda else DECODE_CPUS, compute=ray.data.TaskPoolStrategy(size=2 * session.workers))
+    batches = _batches(ray, dataset, hashes, todo, cfg)
+    decoded = batches.map_batches(
+        _decode, fn_args=(spec,), batch_size=None, batch_format="numpy", num_cpus=1 if cuda else DECODE_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=min(2 * session.workers, batches.num_blocks())))
     encoded = decoded.map_batches(
-        _Encode, fn_constructor_args=(cfg, "cuda" if cuda else "cpu", cache), batch_size=cfg.batch_size,
+        _Encode, fn_constructor_args=(cfg, "cuda" if cuda else "cpu", cache), batch_size=None,
         batch_format="numpy", zero_copy_batch=True, num_cpus=1 if cuda else 1 - DECODE_CPUS,
-        num_gpus=1 if cuda else None, compute=ray.data.ActorPoolStrategy(size=_pool_size(ray, session, cuda)))
+        num_gpus=1 if cuda else None,
+        compute=ray.data.ActorPoolStrategy(size=min(_pool_size(ray, session, cuda), batches.num_blocks())))
     errors: dict[int, str] = {}
     for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+        for failure in batch["failure"].tolist():
+            if failure:
+                raise pickle.loads(failure)
         for i, err in zip(batch["index"].tolist(), batch["error"].tolist(), strict=True):
             if err and strict:
                 raise _strict_error(err)
@@ -70,6 +79,18 @@ def extract_missing(session: RaySession, encoder: _LazyEncoder, dataset: Dataset
                 errors[i] = err
         task.advance(len(batch["index"]))
     return dict(sorted(errors.items()))
+
+
+def _quiet(ray) -> None:
+    """No Ray Data progress bars or execution log lines on this process's stderr: the command
+    reports its own progress (Ray Data's full logs stay in the session's log folder)."""
+    import logging
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 def _preprocess(encoder: _LazyEncoder) -> Preprocess:
@@ -81,12 +102,21 @@ def _preprocess(encoder: _LazyEncoder) -> Preprocess:
     return encoder.preprocess
 
 
-def _rows(ray, dataset: Dataset, hashes: Sequence[str | None], todo: list[int], cfg: ExtractConfig, workers: int):
-    """The images to encode as a Ray dataset of (index, path, sha256) rows, in blocks of a few
-    batches: enough blocks for every worker to decode, few enough to keep the per-task cost small."""
-    rows = [{"index": i, "path": str(dataset.records[i].path), "sha256": hashes[i] or ""} for i in todo]
-    per_block = min(MAX_ROWS_PER_BLOCK, max(cfg.batch_size, math.ceil(len(rows) / (4 * workers))))
-    return ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / per_block))
+def _batches(ray, dataset: Dataset, hashes: Sequence[str | None], todo: list[int], cfg: ExtractConfig):
+    """The images to encode as a Ray dataset of one block per batch, each a row of (index, path,
+    sha256) lists: `todo` cut every `batch_size` images, as the local executor cuts it.
+
+    Each batch stays one block through both steps (`map_batches` without a batch size neither
+    splits nor bundles blocks), so the encoder sees the local executor's batches: the forward
+    pass's float rounding depends on the batch, and an image's features must not depend on which
+    images Ray happened to put beside it.
+    """
+    items = []
+    for b in range(0, len(todo), cfg.batch_size):
+        chunk = todo[b:b + cfg.batch_size]
+        items.append({"index": chunk, "path": [str(dataset.records[i].path) for i in chunk],
+                      "sha256": [hashes[i] or "" for i in chunk]})
+    return ray.data.from_items(items, override_num_blocks=len(items))
 
 
 def _pool_size(ray, session: RaySession, cuda: bool) -> int:
@@ -95,28 +125,27 @@ def _pool_size(ray, session: RaySession, cuda: bool) -> int:
         return session.workers
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus < 1:
-        from ..errors import DataError
-
         raise DataError("device cuda: the Ray cluster offers no GPU; use --device cpu, or add GPU nodes")
     return max(1, min(session.workers, gpus))
 
 
 def _decode(batch: dict[str, np.ndarray], spec: Preprocess) -> dict[str, np.ndarray]:
     """A Ray Data task: decode, resize and crop a batch of images as the local loader workers do
-    (`_ImageFolderDataset`), to (crop, crop, 3) uint8. An unreadable image (or one that could not be
-    hashed) gets its error and zero pixels, which are never encoded."""
-    paths = batch["path"].tolist()
+    (`_ImageFolderDataset`), to (crop, crop, 3) uint8; one row in, one row per image out. An
+    unreadable image (or one that could not be hashed) gets its error and zero pixels, which are
+    never encoded."""
+    index, paths, hashes = (np.concatenate(batch[c]).tolist() for c in ("index", "path", "sha256"))
     images = _ImageFolderDataset(paths, spec)
     pixels = np.zeros((len(paths), spec.crop, spec.crop, 3), np.uint8)
     errors = []
     for j, path in enumerate(paths):
         _, array, err = images[j]
-        if err is None and not batch["sha256"][j]:
+        if err is None and not hashes[j]:
             err = HASH_ERROR.format(path=path)
         if err is None:
             pixels[j] = array
         errors.append(err or "")
-    return {"index": batch["index"], "sha256": batch["sha256"], "pixels": pixels,
+    return {"index": np.array(index, dtype=np.int64), "sha256": np.array(hashes, dtype=object), "pixels": pixels,
             "error": np.array(errors, dtype=object)}
 
 
@@ -134,10 +163,27 @@ class _Encode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [j for j, err in enumerate(batch["error"].tolist()) if not err]
+        failure = b""
         if ok:
-            _encode_batch(self.encoder.get(), [(int(batch["index"][j]), batch["pixels"][j]) for j in ok],
-                          [str(batch["sha256"][j]) for j in ok], self.cache)
-        return {"index": batch["index"], "error": batch["error"]}
+            try:
+                _encode_batch(self.encoder.get(), [(int(batch["index"][j]), batch["pixels"][j]) for j in ok],
+                              [str(batch["sha256"][j]) for j in ok], self.cache)
+            except MedscleanError as exc:  # for the driver to raise as is, not wrapped in a Ray task error
+                failure = _portable(exc)
+        return {"index": batch["index"], "error": batch["error"],
+                "failure": np.array([failure] * len(batch["index"]), dtype=object)}
+
+
+def _portable(exc: MedscleanError) -> bytes:
+    """`exc` pickled; as its plain base class (same message and exit code) when it does not
+    unpickle (an error with more constructor arguments than its message, e.g. ConfigError)."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:
+        plain = next(c for c in type(exc).__mro__ if c in (DataError, WeightsError, UsageError, MedscleanError))
+        return pickle.dumps(plain(str(exc)))
 
 
 __all__ = ["extract_missing"]
