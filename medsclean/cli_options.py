@@ -127,6 +127,8 @@ CLUSTER = _opts(
         "ray://HOST:PORT.", default="start a private instance on this machine", metavar="ADDRESS"),
     Opt("ray_workers", int, ("cluster", "workers"), "CPU workers of the private Ray instance.",
         default="every core"),
+    Opt("train_workers", int, ("cluster", "train_workers"), "Ranks of data-parallel training for distill and "
+        "select on Ray Train (one GPU each with --device cuda); reproducible for a given number."),
 )
 SCORE = _opts(
     Opt("banks", int, ("score", "banks"), "Number of random memories B."),

@@ -399,6 +399,8 @@ class ClusterConfig:
     address: None starts a private Ray instance on this machine (stopped when the command ends);
         "auto" joins the cluster this machine belongs to; "ray://host:port" a remote one.
     workers: CPU workers of a private instance (None: every core); ignored when joining a cluster.
+    train_workers: ranks of data-parallel training for `distill` and `select` on Ray Train (one GPU
+        each on a CUDA device); 1 trains in this process.
     """
 
     STAGE: ClassVar[str] = "cluster"
@@ -406,10 +408,15 @@ class ClusterConfig:
     executor: str = "local"
     address: str | None = None
     workers: int | None = None
+    train_workers: int = 1
 
     def __post_init__(self) -> None:
         s = self.STAGE
         _one_of(s, "executor", self.executor, Executor)
+        _require(self.train_workers >= 1, s, "train_workers",
+                 f"train_workers must be at least 1, not {self.train_workers}")
+        _require(self.executor == Executor.RAY or self.train_workers == 1, s, "train_workers",
+                 "train_workers above 1 is an option of executor ray; add --executor ray or drop train_workers")
         for name in ("address", "workers"):
             _require(self.executor == Executor.RAY or getattr(self, name) is None, s, name,
                      f"{name} is an option of executor ray; add --executor ray or drop {name}")

@@ -47,6 +47,21 @@ class Run:
 
         return distributed.connect(self.cluster, self.work, self.reporter)
 
+    def training_ranks(self) -> dict:
+        """`trainer` and `world` for the training stages: with `--train-workers N` (N > 1), a function
+        returning the Ray Train data-parallel trainer of N ranks; otherwise training stays here."""
+        if self.cluster.train_workers < 2:
+            return {}
+
+        def trainer():
+            from .distributed.train import DataParallelTrainer
+
+            return DataParallelTrainer(self.executor(), self.cluster.train_workers,
+                                       use_gpu=self.device.startswith("cuda"),
+                                       storage=self.work / ".partial" / "ray-train")
+
+        return {"trainer": trainer, "world": self.cluster.train_workers}
+
     def dataset(self) -> Dataset:
         return discover(self.data.images, layout=self.data.layout, split=self.data.split,
                         masks=self.data.masks, class_from=self.data.class_from)
@@ -149,7 +164,8 @@ def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force
 
     results = score_stage(run, score_cfg)
     results["distill"] = run_distill(results["features"].artifact, results["scores"].artifact, run.store(), cfg,
-                                     seed=run.seed, device=run.device, force=force, reporter=run.reporter)
+                                     seed=run.seed, device=run.device, force=force, reporter=run.reporter,
+                                     **run.training_ranks())
     _log_stage(run, "distill", results["distill"])
     return results
 
@@ -166,7 +182,8 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     else:
         results, distilled = score_stage(run, cfg.step1(score_cfg)), None
     results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
-                                   cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter)
+                                   cfg, seed=run.seed, device=run.device, force=force, reporter=run.reporter,
+                                   **run.training_ranks())
     _log_stage(run, "select", results["select"])
     results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force, reporter=run.reporter)
     _log_stage(run, "cut", results["cut"])

@@ -110,6 +110,48 @@ def _check_maps(maps: Tensor | np.ndarray, shape: tuple[int, int], what: str) ->
     return values
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among `world` data-parallel trainers (torch.distributed is initialised).
+
+    Every rank draws the same batch of image indices and trains on its share, `batch[rank::world]`;
+    gradients are averaged over the ranks before each update, so all ranks keep identical weights.
+    With a mean loss and shares of equal size the update is the single-process update on the whole
+    batch (without dropout; each rank has its own dropout stream, seeded from the run seed and its
+    rank, so a run is reproducible for a fixed world size).
+    """
+
+    rank: int
+    world: int
+
+    def shard(self, batch: Tensor) -> Tensor:
+        """This rank's share of a batch; a batch smaller than the world is trained whole by every rank."""
+        return batch if len(batch) < self.world else batch[self.rank :: self.world]
+
+    def average_gradients(self, params: Sequence[Tensor]) -> None:
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total.item() / self.world)
+
+    def from_rank0(self, array: np.ndarray) -> np.ndarray:
+        """Rank 0's copy of `array` on every rank (the selections must agree even if maps differ by a bit)."""
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        dist.broadcast(tensor, src=0)
+        return tensor.numpy()
+
+
 def _derive_seeds(seed: int) -> tuple[int, int]:
     shuffle_seed, dropout_seed = np.random.SeedSequence(seed).generate_state(2)
     return int(shuffle_seed), int(dropout_seed)
@@ -191,10 +233,14 @@ def _restore(
     return _Progress(meta["step"], state["data.order"].long().clone(), meta["pass_position"], history)
 
 
-def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: float, grad_clip: float) -> None:
-    """One update: backward, clip the global gradient norm, step at learning rate lr."""
+def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: float, grad_clip: float,
+              parallel: DataParallel | None = None) -> None:
+    """One update: backward, (average the gradients over the ranks,) clip the global gradient norm,
+    step at learning rate lr."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if parallel is not None:
+        parallel.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -216,12 +262,15 @@ def _run_iterations(
     checkpoint: CheckpointCallback | None,
     resume: Resume | None,
     extra_meta: Callable[[], dict] = dict,
+    parallel: DataParallel | None = None,
 ) -> dict[str, list[float]]:
     """The loop shared by both steps: passes of shuffled batches until `iters` steps, with the
     optimiser, batch size, schedule and checkpoint interval of `optim`.
 
     batch_loss(batch_groups, batch_indices, step) gives the loss of one batch;
     next_pass(step) gives the image indices of the next pass (non-empty).
+    parallel: this rank of a data-parallel run (each trains on its share of every batch; the loss
+    recorded is the mean over the ranks).
     """
     n_images = groups[0].shape[0]
     params = list(model.parameters())
@@ -231,6 +280,10 @@ def _run_iterations(
     from .seeding import torch_generator
 
     shuffler = torch_generator(shuffle_seed)
+    if parallel is not None and parallel.world > 1:
+        from .seeding import rng
+
+        dropout_seed = int(rng(dropout_seed, "rank", parallel.rank).integers(2**62))
     with _private_rng(device, dropout_seed):
         progress = _Progress()
         if resume is not None:
@@ -243,9 +296,11 @@ def _run_iterations(
             batch = _batch(progress.order, progress.position, optim.batch_size)
             progress.position += 1
             model.train()
+            if parallel is not None:
+                batch = parallel.shard(batch)
             batch_groups = [g[batch].to(device=device, dtype=torch.float32) for g in groups]
             loss = batch_loss(batch_groups, batch, progress.step)
-            loss_value = float(loss.item())
+            loss_value = float(loss.item()) if parallel is None else parallel.mean(float(loss.item()))
             if not np.isfinite(loss_value):
                 raise MedscleanError(
                     f"{stage}: the loss became {loss_value} at iteration {progress.step}; lower the learning rate"
@@ -253,7 +308,7 @@ def _run_iterations(
             lr = warm_cosine_lr(
                 progress.step, base_lr=optim.lr, final_lr=optim.final_lr, warmup=warmup, total=iters
             )
-            _optimise(optimizer, params, loss, lr, optim.grad_clip)
+            _optimise(optimizer, params, loss, lr, optim.grad_clip, parallel)
             progress.step += 1
             progress.history["loss"].append(loss_value)
             progress.history["lr"].append(lr)
@@ -277,6 +332,7 @@ def distill(
     on_step: StepCallback | None = None,
     checkpoint: CheckpointCallback | None = None,
     resume: Resume | None = None,
+    parallel: DataParallel | None = None,
 ) -> dict[str, list[float]]:
     """Step 2: train the model to reproduce the memory-ensemble maps, 10 * MSE (or L1).
 
@@ -295,6 +351,7 @@ def distill(
         on_step: called after every step.
         checkpoint: called every cfg.checkpoint_every steps and after the last one.
         resume: a (state, meta) checkpoint of this same run to continue from.
+        parallel: this rank of a data-parallel run (`DataParallel`).
 
     Returns:
         History {"loss": [...], "lr": [...]}, one value per step since the start of the run.
@@ -311,7 +368,7 @@ def distill(
 
     return _run_iterations(
         model, groups, cfg, cfg.iters, stage="distill", seed=seed, device=device, batch_loss=batch_loss,
-        next_pass=lambda step: everyone, on_step=on_step, checkpoint=checkpoint, resume=resume,
+        next_pass=lambda step: everyone, on_step=on_step, checkpoint=checkpoint, resume=resume, parallel=parallel,
     )
 
 
@@ -440,6 +497,7 @@ def progressive_select(
     on_step: StepCallback | None = None,
     checkpoint: CheckpointCallback | None = None,
     resume: Resume | None = None,
+    parallel: DataParallel | None = None,
 ) -> SelectionResult:
     """Step 3: fine-tune the distilled model on a clean subset re-selected before every pass.
 
@@ -466,6 +524,7 @@ def progressive_select(
         on_step: called after every step, as for `distill`.
         checkpoint: as for `distill`; meta also holds "rounds".
         resume: a (state, meta) checkpoint of this same run.
+        parallel: this rank of a data-parallel run; every rank re-selects, and rank 0's selection is used.
 
     Returns:
         The final selection, its scores, every round and the loss history.
@@ -489,6 +548,8 @@ def progressive_select(
             current = image_scores(compute_maps(model, groups, batch_size=optim.batch_size, device=device).numpy())
         eta = blend_scores(base_scores, current, t, total)
         keep, tau = select_per_class(eta, labels.tolist(), t, total, cfg.k)
+        if parallel is not None:
+            keep = parallel.from_rank0(keep)
         return keep, eta, _round_record(t, total, keep, tau, labels)
 
     def next_pass(t: int) -> Tensor:
@@ -505,6 +566,7 @@ def progressive_select(
     history = _run_iterations(
         model, groups, optim, cfg.iters, stage="select", seed=seed, device=device, batch_loss=batch_loss, next_pass=next_pass,
         on_step=on_step, checkpoint=checkpoint, resume=resume, extra_meta=lambda: {"rounds": [dict(r) for r in rounds]},
+        parallel=parallel,
     )
     keep, eta, record = reselect(total)
     record["final"] = True

@@ -77,15 +77,23 @@ def _progress_callback(task):
     return lambda step, record: task.update(completed=step)
 
 
-def distill_key(features: Artifact, scores: Artifact, cfg: DistillConfig, seed: int) -> str:
-    return digest({"features": features.key, "scores": scores.key, "distill": asdict(cfg), "seed": seed})
+def distill_key(features: Artifact, scores: Artifact, cfg: DistillConfig, seed: int, world: int = 1) -> str:
+    """The distill key; a data-parallel run's world size is part of it (a different world size trains
+    on other shares of the batches, with other dropout streams)."""
+    return digest({"features": features.key, "scores": scores.key, "distill": asdict(cfg), "seed": seed,
+                   **({"world": world} if world > 1 else {})})
 
 
 def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: DistillConfig, *, seed: int, device: str,
-                force: bool = False, reporter: Reporter) -> StageResult:
-    """Train the reconstruction model on the stored features to reproduce the Step-1 maps."""
+                force: bool = False, reporter: Reporter, trainer=None, world: int = 1) -> StageResult:
+    """Train the reconstruction model on the stored features to reproduce the Step-1 maps.
+
+    `trainer`: None, or a function returning a data-parallel trainer (`distributed.train`) of `world`
+    ranks, called only when the model is trained: the ranks train together (`training.DataParallel`)
+    and rank 0's weights come back. Such a run starts afresh instead of resuming a checkpoint.
+    """
     t0 = time.perf_counter()
-    key = distill_key(features, scores, cfg, seed)
+    key = distill_key(features, scores, cfg, seed, world if trainer is not None else 1)
     if (art := store.cached("distill", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     from .model import ReconstructionModel
@@ -99,10 +107,18 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     partial = store.partial_dir("distill", key)
     if force:
         (partial / CHECKPOINT).unlink(missing_ok=True)
-    with reporter.task("distill", total=cfg.iters) as task:
-        history = distill(model, groups, targets, cfg, seed=seed, device=device,
-                          on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
-                          resume=_resume_from(partial, reporter, "distill"))
+    parallel = trainer() if trainer is not None else None
+    if parallel is not None:
+        payload = {"features": features, "scores": scores, "cfg": cfg, "seed": seed, "out": partial / PARALLEL_RESULT}
+        reporter.info(f"distill: data-parallel on {parallel.workers} Ray Train workers")
+        state, extra = _run_on_ranks(parallel, _distill_on_rank, payload)
+        model.load_state_dict(state, strict=True)
+        history = extra["history"]
+    else:
+        with reporter.task("distill", total=cfg.iters) as task:
+            history = distill(model, groups, targets, cfg, seed=seed, device=device,
+                              on_step=_progress_callback(task), checkpoint=_checkpointer(partial),
+                              resume=_resume_from(partial, reporter, "distill"))
     maps = compute_maps(model, groups, device=device)
     per_image = image_scores(maps.numpy())
     import torch
@@ -118,6 +134,65 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     }, manifest)
     _drop_partial(partial)
     return StageResult(art, False, time.perf_counter() - t0)
+
+
+PARALLEL_RESULT = "data-parallel.safetensors"
+
+
+def _run_on_ranks(trainer, function, payload: dict) -> tuple[dict, dict]:
+    """Run `function(payload, parallel)` on every rank of `trainer`; rank 0's model weights and its
+    JSON extras (written to payload["out"])."""
+    payload["out"].unlink(missing_ok=True)
+    trainer.run(function, payload)
+    state, metadata = load_tensors_with_metadata(payload["out"])
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    extra = json.loads(metadata["extra"])
+    extra.update({k.removeprefix("result."): v for k, v in state.items() if k.startswith("result.")})
+    return model_state, extra
+
+
+def _save_rank0(parallel, out: Path, model, extra: dict, tensors: dict | None = None) -> None:
+    if parallel.rank == 0:
+        state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state.update({f"result.{k}": v for k, v in (tensors or {}).items()})
+        save_tensors(out, state, metadata={"extra": json.dumps(extra)})
+
+
+def _rank_device(payload: dict) -> str:
+    """The device of a rank: its own GPU (Ray gives each GPU worker one) or the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _distill_on_rank(payload: dict, parallel) -> None:
+    """One rank of a data-parallel `run_distill`."""
+    from .model import ReconstructionModel
+    from .training import distill
+
+    groups, encoder = load_groups(payload["features"])
+    targets = payload["scores"].tensors("scores.safetensors", ["maps"])["maps"]
+    model = ReconstructionModel(model_config_for(encoder, payload["cfg"]), seed=payload["seed"])
+    history = distill(model, groups, targets, payload["cfg"], seed=payload["seed"], device=_rank_device(payload),
+                      parallel=parallel)
+    _save_rank0(parallel, payload["out"], model.cpu(), {"history": history})
+
+
+def _select_on_rank(payload: dict, parallel) -> None:
+    """One rank of a data-parallel Step 3 (`_fine_tune`)."""
+    import torch
+
+    from .training import progressive_select
+
+    features, distilled = payload["features"], payload["distilled"]
+    groups, _ = load_groups(features)
+    classes = [row["class"] for row in features.manifest["images"]]
+    model = load_model(distilled).train()
+    base = distilled.tensors("maps.safetensors")
+    result = progressive_select(model, groups, classes, base["maps"], payload["cfg"], payload["optim"],
+                                seed=payload["seed"], device=_rank_device(payload), parallel=parallel)
+    _save_rank0(parallel, payload["out"], model.cpu(), {"rounds": result.rounds, "history": result.history},
+                {"keep": torch.from_numpy(result.keep.astype(np.uint8)), "eta": torch.from_numpy(result.eta)})
 
 
 def _drop_partial(partial: Path) -> None:
@@ -136,17 +211,22 @@ def load_model(art: Artifact):
 
 
 def select_key(features: Artifact, scores: Artifact, distilled: Artifact | None, cfg: SelectConfig,
-               seed: int) -> str:
+               seed: int, world: int = 1) -> str:
+    """The select key; as for `distill_key`, a data-parallel Step 3's world size is part of it."""
+    world = world if cfg.method == "meds" else 1
     return digest({"features": features.key, "scores": scores.key,
-                   "distill": distilled.key if distilled is not None else None, "select": asdict(cfg), "seed": seed})
+                   "distill": distilled.key if distilled is not None else None, "select": asdict(cfg), "seed": seed,
+                   **({"world": world} if world > 1 else {})})
 
 
 def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None, store: Store, cfg: SelectConfig, *,
-               seed: int, device: str, force: bool = False, reporter: Reporter) -> StageResult:
+               seed: int, device: str, force: bool = False, reporter: Reporter, trainer=None,
+               world: int = 1) -> StageResult:
     """The final score η of every image: with method meds, Step 3 (fine-tuning the distilled model
-    while re-selecting); otherwise the Step-1 image scores. The clean list is `run_cut`'s."""
+    while re-selecting); otherwise the Step-1 image scores. The clean list is `run_cut`'s.
+    `trainer`, `world`: as for `run_distill` (Step 3 only)."""
     t0 = time.perf_counter()
-    key = select_key(features, scores, distilled, cfg, seed)
+    key = select_key(features, scores, distilled, cfg, seed, world if trainer is not None else 1)
     if (art := store.cached("select", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     images = features.manifest["images"]
@@ -160,7 +240,7 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
 
     if cfg.method == "meds":
         _, eta, rounds, model, distilled_scores = _fine_tune(features, distilled, store, cfg, key, seed=seed,
-                                                             device=device, reporter=reporter)
+                                                             device=device, reporter=reporter, trainer=trainer)
         files = {"model.safetensors": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
         model_cfg = model.config.to_dict()
         eta_tensors = {"distilled_score": torch.from_numpy(np.asarray(distilled_scores, dtype=np.float64)).float()}
@@ -229,15 +309,24 @@ def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str]
 
 
 def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: SelectConfig, key: str, *, seed: int,
-               device: str, reporter: Reporter):
+               device: str, reporter: Reporter, trainer=None):
     from .training import progressive_select
 
-    groups, _ = load_groups(features)
-    classes = [row["class"] for row in features.manifest["images"]]
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
     partial = store.partial_dir("select", key)
     optim = DistillConfig(**distilled.manifest["config"])
+    parallel = trainer() if trainer is not None else None
+    if parallel is not None:
+        reporter.info(f"select: data-parallel on {parallel.workers} Ray Train workers")
+        payload = {"features": features, "distilled": distilled, "cfg": cfg, "optim": optim, "seed": seed,
+                   "out": partial / PARALLEL_RESULT}
+        state, extra = _run_on_ranks(parallel, _select_on_rank, payload)
+        model.load_state_dict(state, strict=True)
+        keep, eta = extra["keep"].numpy().astype(bool), extra["eta"].numpy()
+        return keep, eta, extra["rounds"], model, base["image_scores"].double().numpy()
+    groups, _ = load_groups(features)
+    classes = [row["class"] for row in features.manifest["images"]]
     with reporter.task("select", total=cfg.iters) as task:
         result = progressive_select(model, groups, classes, base["maps"], cfg, optim, seed=seed, device=device,
                                     on_step=_progress_callback(task), checkpoint=_checkpointer(partial),

@@ -1,0 +1,96 @@
+"""Data-parallel training of `distill` and `select` on Ray Train (`--executor ray --train-workers N`).
+
+Ray Train starts N workers (one GPU each with `use_gpu`, else one CPU each), joins them in a torch
+process group (NCCL on GPUs, Gloo on CPUs) and runs a function on every rank; the function is
+`training_stages._distill_on_rank` or `_select_on_rank`, which train with `training.DataParallel`
+and have rank 0 write the weights into the stage's partial folder. The features are read by every
+rank from the work folder, which every node must see.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MedscleanError
+from .session import RaySession
+
+
+class DataParallelTrainer:
+    """Runs a function on `workers` Ray Train ranks.
+
+    Attributes:
+        workers: the world size.
+        use_gpu: one GPU per rank (else one CPU, torch on one thread).
+        storage: where Ray Train keeps its run folder (removed after each run).
+    """
+
+    def __init__(self, session: RaySession, workers: int, use_gpu: bool, storage: Path):
+        self.session = session
+        self.workers = workers
+        self.use_gpu = use_gpu
+        self.storage = storage
+
+    def run(self, function: Callable[[dict, Any], None], payload: dict) -> None:
+        """`function(payload, DataParallel(rank, workers))` on every rank; returns when all are done.
+
+        Raises:
+            MedscleanError: what a rank raised (a medsclean error as is), or Ray Train's failure.
+        """
+        import logging
+
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        name = f"medsclean-train-{uuid.uuid4().hex[:12]}"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"function": function, "payload": payload, "use_gpu": self.use_gpu},
+            scaling_config=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
+                                         resources_per_worker={"CPU": 1, **({"GPU": 1} if self.use_gpu else {})}),
+            run_config=RunConfig(storage_path=str(self.storage), name=name),
+        )
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps what a rank raised
+            raise _rank_error(exc) from None
+        finally:
+            shutil.rmtree(self.storage / name, ignore_errors=True)
+            try:
+                self.storage.rmdir()  # when no other run is using it
+            except OSError:
+                pass
+
+
+def _train_loop(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from ..training import DataParallel
+
+    if not config["use_gpu"]:
+        torch.set_num_threads(1)  # the rank owns one CPU
+    context = ray.train.get_context()
+    config["function"](config["payload"], DataParallel(context.get_world_rank(), context.get_world_size()))
+
+
+def _rank_error(exc: BaseException) -> MedscleanError:
+    """The medsclean error a rank raised, found in Ray's chain of causes, or one naming Ray's failure."""
+    seen = exc
+    for _ in range(10):
+        if isinstance(seen, MedscleanError):
+            return seen
+        nested = getattr(seen, "worker_failures", None) or {}
+        for failure in (nested.values() if isinstance(nested, dict) else nested):
+            if isinstance(failure, MedscleanError):
+                return failure
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+        if seen is None:
+            break
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return MedscleanError(f"data-parallel training on Ray Train failed: {first}")
