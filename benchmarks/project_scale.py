@@ -6,8 +6,8 @@ scaling efficiency of the Ray executor (time on one local thread / time on W Ray
 Assumed: the sustained float32 matmul rate of one GPU, the encoder's images per second per GPU,
 and the price of a GPU-hour. Step 1 of a class is spread over all G GPUs as block tasks (the
 `--executor ray` path with `--device cuda`), classes one after another; `extract` runs on all
-G GPUs at once. Training (`distill`, `select`) is not included: its cost is a fixed number of
-iterations per class, independent of N.
+G GPUs at once. Training (`distill`, `select`, data-parallel with `--train-workers`) is not
+included: its cost is a fixed number of iterations, independent of N.
 
     .venv/bin/python benchmarks/project_scale.py --scale-json /tmp/bench/scale-ray.json
 """
