@@ -98,7 +98,8 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
         return ScoreResult(art, True, time.perf_counter() - t0)
     from .memory import image_scores
 
-    executor = executor() if executor is not None else None
+    # Only the exact engine runs on an executor: do not start one for the others.
+    executor = executor() if executor is not None and cfg.engine in ("auto", "exact") else None
     memory = features.rows("memory")  # read class by class (or block by block), never all at once
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
