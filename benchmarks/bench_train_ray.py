@@ -1,0 +1,78 @@
+"""`distill` in this process against data-parallel ranks on Ray Train (`--train-workers N`), on the CPU.
+
+Features and Step-1 maps are made once (CPU preset: EfficientNet-Lite0 at 256 px, decoder width
+64, depth 4, heads 4, batch 16). Then `run_distill` trains for `--short` and `--long` iterations
+each way, so that (long - short) / (iterations between) is the time per step and the rest is the
+fixed cost (model set-up; for Ray Train, starting its ranks and the process group). Local training
+uses torch's default threads (all cores); each Ray rank one thread.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train_ray.py --json /tmp/bench/train-ray.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64, help="generated images")
+    parser.add_argument("--short", type=int, default=20)
+    parser.add_argument("--long", type=int, default=80)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    from bench_extract import make_images
+
+    from medsclean import distributed, pipeline
+    from medsclean.config import ClusterConfig
+    from medsclean.distributed.train import DataParallelTrainer
+    from medsclean.training_stages import run_distill
+    from medsclean.ui import SilentReporter
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-ray-"))
+    (root / "images").mkdir()
+    make_images(root / "images", args.n, 256, 0)
+    run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter())
+    results = pipeline.score_stage(run, run.score_config())
+    features, scores = results["features"].artifact, results["scores"].artifact
+    base = run.distill_config(checkpoint_every=0)
+    session = distributed.connect(ClusterConfig(executor="ray", workers=args.ranks), run.work)
+    trainer = DataParallelTrainer(session, args.ranks, use_gpu=False, storage=run.work / ".partial" / "ray-train")
+    rows = {}
+    for name, extra in (("local", {}), (f"ray-{args.ranks}", {"trainer": lambda: trainer, "world": args.ranks})):
+        times = {}
+        for iters in (args.short, args.long):
+            t0 = time.perf_counter()
+            run_distill(features, scores, run.store(), replace(base, iters=iters), seed=0, device="cpu",
+                        reporter=SilentReporter(), force=True, **extra)
+            times[iters] = time.perf_counter() - t0
+        step = (times[args.long] - times[args.short]) / (args.long - args.short)
+        rows[name] = {"seconds": times, "per_step_s": step, "fixed_s": times[args.short] - args.short * step}
+    distributed.shutdown()
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores; {args.n} images, "
+          f"CPU preset decoder, batch {base.batch_size}")
+    print("| training | per step (s) | fixed cost (s) | total for the long run (s) |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['per_step_s']:.3f} | {r['fixed_s']:.1f} | {r['seconds'][args.long]:.1f} |")
+    ratio = rows["local"]["per_step_s"] / rows[f"ray-{args.ranks}"]["per_step_s"]
+    print(f"per-step speed of {args.ranks} Ray ranks over local: {ratio:.2f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
