@@ -88,9 +88,11 @@ def test_data_parallel_step3_gives_the_same_selection_twice(stages):
     assert len(chosen.artifact.manifest["rounds"]) >= 2
 
 
-def test_train_workers_needs_the_ray_executor():
+def test_train_workers_needs_the_ray_executor(monkeypatch):
+    from medsclean import config
     from medsclean.errors import ConfigError
 
+    monkeypatch.setattr(config, "_ray_installed", lambda: True)  # the check of the options, with or without ray
     with pytest.raises(ConfigError, match="option of executor ray"):
         ClusterConfig(train_workers=2)
     assert ClusterConfig(executor="ray", train_workers=2).train_workers == 2
