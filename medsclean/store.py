@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -283,13 +284,11 @@ class Artifact:
 
     def rows(self, name: str = "memory") -> "ShardedRows":
         """Tensor `name` of every image, read from the shards on demand (see `ShardedRows`)."""
-        spans, start = [], 0
-        for shard in self.manifest["shards"]:
-            if shard["rows"]:
-                spans.append((str(self.path / shard["file"]), start, shard["rows"]))
-                start += shard["rows"]
-        shape = self.manifest["tensors"][spans[0][0].rsplit("/", 1)[-1]][name]["shape"] if spans else [0, 0, 0]
-        return ShardedRows(name, tuple(spans), tuple(range(start)), (start, *shape[1:]))
+        shards = [shard for shard in self.manifest["shards"] if shard["rows"]]
+        firsts = list(itertools.accumulate((shard["rows"] for shard in shards), initial=0))
+        spans = tuple((str(self.path / shard["file"]), first, shard["rows"]) for shard, first in zip(shards, firsts))
+        row_shape = self.manifest["tensors"][shards[0]["file"]][name]["shape"][1:] if shards else [0, 0]
+        return ShardedRows(name, spans, tuple(range(firsts[-1])), (firsts[-1], *row_shape))
 
 
 @dataclass(frozen=True)
