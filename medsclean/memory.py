@@ -1065,22 +1065,12 @@ def _score_blocked(class_rows, bank: np.ndarray, *, k: int, leave_self_out: bool
     """The exact maps of a class from block tasks: streamed here under a memory bound, or spread
     over the executor's workers (about four tasks per worker; on `device` "cuda", one GPU each)."""
     blocks = _memory_blocks()
-    if executor is None:
-        return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
-                                            max_block_bytes=max_block_bytes, key_images=key_images, on_block=on_block)
-    n_images, n_patches, _ = class_rows.shape
-    members = _padded_members(_check_banks(bank, n_images), pad_index=n_images)
     if max_block_bytes is None:
         max_block_bytes = CPU_BLOCK_BYTES if torch.device(device).type == "cpu" else GPU_BLOCK_BYTES
-    plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=len(bank), bank_width=members.shape[1],
-                             max_block_bytes=max_block_bytes)
-    query_blocks = math.ceil(n_images / plan.query_images)
-    chunks = max(1, math.ceil(4 * executor.workers / query_blocks))
-    if key_images is not None:
-        chunks = max(chunks, math.ceil(n_images / key_images))
+    spread = {} if executor is None else {"min_tasks": 4 * executor.workers, "map_tasks": executor.map_tasks}
     return blocks.memory_scores_blocked(class_rows, bank, k=k, leave_self_out=leave_self_out,
-                                        max_block_bytes=max_block_bytes, key_chunks=chunks,
-                                        map_tasks=executor.map_tasks, device=device, on_block=on_block)
+                                        max_block_bytes=max_block_bytes, key_images=key_images, device=device,
+                                        on_block=on_block, **spread)
 
 
 def streaming_layout(max_memory: int, n_images: int, n_patches: int, dim: int, *, k: int = 1,

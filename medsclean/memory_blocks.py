@@ -178,6 +178,7 @@ def memory_scores_blocked(
     block_images: int | None = None,
     key_images: int | None = None,
     key_chunks: int = 1,
+    min_tasks: int = 1,
     map_tasks: MapTasks = run_locally,
     device: str = "cpu",
     on_block: ProgressCallback | None = None,
@@ -197,6 +198,7 @@ def memory_scores_blocked(
         block_images: query images per block (default from `max_block_bytes`).
         key_images: images per key chunk (rounded up to whole database blocks); default from `key_chunks`.
         key_chunks: key chunks per class when `key_images` is not given.
+        min_tasks: cut the key side further until there are at least this many tasks (for workers).
         map_tasks: runs `partial_bank_distances` over the tasks, yielding (task, result) in any order.
         device: where a task's products run ("cuda": the GPU of the worker that runs it).
         on_block: called with (query images done, N) as query blocks finish (in any order).
@@ -211,10 +213,10 @@ def memory_scores_blocked(
     plan = plan_exact_blocks(n_images, n_patches, k=k, n_banks=len(banks), bank_width=member_table.shape[1],
                              max_block_bytes=CPU_BLOCK_BYTES if max_block_bytes is None else max_block_bytes,
                              block_images=block_images)
-    if key_images is None:
-        key_images = key_chunk_images(n_images, plan, key_chunks)
-    else:
-        key_images = min(n_images, math.ceil(key_images / plan.database_images) * plan.database_images)
+    if key_images is not None:
+        key_chunks = max(key_chunks, math.ceil(n_images / key_images))
+    key_chunks = max(key_chunks, math.ceil(min_tasks / math.ceil(n_images / plan.query_images)))
+    key_images = key_chunk_images(n_images, plan, key_chunks)
     tasks = block_tasks(n_images, plan, key_images)
     expected = {}
     for task in tasks:

@@ -336,9 +336,8 @@ class ShardedRows:
                     block = f.get_slice(self.name)[lo:hi]
             except (OSError, KeyError, ValueError, SafetensorError) as exc:
                 raise DataError(f"{path}: unreadable artifact file ({exc}); rerun the stage with --force") from exc
-            local = torch.tensor([r - first - lo for r in rows])
-            parts.append(block if len(rows) == hi - lo and bool((local == torch.arange(len(rows))).all())
-                         else block[local])
+            contiguous = rows == list(range(first + lo, first + hi))
+            parts.append(block if contiguous else block[torch.tensor([r - first - lo for r in rows])])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def load(self):

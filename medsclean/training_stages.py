@@ -158,7 +158,7 @@ def _save_rank0(parallel, out: Path, model, extra: dict, tensors: dict | None = 
         save_tensors(out, state, metadata={"extra": json.dumps(extra)})
 
 
-def _rank_device(payload: dict) -> str:
+def _rank_device() -> str:
     """The device of a rank: its own GPU (Ray gives each GPU worker one) or the CPU."""
     import torch
 
@@ -173,7 +173,7 @@ def _distill_on_rank(payload: dict, parallel) -> None:
     groups, encoder = load_groups(payload["features"])
     targets = payload["scores"].tensors("scores.safetensors", ["maps"])["maps"]
     model = ReconstructionModel(model_config_for(encoder, payload["cfg"]), seed=payload["seed"])
-    history = distill(model, groups, targets, payload["cfg"], seed=payload["seed"], device=_rank_device(payload),
+    history = distill(model, groups, targets, payload["cfg"], seed=payload["seed"], device=_rank_device(),
                       parallel=parallel)
     _save_rank0(parallel, payload["out"], model.cpu(), {"history": history})
 
@@ -190,7 +190,7 @@ def _select_on_rank(payload: dict, parallel) -> None:
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
     result = progressive_select(model, groups, classes, base["maps"], payload["cfg"], payload["optim"],
-                                seed=payload["seed"], device=_rank_device(payload), parallel=parallel)
+                                seed=payload["seed"], device=_rank_device(), parallel=parallel)
     _save_rank0(parallel, payload["out"], model.cpu(), {"rounds": result.rounds, "history": result.history},
                 {"keep": torch.from_numpy(result.keep.astype(np.uint8)), "eta": torch.from_numpy(result.eta)})
 
