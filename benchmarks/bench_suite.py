@@ -2,41 +2,45 @@
 
 Two parts that share neither image source nor defect generator:
 
-  tuning  images and defects of the demo generator (`medsclean.synth`: scikit-image textures
-          brick, grass, gravel and the coins photo); every default is chosen on this part;
-  report  images and defects of `benchmarks/suite_data.py` (scikit-image tissue and retina
-          photos, scikit-learn china and flower photos; thin scratches, cracks, low-contrast
-          stains, missing and extra material, local blur, colour shifts, defects touching the
-          border); the published numbers come from this part.
+  tuning  the demo generator (`medsclean.synth`: scikit-image textures brick, grass, gravel and the
+          coins photo) plus `benchmarks/tuning_data.py` (a scene of unaligned crops and an aligned
+          object with logical defects); every default is chosen on this part;
+  report  `benchmarks/suite_data.py` (scikit-image tissue and retina photos, scikit-learn china and
+          flower photos, aligned objects from other photos; its own defects); the published numbers
+          come from this part.
+
+Each class is of one kind: a stationary texture, a scene (unaligned crops of a non-stationary
+photo) or an aligned object (a fixed camera); the tables are given per kind as well.
 
 A cell is (noise ratio r, seed, unique or repeated defects). Its training set holds, per class,
 the good training images plus min(int(r * N_good), available) defective test images; with
 repeated defects each picked defect image comes with its two shifted and rotated copies (the
 SoftPatch+ protocol), so a third as many distinct defects fill the same count.
 
-Methods are the `select --method` values with the preset's defaults: knn, iterative, memory,
-meds. Cleaning metrics on the training set: ranking AUROC of the final scores (per class, then
-the mean), and pooled recall / precision of the rejected images. Detector after cleaning: a
-full-bank kNN detector (PatchCore without coreset, k = 1) on each method's kept images, plus
-MeDS's own fine-tuned model, scored on the test set with the evaluation protocol, both with the
-injected images left in the test set (overlap, MeDS) and removed (no overlap, SoftPatch);
-"no cleaning" and "clean bound" rows use all training images and only the good ones.
+Methods are the `select --method` values with the preset's defaults (knn, iterative, memory,
+meds), the combined score `meds+memory` (the mean per-class rank of MeDS's eta and the memory
+ensemble's score) and the `oracle` ceiling (each image against a full memory of only the truly
+clean images of its class, leave-self-out: what these features allow). Cleaning metrics on the
+training set: ranking AUROC of the final scores (per class, then the mean), and pooled recall /
+precision of the rejected images; per class kind and per defect kind too. Detector after
+cleaning: a full-bank kNN detector (PatchCore without coreset, k = 1) on each method's kept
+images, plus MeDS's own fine-tuned model, on the test set (with and without the injected images).
 
 The encoder runs once per part; every class's patch-to-image nearest-distance table is computed
-once (`medsclean.memory.nearest_table`) and each cell's Step-1 scores come from it through the
-same reduction the exact engine uses, so a cell costs only its MeDS training.
+once (`medsclean.memory.nearest_table`, stored and used as float16 whether fresh or cached) and
+each cell's Step-1 scores come from it through the same reduction the exact engine uses, so a
+cell costs only its MeDS training.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py --part tuning
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py --part report --json report.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py --smoke --part report --work /tmp/s
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -50,25 +54,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import suite_data  # noqa: E402
+import suite_tables  # noqa: E402
+import tuning_data  # noqa: E402
 
-from medsclean.config import (CPU, DistillConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,  # noqa: E402
-                              resolve_device)
+from medsclean.config import (CPU, CutConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig,  # noqa: E402
+                              SelectConfig, resolve_device)
 from medsclean.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
 from medsclean.extract import run_extract  # noqa: E402
 from medsclean.memory import image_scores, nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
-from medsclean.model import ReconstructionModel  # noqa: E402
+from medsclean.model import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
 from medsclean.score import step1_maps  # noqa: E402
 from medsclean.seeding import rng as seeded_rng  # noqa: E402
+from medsclean.selection import class_rank_mean  # noqa: E402
 from medsclean.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
-from medsclean.synth import DEFAULT_CATEGORIES, generate_dataset  # noqa: E402
+from medsclean.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
 from medsclean.training import compute_maps, distill, progressive_select  # noqa: E402
 from medsclean.training_stages import final_cut, model_config_for  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402
 
 METHODS = ("knn", "iterative", "memory", "meds")
+DERIVED = ("meds+memory", "oracle")  # computed from the others' scores / the labels, no training
 COPIES = 2  # repeated defects: each picked defect image plus this many shifted/rotated copies
+SMOKE = dict(n_train=6, n_test_good=3, n_test_defect=4, size=64, ratios=[0.4], seeds=[0], banks=8,
+             distill_iters=4, iters=4)
 
 
 def log(message: str) -> None:
@@ -78,13 +88,23 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------ data
 
 
+def part_classes(part: str) -> dict[str, str]:
+    """{class: kind} of a part, kind one of texture / scene / object."""
+    if part == "tuning":
+        synth = {c: SOURCES[c].kind for c in DEFAULT_CATEGORIES}
+        return {**synth, **tuning_data.CLASS_KIND}
+    return {c: suite_data.CLASS_KIND[c] for c in suite_data.CATEGORIES}
+
+
 def prepare_data(part: str, work: Path, args) -> tuple[Path, dict, dict]:
     """The clean base dataset of a part plus its repeated copies (regenerated when the spec changes).
 
     Returns the root, {copy path: original test image path} and the data spec.
     """
+    classes = list(args.classes or part_classes(part))
     spec = {"part": part, "n_train": args.n_train, "n_test_good": args.n_test_good,
-            "n_test_defect": args.n_test_defect, "size": args.size, "seed": args.data_seed, "copies": COPIES}
+            "n_test_defect": args.n_test_defect, "size": args.size, "seed": args.data_seed, "copies": COPIES,
+            "classes": classes, "generators": [suite_data.GENERATOR, tuning_data.GENERATOR]}
     root, stamp = work / f"{part}-data", work / f"{part}-data.json"
     if stamp.is_file() and root.is_dir() and json.loads(stamp.read_text())["spec"] == spec:
         return root, json.loads(stamp.read_text())["repeats"], spec
@@ -94,9 +114,14 @@ def prepare_data(part: str, work: Path, args) -> tuple[Path, dict, dict]:
     counts = dict(n_train=args.n_train, n_test_good=args.n_test_good, n_test_defect=args.n_test_defect,
                   size=args.size, seed=args.data_seed)
     if part == "tuning":
-        generate_dataset(root, categories=DEFAULT_CATEGORIES, **counts)
+        synth = [c for c in classes if c in DEFAULT_CATEGORIES]
+        extra = [c for c in classes if c in tuning_data.CATEGORIES]
+        if synth:
+            generate_dataset(root, categories=synth, **counts)
+        if extra:
+            tuning_data.generate(root, categories=extra, **counts)
     else:
-        suite_data.generate(root, categories=suite_data.CATEGORIES, **counts)
+        suite_data.generate(root, categories=classes, **counts)
     mapping = suite_data.write_repeats(root, copies=COPIES, seed=args.data_seed)
     stamp.write_text(json.dumps({"spec": spec, "repeats": mapping}))
     return root, mapping, spec
@@ -120,16 +145,26 @@ def _repeat_dataset(root: Path) -> Dataset:
     return Dataset(root=root, layout="folder", split="train", records=tuple(records))
 
 
-def extract(dataset: Dataset, store: Store, cfg: ExtractConfig, stage: str) -> Features:
+def pool_memory(memory: torch.Tensor, pool: int) -> torch.Tensor:
+    """(N, H*W, D) L2-normalised patch features averaged over pool x pool windows and normalised
+    again: (N, H*W / pool^2, D), as float16 like the stored features."""
+    if pool == 1:
+        return memory
+    pooled = pool_tokens(memory.float(), 0, pool)
+    return torch.nn.functional.normalize(pooled, dim=-1).half()
+
+
+def extract(dataset: Dataset, store: Store, cfg: ExtractConfig, stage: str, step1_pool: int = 1) -> Features:
     result = run_extract(dataset, store, cfg, stage=stage, reporter=SilentReporter())
     art = result.artifact
     log(f"{stage}: {result.n_images} images ({'cached' if result.cached else f'{result.seconds:.0f} s'})")
-    encoder = art.manifest["encoder"]
+    encoder = dict(art.manifest["encoder"])
     names = [f"group{g}" for g in range(len(encoder["group_dims"]))]
     tensors = art.sharded_tensors(["index", "memory", *names])
     by_path = {r.rel_path: r for r in dataset.records}
-    return Features([by_path[row["path"]] for row in art.manifest["images"]], tensors["memory"],
-                    [tensors[n] for n in names], encoder)
+    encoder["step1_grid"] = [side // step1_pool for side in encoder["grid"]]
+    return Features([by_path[row["path"]] for row in art.manifest["images"]],
+                    pool_memory(tensors["memory"], step1_pool), [tensors[n] for n in names], encoder)
 
 
 @dataclass
@@ -140,13 +175,15 @@ class ClassBase:
     origin: list[str]            # the test image each row stands for ("" for good images)
     memory: torch.Tensor         # (Nb, P, D)
     groups: list[torch.Tensor]
-    table: torch.Tensor          # (Nb, P, Nb, 1) nearest distances among the rows
-    test_table: torch.Tensor     # (Nt, P, Nb, 1) nearest distances of the class's test images to the rows
+    table: torch.Tensor          # (Nb, P, Nb, k) nearest distances among the rows (float16 values)
+    test_table: torch.Tensor     # (Nt, P, Nb, k) nearest distances of the class's test images to the rows
     test_index: np.ndarray       # positions of the class's test images in the test Features
 
 
-def build_classes(root: Path, train: Features, test: Features, repeats: Features, mapping: dict,
-                  work: Path, device: str) -> dict[str, ClassBase]:
+def build_classes(train: Features, test: Features, repeats: Features, mapping: dict,
+                  work: Path, device: str, k: int = 1) -> dict[str, ClassBase]:
+    """Each class's rows and tables. The tables are kept at float16 precision whether computed now
+    or read back, so a cell's result never depends on whether the cache was warm."""
     classes = {}
     for cls in sorted({r.cls for r in train.records}):
         pick = {"train": [i for i, r in enumerate(train.records) if r.cls == cls],
@@ -158,18 +195,18 @@ def build_classes(root: Path, train: Features, test: Features, repeats: Features
         memory = torch.cat([f.memory[pick[name]] for name, f in sources])
         groups = [torch.cat([f.groups[g][pick[name]] for name, f in sources]) for g in range(len(train.groups))]
         test_index = np.array([i for i, r in enumerate(test.records) if r.cls == cls])
-        key = digest({"rows": [r.rel_path for r in rows], "encoder": train.encoder, "n": len(test_index)})[:16]
+        key = digest({"rows": [r.rel_path for r in rows], "encoder": train.encoder, "n": len(test_index),
+                      "k": k})[:16]
         path = work / "tables" / f"{cls}-{key}.safetensors"
-        if path.is_file():
-            saved = load_tensors(path)
-            table, test_table = saved["table"].float(), saved["test_table"].float()
-        else:
+        if not path.is_file():
             t0 = time.perf_counter()
-            table = nearest_table(memory, device=device)
-            test_table = nearest_table(memory, queries=test.memory[test_index], device=device)
+            table = nearest_table(memory, k=k, device=device)
+            test_table = nearest_table(memory, queries=test.memory[test_index], k=k, device=device)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_tensors(path, {"table": table.half(), "test_table": test_table.half()})
             log(f"tables {cls}: {len(rows)} rows, {len(test_index)} test images in {time.perf_counter() - t0:.0f} s")
+        saved = load_tensors(path)
+        table, test_table = saved["table"].float(), saved["test_table"].float()
         classes[cls] = ClassBase(rows, origin, memory, groups, table, test_table, test_index)
     return classes
 
@@ -187,14 +224,21 @@ class Cell:
     index: dict[str, np.ndarray]    # class -> chosen rows of its ClassBase
     contaminated: np.ndarray        # (N,) bool over the concatenated classes
     classes: list[str]
+    defect_kinds: list[str]         # (N,) the defect kind of each row, "" for good images
     injected_origins: set[str]      # test images (rel paths) whose defect is in the training set
 
     def rid(self) -> str:
         return f"r={self.ratio:g},seed={self.seed},{'repeated' if self.repeated else 'unique'}"
 
 
+def defect_kind(record: ImageRecord) -> str:
+    """The defect kind of a row from its path (`<cls>/test/<kind>/…` or `<cls>/repeats/<kind>/…`)."""
+    parts = record.rel_path.split("/")
+    return parts[2] if record.label == 1 else ""
+
+
 def make_cell(bases: dict[str, ClassBase], ratio: float, seed: int, repeated: bool) -> Cell:
-    index, contaminated, classes, origins = {}, [], [], set()
+    index, contaminated, classes, kinds, origins = {}, [], [], [], set()
     for cls, base in bases.items():
         goods = [i for i, r in enumerate(base.rows) if r.label == 0]
         defects = [i for i, r in enumerate(base.rows) if r.label == 1 and r.rel_path == base.origin[i]]
@@ -213,13 +257,15 @@ def make_cell(bases: dict[str, ClassBase], ratio: float, seed: int, repeated: bo
         index[cls] = np.array(goods + chosen)
         contaminated += [False] * len(goods) + [True] * len(chosen)
         classes += [cls] * (len(goods) + len(chosen))
+        kinds += [defect_kind(base.rows[i]) for i in goods + chosen]
         origins |= {base.origin[i] for i in chosen}
-    return Cell(ratio, seed, repeated, index, np.array(contaminated), classes, origins)
+    return Cell(ratio, seed, repeated, index, np.array(contaminated), classes, kinds, origins)
 
 
 def cell_features(bases: dict[str, ClassBase], cell: Cell):
     memory = torch.cat([bases[c].memory[i] for c, i in cell.index.items()])
-    groups = [torch.cat([bases[c].groups[g][i] for c, i in cell.index.items()]) for g in range(2)]
+    n_groups = len(next(iter(bases.values())).groups)
+    groups = [torch.cat([bases[c].groups[g][i] for c, i in cell.index.items()]) for g in range(n_groups)]
     tables = {c: bases[c].table[i][:, :, i] for c, i in cell.index.items()}
     return memory, groups, tables
 
@@ -233,25 +279,74 @@ class Outcome:
     keep: np.ndarray          # (N,) bool
     seconds: float
     model: ReconstructionModel | None = None
+    memory_eta: np.ndarray | None = None  # meds: the Step-1 image scores it was taught by
 
 
-def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s) -> Outcome:
+@dataclass(frozen=True)
+class Settings:
+    preset: Preset
+    device: str
+    step1_pool: int = 1   # Step 1 on features pooled over pool x pool windows (2: the stride-16 grid)
+
+
+def cut(eta: np.ndarray, classes: list[str], s: Settings) -> np.ndarray:
+    """The preset's final cut, as `select` applies it."""
+    keep, _ = final_cut(eta, classes, s.preset.build(CutConfig), s.preset.build(SelectConfig).k)
+    return keep
+
+
+def step1_targets(maps: torch.Tensor, s: Settings) -> torch.Tensor:
+    """Step-1 maps on the decoder's input grid: maps of a pooled Step 1 are resized back (bilinear)."""
+    return upsample_map(maps, s.step1_pool)
+
+
+def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s: Settings) -> Outcome:
     t0 = time.perf_counter()
     select_cfg = s.preset.build(SelectConfig, method=method)
     score_cfg = select_cfg.step1(s.preset.build(ScoreConfig, seed=cell.seed))
     maps, _ = step1_maps(memory, cell.classes, score_cfg, device=s.device, tables=tables)
+    step1_eta = image_scores(maps, aggregate=score_cfg.aggregate).double().numpy()
     if method != "meds":
-        eta = image_scores(maps, aggregate=score_cfg.aggregate).double().numpy()
-        keep, _ = final_cut(eta, cell.classes, select_cfg)
-        return Outcome(eta, keep, time.perf_counter() - t0)
+        return Outcome(step1_eta, cut(step1_eta, cell.classes, s), time.perf_counter() - t0)
     distill_cfg = s.preset.build(DistillConfig, checkpoint_every=0)
     model = ReconstructionModel(model_config_for(encoder, distill_cfg), seed=cell.seed)
-    distill(model, groups, maps, distill_cfg, seed=cell.seed, device=s.device)
+    distill(model, groups, step1_targets(maps, s), distill_cfg, seed=cell.seed, device=s.device)
     base_maps = compute_maps(model, groups, device=s.device)
     result = progressive_select(model, groups, cell.classes, base_maps, select_cfg, distill_cfg,
                                 seed=cell.seed, device=s.device)
-    keep, _ = final_cut(result.eta, cell.classes, select_cfg)
-    return Outcome(result.eta, keep, time.perf_counter() - t0, model)
+    return Outcome(result.eta, cut(result.eta, cell.classes, s), time.perf_counter() - t0, model, step1_eta)
+
+
+def saved_outcome(row: dict | None) -> Outcome | None:
+    """A MeDS row read back from the results file (None: not run yet)."""
+    if row is None or "memory_eta" not in row:
+        return None
+    return Outcome(np.array(row["eta"]), np.array(row["keep"], bool), row["seconds"],
+                   memory_eta=np.array(row["memory_eta"]))
+
+
+def combined(cell: Cell, meds: Outcome, s: Settings) -> Outcome:
+    """`meds+memory`: the mean per-class rank of MeDS's eta and of the memory ensemble's score."""
+    eta = class_rank_mean([meds.eta, meds.memory_eta], cell.classes)
+    return Outcome(eta, cut(eta, cell.classes, s), 0.0)
+
+
+def oracle(cell: Cell, tables: dict, s: Settings) -> Outcome:
+    """The ceiling: each image against a full memory of only the truly clean images of its class
+    (itself left out), nearest distance per patch, the same image score as Step 1."""
+    t0 = time.perf_counter()
+    eta = np.zeros(len(cell.classes))
+    classes = np.array(cell.classes)
+    aggregate = s.preset.build(ScoreConfig).aggregate
+    for cls, table in tables.items():
+        members = np.flatnonzero(classes == cls)
+        clean = ~cell.contaminated[members]
+        nearest = table[..., 0].clone()                     # (n, P, n)
+        nearest[:, :, torch.from_numpy(~clean)] = math.inf  # only clean images in the memory
+        diagonal = torch.arange(len(members))
+        nearest[diagonal, :, diagonal] = math.inf          # leave self out
+        eta[members] = image_scores(nearest.amin(dim=2), aggregate=aggregate).double().numpy()
+    return Outcome(eta, cut(eta, cell.classes, s), time.perf_counter() - t0)
 
 
 def cleaning_row(cell: Cell, out: Outcome) -> dict:
@@ -283,10 +378,10 @@ def knn_detector_maps(bases: dict[str, ClassBase], cell: Cell, keep: np.ndarray,
     return maps
 
 
-def detector_row(test: Features, token_maps: np.ndarray, cell: Cell | None) -> dict:
+def detector_row(test: Features, token_maps: np.ndarray, cell: Cell | None, grid: tuple[int, int]) -> dict:
     """I-AUROC, P-AP, P-AUPRO (mean over classes) with overlap and, for a cell, without it."""
     cfg = EvalConfig()
-    maps = postprocess(test.records, token_maps, tuple(test.encoder["grid"]), test.encoder["preprocess"], cfg)
+    maps = postprocess(test.records, token_maps, tuple(grid), test.encoder["preprocess"], cfg)
     keys = ("image_auroc", "pixel_ap", "aupro")
     row = {f"overlap_{k}": v for k, v in detector_metrics(maps, cfg)[-1].items() if k in keys}
     if cell is not None:
@@ -298,70 +393,97 @@ def detector_row(test: Features, token_maps: np.ndarray, cell: Cell | None) -> d
 
 # ------------------------------------------------------------------------------------ driver
 
-
-@dataclass(frozen=True)
-class Settings:
-    preset: object
-    device: str
+PRESET_FLAGS = {  # flag -> (stage, field, type)
+    "resize": ("extract", "resize", int), "crop": ("extract", "crop", int), "backbone": ("extract", "backbone", str),
+    "banks": ("score", "banks", int), "rho": ("score", "ratio", float), "score-k": ("score", "k", int),
+    "min-bank": ("score", "min_bank", int),
+    "width": ("distill", "width", int), "depth": ("distill", "depth", int), "heads": ("distill", "heads", int),
+    "distill-iters": ("distill", "iters", int), "lr": ("distill", "lr", float),
+    "final-lr": ("distill", "final_lr", float), "token-pool": ("distill", "token_pool", int),
+    "iters": ("select", "iters", int), "cut": ("cut", "rule", str),
+}
 
 
 def settings_from(args) -> Settings:
-    overrides = {"extract": {"resize": args.resize, "crop": args.crop}, "score": {"min_bank": args.min_bank},
-                 "distill": {"width": args.width, "depth": args.depth, "iters": args.distill_iters},
-                 "select": {"cut": args.cut, "iters": args.iters}}
-    layers = {stage: {**CPU.overlays.get(stage, {}), **{k: v for k, v in values.items() if v is not None}}
-              for stage, values in overrides.items()}
-    preset = Preset(name="cpu+", overlays=layers)
-    return Settings(preset, resolve_device(args.device))
+    """The CPU preset with the command line's overrides laid on top (every stage of it kept)."""
+    layers = {stage: dict(values) for stage, values in CPU.overlays.items()}
+    for flag, (stage, name, _) in PRESET_FLAGS.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None:
+            layers.setdefault(stage, {})[name] = value
+    return Settings(Preset(name="cpu+", overlays=layers), resolve_device(args.device), args.step1_pool)
 
 
-def run_cell(cell: Cell, bases, test: Features, encoder: dict, s: Settings, methods, detector: bool) -> dict:
+def run_cell(cell: Cell, bases, test: Features, encoder: dict, s: Settings, methods, detector: bool,
+             saved: dict) -> dict:
+    """Run `methods` on one cell; `saved` holds the rows of methods run earlier (the combination
+    reads MeDS's saved scores from there when MeDS is not run now)."""
     memory, groups, tables = cell_features(bases, cell)
     out = {"n_train": len(cell.classes), "n_injected": int(cell.contaminated.sum()), "methods": {}}
+    outcomes = {}
     for method in methods:
-        outcome = run_method(method, cell, memory, groups, tables, encoder, s)
+        if method == "meds+memory":
+            meds = outcomes.get("meds") or saved_outcome(saved.get("meds"))
+            if meds is None:
+                continue
+            outcome = combined(cell, meds, s)
+        elif method == "oracle":
+            outcome = oracle(cell, tables, s)
+        else:
+            outcome = run_method(method, cell, memory, groups, tables, encoder, s)
+        outcomes[method] = outcome
         row = cleaning_row(cell, outcome)
+        if outcome.memory_eta is not None:
+            row["memory_eta"] = outcome.memory_eta.tolist()
         if detector:
-            row["detector"] = detector_row(test, knn_detector_maps(bases, cell, outcome.keep, len(test.records)),
-                                           cell)
+            row["detector"] = detector_row(
+                test, knn_detector_maps(bases, cell, outcome.keep, len(test.records)), cell, encoder["step1_grid"])
             if outcome.model is not None:
                 own = compute_maps(outcome.model, test.groups, device=s.device).numpy()
-                out["methods"]["meds (own model)"] = {"detector": detector_row(test, own, cell)}
+                out["methods"]["meds (own model)"] = {"detector": detector_row(test, own, cell, encoder["grid"])}
         out["methods"][method] = row
         log(f"  {cell.rid()} {method}: ranking AUROC {row['ranking_auroc']:.3f}, recall {row['recall']:.2f}, "
             f"precision {row['precision']:.2f} ({row['seconds']:.0f} s)")
     if detector:
-        everything = np.ones(len(cell.classes), bool)
-        out["methods"]["no cleaning"] = {"detector": detector_row(
-            test, knn_detector_maps(bases, cell, everything, len(test.records)), cell)}
-        out["methods"]["clean bound"] = {"detector": detector_row(
-            test, knn_detector_maps(bases, cell, ~cell.contaminated, len(test.records)), cell)}
+        for name, keep in (("no cleaning", np.ones(len(cell.classes), bool)), ("clean bound", ~cell.contaminated)):
+            out["methods"][name] = {"detector": detector_row(
+                test, knn_detector_maps(bases, cell, keep, len(test.records)), cell, encoder["step1_grid"])}
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("tuning", "report"), required=True)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny data and training (numbers meaningless): checks that the suite runs end to end")
     p.add_argument("--ratios", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.2, 0.4])
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1])
     p.add_argument("--defects", type=lambda v: v.split(","), default=["unique", "repeated"],
                    help="unique, repeated or both (comma-separated)")
-    p.add_argument("--methods", type=lambda v: v.split(","), default=list(METHODS))
+    p.add_argument("--methods", type=lambda v: v.split(","), default=[*METHODS, *DERIVED])
+    p.add_argument("--classes", type=lambda v: v.split(","), help="only these classes of the part")
     p.add_argument("--no-detector", action="store_true", help="skip the detector after cleaning")
     p.add_argument("--n-train", type=int, default=70, help="good training images per class")
     p.add_argument("--n-test-good", type=int, default=20)
     p.add_argument("--n-test-defect", type=int, default=30)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--data-seed", type=int, default=0)
-    for name in ("resize", "crop", "min-bank", "width", "depth", "distill-iters", "iters"):
-        p.add_argument(f"--{name}", type=int, help="override the CPU preset")
-    p.add_argument("--cut", help="override the CPU preset's final cut")
+    for flag, (stage, name, kind) in PRESET_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, help=f"override the CPU preset's {stage} {name}")
+    p.add_argument("--step1-pool", type=int, default=1,
+                   help="Step 1 (and the kNN baselines and detector) on features pooled over N x N windows")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medsclean-suite")
     p.add_argument("--fresh", action="store_true", help="ignore saved results")
     p.add_argument("--json", type=Path, help="also write all results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            if name in ("banks", "distill_iters", "iters"):
+                value = getattr(args, name) or value
+            setattr(args, name, value)
+    return args
 
 
 def main(argv=None) -> int:
@@ -374,12 +496,13 @@ def main(argv=None) -> int:
     root, mapping, spec = prepare_data(args.part, work, args)
     store = Store(work / "store", images_root=root)
     extract_cfg = s.preset.build(ExtractConfig, device=s.device)
-    train = extract(discover(root, layout="mvtec", split="train"), store, extract_cfg, "features")
-    test = extract(discover(root, layout="mvtec", split="test"), store, extract_cfg, "features-test")
-    repeats = extract(_repeat_dataset(root), store, extract_cfg, "features-repeats")
-    bases = build_classes(root, train, test, repeats, mapping, work, s.device)
+    train = extract(discover(root, layout="mvtec", split="train"), store, extract_cfg, "features", s.step1_pool)
+    test = extract(discover(root, layout="mvtec", split="test"), store, extract_cfg, "features-test", s.step1_pool)
+    repeats = extract(_repeat_dataset(root), store, extract_cfg, "features-repeats", s.step1_pool)
+    k = s.preset.build(ScoreConfig).k
+    bases = build_classes(train, test, repeats, mapping, work / f"pool{s.step1_pool}", s.device, k)
 
-    key = digest({"data": spec, "preset": repr(s.preset), "device": s.device})
+    key = digest({"data": spec, "preset": repr(s.preset), "device": s.device, "step1_pool": s.step1_pool})
     results_path = work / f"results-{args.part}-{key[:12]}.json"
     results = {} if args.fresh or not results_path.is_file() else json.loads(results_path.read_text())
     for ratio in args.ratios:
@@ -391,86 +514,23 @@ def main(argv=None) -> int:
                 if not todo and (args.no_detector or "clean bound" in saved["methods"]):
                     continue
                 log(f"{cell.rid()}: {len(cell.classes)} training images, {int(cell.contaminated.sum())} injected")
-                fresh = run_cell(cell, bases, test, train.encoder, s, todo, not args.no_detector)
+                fresh = run_cell(cell, bases, test, train.encoder, s, todo, not args.no_detector, saved["methods"])
                 saved.update({k: v for k, v in fresh.items() if k != "methods"})
                 saved["methods"].update(fresh["methods"])
                 saved["classes"], saved["contaminated"] = cell.classes, cell.contaminated.astype(int).tolist()
+                saved["defect_kinds"] = cell.defect_kinds
                 results[cell.rid()] = saved
                 write_text_atomic(results_path, json.dumps(results, default=float))
+    class_kinds = {c: part_classes(args.part)[c] for c in bases}
+    payload = {"settings": repr(s.preset), "step1_pool": s.step1_pool, "part": args.part,
+               "class_kinds": class_kinds, "results": results}
     if args.json:
-        args.json.write_text(json.dumps({"settings": repr(s.preset), "results": results}, default=float))
-    print(report(args, s, results, time.perf_counter() - started))
+        args.json.write_text(json.dumps(payload, default=float))
+    header = suite_tables.header(sys.argv[1:], args, s.preset, s.device, time.perf_counter() - started)
+    if args.smoke:
+        print("SMOKE RUN: sizes are tiny, numbers are meaningless")
+    print(suite_tables.report(header, payload, args))
     return 0
-
-
-# ------------------------------------------------------------------------------------ tables
-
-
-def _mean(values) -> str:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    return f"{float(np.mean(finite)):.3f}" if finite else "–"
-
-
-def _cells(results, ratio, kind, seeds):
-    ids = [f"r={ratio:g},seed={seed},{kind}" for seed in seeds]
-    return [results[i] for i in ids if i in results]
-
-
-def cleaning_table(results: dict, args) -> str:
-    methods = [m for m in METHODS if m in args.methods]
-    head = "| r | defects | true share | " + " | ".join(f"{m}: rank AUROC / recall / precision" for m in methods)
-    lines = [head + " |", "|---|---|---|" + "---|" * len(methods)]
-    for ratio in args.ratios:
-        for kind in args.defects:
-            cells = _cells(results, ratio, kind, args.seeds)
-            if not cells:
-                continue
-            share = _mean([c["n_injected"] / c["n_train"] for c in cells])
-            parts = []
-            for m in methods:
-                rows = [c["methods"][m] for c in cells if m in c["methods"]]
-                parts.append(" / ".join(_mean([r[k] for r in rows]) for k in ("ranking_auroc", "recall", "precision")))
-            lines.append(f"| {ratio:g} | {kind} | {share} | " + " | ".join(parts) + " |")
-    return "\n".join(lines)
-
-
-def detector_table(results: dict, args) -> str:
-    rows = ["no cleaning", *[m for m in METHODS if m in args.methods], "meds (own model)", "clean bound"]
-    cols = [(r, kind) for r in args.ratios for kind in args.defects]
-    head = "| detector | " + " | ".join(f"r={r:g} {k}: I-AUROC ov / no-ov, P-AP ov" for r, k in cols)
-    lines = [head + " |", "|---|" + "---|" * len(cols)]
-    for name in rows:
-        parts = []
-        for r, kind in cols:
-            ds = [c["methods"][name]["detector"] for c in _cells(results, r, kind, args.seeds)
-                  if name in c["methods"] and "detector" in c["methods"][name]]
-            parts.append(" / ".join(_mean([d[k] for d in ds]) for k in
-                                    ("overlap_image_auroc", "no_overlap_image_auroc")) +
-                         ", " + _mean([d["overlap_pixel_ap"] for d in ds]))
-        lines.append(f"| {name} | " + " | ".join(parts) + " |")
-    return "\n".join(lines)
-
-
-def time_table(results: dict, args) -> str:
-    lines = ["| method | seconds per cell (mean) |", "|---|---|"]
-    for m in METHODS:
-        secs = [c["methods"][m]["seconds"] for c in results.values() if m in c["methods"]]
-        if secs:
-            lines.append(f"| {m} | {np.mean(secs):.1f} |")
-    return "\n".join(lines)
-
-
-def report(args, s: Settings, results: dict, wall: float) -> str:
-    e, sc, d, se = (s.preset.build(c) for c in (ExtractConfig, ScoreConfig, DistillConfig, SelectConfig))
-    return "\n".join([
-        f"command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py {' '.join(sys.argv[1:])}`",
-        f"date: {datetime.date.today().isoformat()}; host: {platform.machine()}, torch {torch.__version__}, "
-        f"threads {args.threads}, device {s.device}; wall {wall / 60:.1f} min (saved cells reused)",
-        f"preset: {e.backbone} {e.resize or 'native'}/{e.crop or 'native'} px, min bank {sc.min_bank}, cut {se.cut}, "
-        f"decoder width {d.width} depth {d.depth}, {d.iters} + {se.iters} iterations",
-        "", f"Cleaning ({args.part} part; mean over seeds {args.seeds}):", "", cleaning_table(results, args), "",
-        "Detector after cleaning (kNN detector on the kept images; MeDS's own model; mean over classes and seeds):",
-        "", detector_table(results, args), "", time_table(results, args)])
 
 
 if __name__ == "__main__":

@@ -159,6 +159,8 @@ DISTILL = _opts(
         "width)."),
     Opt("depth", int, ("distill", "depth"), "Decoder blocks."),
     Opt("heads", int, ("distill", "heads"), "Attention heads per decoder block."),
+    Opt("token_pool", int, ("distill", "token_pool"), "Average the decoder's token grid over N x N windows "
+        "(2: stride 16, a quarter of the tokens; 1: the encoder's grid, as the paper)."),
 )
 SELECT = _opts(
     Opt("method", choices.Method, ("select", "method"),

@@ -13,6 +13,7 @@ reconstruction that cannot copy its input layer by layer).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -46,6 +47,10 @@ class ModelConfig:
         heads: attention heads per decoder block; must divide the decoder width.
         mlp_ratio: hidden width of each block's MLP as a multiple of the decoder width.
         dropout: dropout probability of the bottleneck (its input, hidden and output).
+        token_pool: side of the square windows the token grid is averaged over before the
+            decoder (1: the encoder's grid; 2: a stride-8 grid becomes stride 16, a quarter of
+            the tokens). The model reconstructs the pooled groups and its anomaly map is
+            resized back to the encoder's grid, so callers always see H*W tokens.
         eps_attn: added to the linear-attention normaliser so that it never divides by 0.
         ln_eps: LayerNorm epsilon of the decoder blocks.
     """
@@ -57,6 +62,7 @@ class ModelConfig:
     heads: int = DistillConfig.heads
     mlp_ratio: float = 4.0
     dropout: float = DistillConfig.dropout
+    token_pool: int = DistillConfig.token_pool
     eps_attn: float = 1e-6
     ln_eps: float = 1e-8
 
@@ -76,6 +82,8 @@ class ModelConfig:
             raise UsageError(f"heads {self.heads} must divide the decoder width {self.decoder_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.token_pool < 1:
+            raise UsageError(f"token_pool must be at least 1, not {self.token_pool}")
 
     @property
     def decoder_width(self) -> int:
@@ -190,6 +198,43 @@ class NoisyBottleneck(nn.Module):
         return self.layers(x)
 
 
+def square_grid(n_tokens: int, pool: int = 1) -> int:
+    """Side H of a square H x H token grid of `n_tokens` tokens, divisible by `pool`.
+
+    Raises:
+        ValueError: the tokens do not form such a grid.
+    """
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens or side % pool:
+        raise ValueError(f"{n_tokens} tokens do not form a square grid whose side divides by {pool}")
+    return side
+
+
+def pool_tokens(tokens: Tensor, n_prefix: int, pool: int) -> Tensor:
+    """Average the spatial tokens of (B, n_prefix + H*W, C) over pool x pool windows.
+
+    Returns:
+        (B, n_prefix + (H/pool)*(W/pool), C), the prefix tokens unchanged, row-major.
+    """
+    if pool == 1:
+        return tokens
+    prefix, spatial = tokens[:, :n_prefix], tokens[:, n_prefix:]
+    batch, n_tokens, channels = spatial.shape
+    side = square_grid(n_tokens, pool)
+    grid = spatial.transpose(1, 2).reshape(batch, channels, side, side)
+    pooled = F.avg_pool2d(grid, pool).flatten(2).transpose(1, 2)
+    return torch.cat([prefix, pooled], dim=1)
+
+
+def upsample_map(maps: Tensor, pool: int) -> Tensor:
+    """(B, h*w) maps on a pooled square grid -> (B, (h*pool)*(w*pool)), bilinear."""
+    if pool == 1:
+        return maps
+    side = square_grid(maps.shape[1])
+    grid = maps.reshape(maps.shape[0], 1, side, side)
+    return F.interpolate(grid, scale_factor=pool, mode="bilinear", align_corners=False).flatten(1)
+
+
 def cosine_distance_map(enc_groups: Sequence[Tensor], dec_groups: Sequence[Tensor], n_prefix: int) -> Tensor:
     """Per-token anomaly map: mean over groups of 1 - cos(enc, dec) along channels.
 
@@ -268,14 +313,15 @@ class ReconstructionModel(nn.Module):
                 L = n_prefix + H*W with the prefix tokens first.
 
         Returns:
-            (enc_groups, dec_groups): two lists of G float32 tensors (B, L, C_g), prefix
-            tokens included. enc_groups are the inputs cast to float32 (the targets);
+            (enc_groups, dec_groups): two lists of G float32 tensors (B, L', C_g), prefix
+            tokens included; L' = L, or n_prefix + H*W / token_pool^2 when the model pools.
+            enc_groups are the (pooled) inputs cast to float32 (the targets);
             dec_groups[g] is the mean of decoder chunk G-1-g, projected back to C_g when
             the model projects. Both live in the original channel space, so cosines
             compare like with like for every backbone.
         """
         self._check_groups(groups)
-        enc_groups = [g.float() for g in groups]
+        enc_groups = [pool_tokens(g.float(), self.config.n_prefix, self.config.token_pool) for g in groups]
         if self.config.projected:
             decoder_in = [proj(g) for proj, g in zip(self.input_projections, enc_groups)]
         else:
@@ -306,4 +352,4 @@ class ReconstructionModel(nn.Module):
             dropped; row-major over the token grid.
         """
         enc_groups, dec_groups = self(groups)
-        return cosine_distance_map(enc_groups, dec_groups, self.config.n_prefix)
+        return upsample_map(cosine_distance_map(enc_groups, dec_groups, self.config.n_prefix), self.config.token_pool)

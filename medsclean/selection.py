@@ -115,3 +115,31 @@ def select_per_class(
         tau[name] = threshold(scores[members], t, total, k)
         keep[members] = scores[members] < tau[name]
     return keep, tau
+
+
+def class_rank_mean(score_sets: Sequence[ArrayLike], classes: Sequence[str]) -> np.ndarray:
+    """Mean, over several image scores, of each image's rank within its class, scaled to (0, 1].
+
+    The rank of an image is 1 for the lowest score of its class and n for the highest (ties share
+    their mean rank), divided by the class size n, so every score set counts the same whatever its
+    scale. Higher = more anomalous, as each input.
+
+    Args:
+        score_sets: S arrays of (N,) image scores of the same images.
+        classes: N class names, one per image.
+
+    Returns:
+        (N,) float64 combined scores.
+    """
+    from scipy.stats import rankdata
+
+    labels = np.asarray(classes, dtype=object)
+    stacked = np.stack([np.asarray(s, dtype=np.float64) for s in score_sets])
+    if stacked.shape[1] != len(labels):
+        raise ValueError(f"{stacked.shape[1]} scores for {len(labels)} class labels")
+    combined = np.zeros(len(labels))
+    for name in set(labels.tolist()):
+        members = labels == name
+        ranks = rankdata(stacked[:, members], axis=1) / members.sum()
+        combined[members] = ranks.mean(axis=0)
+    return combined

@@ -50,10 +50,10 @@ def model_config_for(encoder: dict, cfg: DistillConfig):
     if encoder["kind"] == "vit" and cfg.width is None:
         heads = max(1, dims[0] // 64)
         return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=None, depth=cfg.depth,
-                           heads=heads, dropout=cfg.dropout)
+                           heads=heads, dropout=cfg.dropout, token_pool=cfg.token_pool)
     width = cfg.width if cfg.width is not None else CNN_WIDTH
     return ModelConfig(group_dims=dims, n_prefix=encoder["n_prefix"], width=width, depth=cfg.depth,
-                       heads=cfg.heads, dropout=cfg.dropout)
+                       heads=cfg.heads, dropout=cfg.dropout, token_pool=cfg.token_pool)
 
 
 def _checkpointer(partial: Path):
@@ -77,10 +77,19 @@ def _progress_callback(task):
     return lambda step, record: task.update(completed=step)
 
 
+def _key_fields(cfg: DistillConfig) -> dict:
+    """The distill settings in a key; a default token_pool (1) is left out, so that keys of runs
+    made before the option existed stay valid."""
+    fields_ = asdict(cfg)
+    if fields_["token_pool"] == 1:
+        del fields_["token_pool"]
+    return fields_
+
+
 def distill_key(features: Artifact, scores: Artifact, cfg: DistillConfig, seed: int, world: int = 1) -> str:
     """The distill key; a data-parallel run's world size is part of it (a different world size trains
     on other shares of the batches, with other dropout streams)."""
-    return digest({"features": features.key, "scores": scores.key, "distill": asdict(cfg), "seed": seed,
+    return digest({"features": features.key, "scores": scores.key, "distill": _key_fields(cfg), "seed": seed,
                    **({"world": world} if world > 1 else {})})
 
 

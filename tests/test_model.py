@@ -186,3 +186,42 @@ def test_config_rejects_ambiguous_or_impossible_shapes():
     config = ModelConfig([40, 112], n_prefix=0, width=64, heads=4)
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert config.projected and not ModelConfig((32, 32), n_prefix=0, heads=4).projected
+
+
+def test_token_pool_averages_windows_and_resizes_the_map_back():
+    from medsclean.model import pool_tokens, upsample_map
+
+    # A 4x4 grid of 2 channels plus one prefix token: pooling 2x2 averages each window by hand.
+    grid = torch.arange(32, dtype=torch.float32).reshape(1, 16, 2)
+    tokens = torch.cat([torch.full((1, 1, 2), -7.0), grid], dim=1)
+    pooled = pool_tokens(tokens, n_prefix=1, pool=2)
+    assert pooled.shape == (1, 5, 2)
+    assert torch.equal(pooled[0, 0], torch.tensor([-7.0, -7.0]))
+    channel0 = grid[0, :, 0].reshape(4, 4)
+    expected = torch.tensor([channel0[:2, :2].mean(), channel0[:2, 2:].mean(),
+                             channel0[2:, :2].mean(), channel0[2:, 2:].mean()])
+    assert torch.allclose(pooled[0, 1:, 0], expected)
+    # A constant map stays constant when resized back; the size is the encoder grid's.
+    assert torch.allclose(upsample_map(torch.full((3, 4), 0.25), 2), torch.full((3, 16), 0.25))
+    with pytest.raises(ValueError, match="square grid"):
+        pool_tokens(torch.zeros(1, 15, 2), n_prefix=0, pool=2)
+
+
+def test_pooled_model_reconstructs_the_pooled_groups_and_maps_the_full_grid():
+    config = ModelConfig(group_dims=(6, 10), n_prefix=0, width=8, depth=2, heads=2, token_pool=2)
+    model = ReconstructionModel(config, seed=0).eval()
+    groups = [torch.randn(3, 64, 6), torch.randn(3, 64, 10)]
+    enc, dec = model(groups)
+    assert [tuple(t.shape) for t in enc] == [(3, 16, 6), (3, 16, 10)]
+    assert [tuple(t.shape) for t in dec] == [(3, 16, 6), (3, 16, 10)]
+    maps = model.anomaly_map(groups)
+    assert maps.shape == (3, 64)
+    # Each 2x2 window of the full map interpolates the pooled map: its window means are close to it.
+    from medsclean.model import cosine_distance_map, pool_tokens
+
+    coarse = cosine_distance_map(enc, dec, 0)
+    window_means = pool_tokens(maps.unsqueeze(-1), 0, 2).squeeze(-1)
+    assert torch.allclose(window_means.mean(dim=1), coarse.mean(dim=1), atol=1e-5)
+    # The unpooled model of the same seed sees every token.
+    plain = ReconstructionModel(ModelConfig(group_dims=(6, 10), n_prefix=0, width=8, depth=2, heads=2), seed=0)
+    assert plain(groups)[0][0].shape == (3, 64, 6)

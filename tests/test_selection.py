@@ -81,3 +81,16 @@ def test_image_scores_are_top_one_percent_means(n_patches, k):
     maps = np.random.default_rng(n_patches).random((3, n_patches))
     expected = np.sort(maps, axis=1)[:, ::-1][:, :k].mean(axis=1)
     np.testing.assert_allclose(image_scores(maps), expected)
+
+
+def test_class_rank_mean_hand_computed():
+    from medsclean.selection import class_rank_mean
+
+    # Class a: ranks (1, 3, 2)/3 and (2, 3, 1)/3; class b: ties share their mean rank, 1.5/2 each.
+    first = [0.1, 0.9, 0.5, 7.0, 7.0]
+    second = [20.0, 30.0, 10.0, 1.0, 2.0]
+    combined = class_rank_mean([first, second], ["a", "a", "a", "b", "b"])
+    expected = [(1 / 3 + 2 / 3) / 2, 1.0, (2 / 3 + 1 / 3) / 2, (0.75 + 0.5) / 2, (0.75 + 1.0) / 2]
+    assert np.allclose(combined, expected)
+    with pytest.raises(ValueError):
+        class_rank_mean([first], ["a", "a"])

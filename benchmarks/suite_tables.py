@@ -1,0 +1,201 @@
+"""Markdown tables of a selection-quality suite run (`bench_suite.py`), from its results.
+
+Also a script: prints every table of a saved `bench_suite.py --json` file, so a published table
+can be rebuilt without rerunning anything.
+
+    .venv/bin/python benchmarks/suite_tables.py /tmp/medsclean-suite/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+METHOD_ORDER = ("knn", "iterative", "memory", "meds", "meds+memory", "oracle")
+KIND_ORDER = ("texture", "scene", "object")
+
+
+def _mean(values) -> str:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return f"{float(np.mean(finite)):.3f}" if finite else "–"
+
+
+def _methods(results: dict) -> list[str]:
+    present = {m for cell in results.values() for m in cell["methods"] if "eta" in cell["methods"][m]}
+    return [m for m in METHOD_ORDER if m in present]
+
+
+def _cell_ids(results: dict) -> tuple[list[float], list[str], list[int]]:
+    ratios, kinds, seeds = set(), set(), set()
+    for rid in results:
+        r, seed, kind = rid.split(",")
+        ratios.add(float(r[2:]))
+        seeds.add(int(seed[5:]))
+        kinds.add(kind)
+    return sorted(ratios), [k for k in ("unique", "repeated") if k in kinds], sorted(seeds)
+
+
+def _cells(results: dict, ratio=None, kind=None) -> list[dict]:
+    out = []
+    for rid, cell in results.items():
+        r, _, k = rid.split(",")
+        if (ratio is None or float(r[2:]) == ratio) and (kind is None or k == kind):
+            out.append(cell)
+    return out
+
+
+def cleaning_table(results: dict) -> str:
+    """Ranking AUROC / recall / precision per (r, defects) and method, mean over seeds."""
+    methods = _methods(results)
+    ratios, kinds, _ = _cell_ids(results)
+    head = "| r | defects | true share | " + " | ".join(f"{m}: rank AUROC / recall / precision" for m in methods)
+    lines = [head + " |", "|---|---|---|" + "---|" * len(methods)]
+    for ratio in ratios:
+        for kind in kinds:
+            cells = _cells(results, ratio, kind)
+            if not cells:
+                continue
+            share = _mean([c["n_injected"] / c["n_train"] for c in cells])
+            parts = []
+            for m in methods:
+                rows = [c["methods"][m] for c in cells if m in c["methods"]]
+                parts.append(" / ".join(_mean([r[k] for r in rows]) for k in ("ranking_auroc", "recall", "precision")))
+            lines.append(f"| {ratio:g} | {kind} | {share} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def class_kind_auroc(results: dict, class_kinds: dict, method: str, kind: str | None, defects: str | None) -> float:
+    """Mean ranking AUROC of `method` over the cells with `defects` and the classes of class kind `kind`."""
+    values = []
+    for cell in _cells(results, kind=defects):
+        row = cell["methods"].get(method)
+        if row is None or "ranking_auroc_per_class" not in row:
+            continue
+        values += [v for c, v in row["ranking_auroc_per_class"].items()
+                   if (kind is None or class_kinds.get(c) == kind) and v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def summary_table(results: dict, class_kinds: dict) -> str:
+    """Mean ranking AUROC over every cell, per method: all classes, then per class kind, unique and
+    repeated defects apart."""
+    methods = _methods(results)
+    _, defects, _ = _cell_ids(results)
+    kinds = [k for k in KIND_ORDER if k in set(class_kinds.values())]
+    cols = [(None, d) for d in defects] + [(k, d) for k in kinds for d in defects]
+    head = "| method | " + " | ".join(f"{k or 'all classes'}, {d}" for k, d in cols) + " |"
+    lines = [head, "|---|" + "---|" * len(cols)]
+    for m in methods:
+        values = [class_kind_auroc(results, class_kinds, m, k, d) for k, d in cols]
+        lines.append(f"| {m} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def defect_kind_auroc(results: dict, method: str) -> dict[str, float]:
+    """{defect kind: mean ranking AUROC of that kind's contaminants against the good images of their
+    class}, mean over classes and cells."""
+    from medsclean.metrics import image_auroc_score
+
+    values: dict[str, list[float]] = {}
+    for cell in results.values():
+        row = cell["methods"].get(method)
+        if row is None or "eta" not in row or "defect_kinds" not in cell:
+            continue
+        eta, classes, kinds = np.array(row["eta"]), np.array(cell["classes"]), np.array(cell["defect_kinds"])
+        for cls in set(cell["classes"]):
+            good = (classes == cls) & (kinds == "")
+            for kind in set(kinds[(classes == cls) & (kinds != "")].tolist()):
+                bad = (classes == cls) & (kinds == kind)
+                sel = good | bad
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    values.setdefault(kind, []).append(image_auroc_score(bad[sel].astype(int), eta[sel]))
+    return {k: float(np.nanmean(v)) for k, v in sorted(values.items())}
+
+
+def defect_kind_table(results: dict) -> str:
+    """Ranking AUROC per defect kind and method (every cell)."""
+    methods = _methods(results)
+    per = {m: defect_kind_auroc(results, m) for m in methods}
+    kinds = sorted({k for v in per.values() for k in v})
+    lines = ["| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(f"{per[m][k]:.2f}" if k in per[m] else "–" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def detector_table(results: dict) -> str:
+    names = ["no cleaning", *_methods(results), "meds (own model)", "clean bound"]
+    ratios, kinds, _ = _cell_ids(results)
+    cols = [(r, kind) for r in ratios for kind in kinds]
+    head = "| detector | " + " | ".join(f"r={r:g} {k}: I-AUROC ov / no-ov, P-AP ov" for r, k in cols)
+    lines = [head + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        parts = []
+        for r, kind in cols:
+            ds = [c["methods"][name]["detector"] for c in _cells(results, r, kind)
+                  if name in c["methods"] and "detector" in c["methods"][name]]
+            parts.append(" / ".join(_mean([d[k] for d in ds]) for k in ("overlap_image_auroc", "no_overlap_image_auroc"))
+                         + ", " + _mean([d["overlap_pixel_ap"] for d in ds]))
+        if any(p != "– / –, –" for p in parts):
+            lines.append(f"| {name} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def time_table(results: dict) -> str:
+    lines = ["| method | seconds per cell (mean) |", "|---|---|"]
+    for m in _methods(results):
+        secs = [c["methods"][m]["seconds"] for c in results.values() if m in c["methods"]]
+        lines.append(f"| {m} | {np.mean(secs):.1f} |")
+    return "\n".join(lines)
+
+
+def header(argv: list[str], args, preset, device: str, wall: float) -> str:
+    import torch
+
+    from medsclean.config import DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+
+    e, sc, d, se = (preset.build(c) for c in (ExtractConfig, ScoreConfig, DistillConfig, SelectConfig))
+    cut = preset.overlays.get("cut", {}).get("rule", "mad")
+    return "\n".join([
+        f"command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_suite.py {' '.join(argv)}`",
+        f"date: {datetime.date.today().isoformat()}; host: {platform.machine()}, torch {torch.__version__}, "
+        f"threads {args.threads}, device {device}; wall {wall / 60:.1f} min (saved cells reused)",
+        f"settings: {e.backbone} {e.resize or 'native'}/{e.crop or 'native'} px, Step 1 B = {sc.banks}, "
+        f"rho = {sc.ratio:g}, k = {sc.k}, min bank {sc.min_bank}, Step-1 pool {args.step1_pool}; decoder width "
+        f"{d.width} depth {d.depth}, token pool {d.token_pool}, lr {d.lr:g}, {d.iters} + {se.iters} iterations; "
+        f"cut {cut}"])
+
+
+def report(head: str, payload: dict, args=None) -> str:
+    results, kinds = payload["results"], payload.get("class_kinds", {})
+    part = payload.get("part", "?")
+    return "\n".join([
+        head, "", f"Cleaning ({part} part; ranking AUROC per class then the mean; recall / precision pooled; "
+        "mean over seeds):", "", cleaning_table(results), "",
+        "Mean ranking AUROC over all cells, per class kind:", "", summary_table(results, kinds), "",
+        "Per defect kind (ranking AUROC of the kind's contaminants against the good images of their class):", "",
+        defect_kind_table(results), "",
+        "Detector after cleaning (kNN detector on the kept images; MeDS's own model; mean over classes and seeds):",
+        "", detector_table(results), "", time_table(results)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=Path, help="a file written by bench_suite.py --json")
+    args = p.parse_args(argv)
+    payload = json.loads(args.json.read_text())
+    print(report(f"tables of {args.json} (settings: {payload.get('settings')})", payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
