@@ -5,8 +5,15 @@ scikit-learn: `tissue` (skimage immunohistochemistry, 512x512) random crops of 5
 the side with random 90-degree turns and flips; `retina` (skimage retina, 1411x1411) a fixed
 centre framing of 90 % of the side with +-1.5 % shift, +-2 % scale, +-2 degree jitter; `china`
 and `flower` (sklearn sample images, 427x640) random crops of 55 % +- 8 % of the shorter side.
-All get a +-4 % brightness and contrast jitter. Defects (`DEFECT_KINDS`) are procedural; the
-mask of a defect holds exactly the pixels that changed by >= 1 grey level in some channel.
+All get a +-4 % brightness and contrast jitter. Two aligned objects are shot as by a fixed camera
+on a line: `motorcycle` (skimage stereo_motorcycle, left view, 500x741) and `rocket` (skimage
+rocket, 427x640), a fixed square framing with +-2 degree rotation, +-2 % shift, +-5 % exposure and
+contrast and Gaussian sensor noise of 2 grey levels. `CLASS_KIND` says which kind each class is.
+
+Defects are procedural: `DEFECT_KINDS` on every class, and on the aligned objects also the
+logical kinds `LOGICAL_KINDS` (a part moved elsewhere, a part gone, a part in the wrong colour);
+`kinds_for` gives a class's list. The mask of a defect holds exactly the pixels that changed by
+>= 1 grey level in some channel.
 
 Conventions: images are square RGB uint8 arrays (size, size, 3), masks bool (size, size);
 lengths and coordinates are in pixels of the output image, points are (y, x), angles are in
@@ -30,10 +37,14 @@ from medsclean.seeding import stable_id
 from medsclean.store import atomic_directory, write_json_atomic
 
 GENERATOR = "suite_data/1"
-CATEGORIES = ("tissue", "retina", "china", "flower")
+CATEGORIES = ("tissue", "retina", "china", "flower", "motorcycle", "rocket")
+CLASS_KIND = {"tissue": "texture", "retina": "object", "china": "scene", "flower": "scene",
+              "motorcycle": "object", "rocket": "object"}
 BASE_KINDS = ("thin_scratch", "crack", "stain", "missing_material", "extra_material", "blur",
               "colour_shift")
 DEFECT_KINDS = BASE_KINDS + ("border",)
+LOGICAL_KINDS = ("displaced_part", "absent_part", "recoloured_part")
+ALL_KINDS = DEFECT_KINDS + LOGICAL_KINDS
 LINE_KINDS = ("thin_scratch", "crack")
 FRAME = 3            # px: a border defect has mask pixels in this outer frame, others have none
 MIN_PIXELS = 40      # px: the smallest mask of any defect
@@ -41,15 +52,35 @@ MIN_AREA = 0.002     # fraction of the image: the smallest mask of a non-line de
 MAX_AREA = 0.06      # fraction of the image: the largest mask of any defect
 MAX_TRIES = 200
 _CROP = {"tissue": (0.50, True), "china": (0.55, False), "flower": (0.55, False)}
+# Fixed-camera objects: the framing's centre (x, y) as fractions of the photo's width and height;
+# its side as a fraction of the photo's height; and the part zone, the box (top, bottom, left,
+# right), as fractions of the framed image, where logical defects pick their parts (the product
+# rather than the shelves behind it).
+_CAMERA = {"motorcycle": ((390 / 741, 255 / 500), 480 / 500, (0.36, 0.92, 0.02, 0.98)),
+           "rocket": ((320 / 640, 258 / 427), 310 / 427, (0.08, 0.97, 0.03, 0.97))}
+CAMERA_ANGLE = 2.0       # degrees: the largest rotation of a fixed-camera shot
+CAMERA_SHIFT = 0.02      # fraction of the side: the largest shift of a fixed-camera shot
+CAMERA_EXPOSURE = 0.05   # the largest relative change of exposure and of contrast
+CAMERA_NOISE = 2.0       # grey levels: the standard deviation of the sensor noise
+
+
+def kinds_for(category: str) -> tuple[str, ...]:
+    """The defect kinds of `category`, in their round-robin order: `DEFECT_KINDS`, followed by
+    `LOGICAL_KINDS` on the fixed-camera objects."""
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    return DEFECT_KINDS + LOGICAL_KINDS if category in _CAMERA else DEFECT_KINDS
 
 
 # ---------------------------------------------------------------- good images
 @lru_cache(maxsize=None)
 def _base(category: str) -> Image.Image:
     """The full-resolution source photograph of `category`, as an RGB PIL image."""
-    if category in ("tissue", "retina"):
+    if category in ("tissue", "retina", "motorcycle", "rocket"):
         from skimage import data
-        arr = data.immunohistochemistry() if category == "tissue" else data.retina()
+        loaders = {"tissue": data.immunohistochemistry, "retina": data.retina,
+                   "motorcycle": lambda: data.stereo_motorcycle()[0], "rocket": data.rocket}
+        arr = loaders[category]()
     else:
         from sklearn.datasets import load_sample_images
         bunch = load_sample_images()
@@ -63,6 +94,34 @@ def _retina_scaled(size: int) -> np.ndarray:
     """The whole retina photo resized so that 90 % of its side spans `size` px; float32 (S, S, 3)."""
     side = round(size / 0.9)
     return np.asarray(_base("retina").resize((side, side), Image.LANCZOS), np.float32)
+
+
+@lru_cache(maxsize=8)
+def _camera_canvas(category: str, size: int) -> np.ndarray:
+    """The fixed-camera photo of `category` resized so that its framing spans `size` px and cut
+    (reflect-padded where needed) to a float32 (C, C, 3) window, C >= 1.5 size, centred on it."""
+    (fx, fy), side, _ = _CAMERA[category]
+    base = _base(category)
+    factor = size / (side * base.height)
+    scaled = np.asarray(base.resize((round(base.width * factor), round(base.height * factor)),
+                                    Image.LANCZOS), np.float32)
+    half = int(np.ceil(0.75 * size))
+    padded = np.pad(scaled, ((half, half), (half, half), (0, 0)), mode="reflect")
+    cy, cx = round(fy * scaled.shape[0]) + half, round(fx * scaled.shape[1]) + half
+    return padded[cy - half:cy + half, cx - half:cx + half]
+
+
+def _camera_shot(category: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One fixed-camera shot of `category`: its framing turned by U(-2, 2) degrees, moved by
+    U(-2 %, 2 %) of the side, exposure and contrast scaled by U(0.95, 1.05) and Gaussian noise
+    of `CAMERA_NOISE` grey levels added; uint8 (size, size, 3)."""
+    angle = rng.uniform(-CAMERA_ANGLE, CAMERA_ANGLE)
+    shift = rng.uniform(-CAMERA_SHIFT, CAMERA_SHIFT, 2) * size
+    img = _affine(_camera_canvas(category, size), angle, shift, 1.0, (size, size))
+    exposure, contrast = 1 + rng.uniform(-CAMERA_EXPOSURE, CAMERA_EXPOSURE, 2)
+    img = ((img - img.mean()) * contrast + img.mean()) * exposure
+    img = img + rng.normal(0.0, CAMERA_NOISE, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def _affine(img: np.ndarray, angle: float, shift, scale: float = 1.0, out_shape=None,
@@ -105,6 +164,8 @@ def render_good(category: str, rng: np.random.Generator, size: int = 256) -> np.
     """One defect-free image of `category`: uint8 (size, size, 3)."""
     if category not in CATEGORIES:
         raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+    if category in _CAMERA:
+        return _camera_shot(category, rng, size)
     img = _retina_frame(rng, size) if category == "retina" else _random_crop(category, rng, size)
     brightness, contrast = 1 + rng.uniform(-0.04, 0.04, 2)
     img = (img - img.mean()) * contrast + img.mean() * brightness
@@ -320,9 +381,178 @@ def _colour_shift(g, rng, border):
     return g + alpha[..., None] * (hsv2rgb(hsv) * 255 - g), alpha > 1e-3
 
 
+# ---------------------------------------------------------------- logical defect models
+# A logical defect changes which parts the object has, where they are, or their colour, with
+# no damage to the surface. These models are meant for the fixed-camera objects and never touch
+# the border. Each takes the good image g (float32 H x W x 3), the rng and the part zone (bool
+# H x W: where the object's parts are) and returns the defective image and the support, as the
+# models above do.
+
+def _part_zone(category: str | None, side: int) -> np.ndarray:
+    """Bool (side, side): the part zone of a fixed-camera `category`; the whole image for any
+    other category or None."""
+    zone = np.zeros((side, side), bool)
+    if category not in _CAMERA:
+        zone[:] = True
+        return zone
+    top, bottom, left, right = (round(f * side) for f in _CAMERA[category][2])
+    zone[top:bottom, left:right] = True
+    return zone
+
+
+def _edge_strength(g: np.ndarray) -> np.ndarray:
+    """Gradient magnitude of the lightly smoothed luminance of g (H, W, 3): float (H, W), in
+    grey levels per px (Sobel scale)."""
+    lum = ndimage.gaussian_filter(g.mean(-1), 1.0)
+    return np.hypot(ndimage.sobel(lum, 0), ndimage.sobel(lum, 1))
+
+
+def _to_ycc(g: np.ndarray) -> np.ndarray:
+    """g (H, W, 3) in RGB to full-range BT.601 (Y, Cb, Cr), chroma centred on 0: float (H, W, 3)."""
+    y = g @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.stack([y, 0.564 * (g[..., 2] - y), 0.713 * (g[..., 0] - y)], -1)
+
+
+def _from_ycc(ycc: np.ndarray) -> np.ndarray:
+    """The inverse of `_to_ycc`: (Y, Cb, Cr) float (H, W, 3) to RGB float (H, W, 3), unclipped."""
+    y, cb, cr = ycc[..., 0], ycc[..., 1], ycc[..., 2]
+    r, b = y + cr / 0.713, y + cb / 0.564
+    return np.stack([r, (y - 0.299 * r - 0.114 * b) / 0.587, b], -1)
+
+
+def _most_salient_site(g, rng, frac: tuple, rough: float, salience: np.ndarray,
+                       draws: int = 6) -> np.ndarray:
+    """Of `draws` inner blob sites (see `_blob_site`) the one with the highest mean `salience`
+    (H, W) inside: bool (H, W)."""
+    sites = [_blob_site(g, rng, False, frac, rough) for _ in range(draws)]
+    return max(sites, key=lambda site: float(salience[site].mean()) if site.any() else -np.inf)
+
+
+def _harmonic_fill(g: np.ndarray, hole: np.ndarray, sweeps: int = 250) -> np.ndarray:
+    """g (H, W, 3) with the pixels of `hole` (bool (H, W)) replaced by the solution of Laplace's
+    equation whose boundary values are the pixels around the hole (the smoothest continuation
+    of the surroundings): float32 (H, W, 3). Solved by Jacobi sweeps on the hole's bounding box,
+    started from a Gaussian-weighted average of the surroundings."""
+    out = g.astype(np.float32).copy()
+    if not hole.any():
+        return out
+    ys, xs = np.nonzero(hole)
+    top, left = max(ys.min() - 2, 0), max(xs.min() - 2, 0)
+    bottom, right = min(ys.max() + 3, g.shape[0]), min(xs.max() + 3, g.shape[1])
+    box, inside = out[top:bottom, left:right], hole[top:bottom, left:right]
+    known = (~inside).astype(np.float32)
+    reach = max(2.0, 0.25 * min(inside.shape))
+    weight = ndimage.gaussian_filter(known, reach) + 1e-6
+    start = ndimage.gaussian_filter(box * known[..., None], (reach, reach, 0)) / weight[..., None]
+    box[inside] = start[inside]
+    for _ in range(sweeps):
+        padded = np.pad(box, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        neighbours = (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]) / 4
+        box[inside] = neighbours[inside]
+    return out
+
+
+def _with_sensor_noise(img: np.ndarray, where: np.ndarray, rng) -> np.ndarray:
+    """`img` (H, W, 3) with Gaussian noise of `CAMERA_NOISE` grey levels added where `where`
+    (bool (H, W)) holds, so that a synthetic fill is as noisy as the photo around it."""
+    noisy = img.copy()
+    noisy[where] += rng.normal(0.0, CAMERA_NOISE, (int(where.sum()), 3)).astype(noisy.dtype)
+    return noisy
+
+
+def _displaced_part(g, rng, zone):
+    """A detailed part of the object moved: its old place smoothly filled from around it, its
+    content pasted (feathered over 0.7 px) 28-50 % of the side away, with its centre in the
+    part zone, where it changes the image most."""
+    side = g.shape[0]
+    source = _most_salient_site(g, rng, (0.006, 0.02), 0.2, _edge_strength(g) * zone)
+    ys, xs = np.nonzero(source)
+    if not len(ys):
+        return g, source
+    keep_clear = ndimage.binary_dilation(source, iterations=4)
+    lo, hi = FRAME + 3, side - FRAME - 4
+    best, best_change = None, -1.0
+    for _ in range(12):
+        theta, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0.28, 0.5) * side
+        dy, dx = int(round(dist * np.sin(theta))), int(round(dist * np.cos(theta)))
+        if min(ys.min() + dy, xs.min() + dx) < lo or max(ys.max() + dy, xs.max() + dx) > hi:
+            continue
+        target = np.roll(source, (dy, dx), axis=(0, 1))
+        centre_y, centre_x = np.rint(np.argwhere(target).mean(0)).astype(int)
+        if (target & keep_clear).any() or not zone[centre_y, centre_x]:
+            continue
+        moved = np.roll(g, (dy, dx), axis=(0, 1))
+        change = float(np.abs(moved - g)[target].mean())
+        if change > best_change:
+            best, best_change = (target, moved), change
+    if best is None:
+        return g, np.zeros_like(source)
+    target, moved = best
+    out = _with_sensor_noise(_harmonic_fill(g, source), source, rng)
+    alpha = _soft(target, 0.7)[..., None]
+    return out + alpha * (moved - out), source | (alpha[..., 0] > 1e-3)
+
+
+def _absent_part(g, rng, zone):
+    """A detailed part of the object gone: an irregular region over strong edges in the part
+    zone replaced by the smoothest continuation of its surroundings (harmonic fill) plus sensor
+    noise."""
+    hole = _most_salient_site(g, rng, (0.01, 0.04), 0.3, _edge_strength(g) * zone)
+    return _with_sensor_noise(_harmonic_fill(g, hole), hole, rng), hole
+
+
+def _chroma_contrast(ycc: np.ndarray) -> np.ndarray:
+    """Each pixel's chroma minus the image's median chroma (the dominant background colour, as
+    a sky or a floor): float (H, W, 2) of (Cb, Cr) differences, in grey levels."""
+    chroma = ycc[..., 1:]
+    return chroma - np.median(chroma.reshape(-1, 2), axis=0)
+
+
+def _same_hue_pixels(contrast: np.ndarray, site: np.ndarray, max_turn: float = 40.0) -> np.ndarray:
+    """The pixels of `site` (bool (H, W)) that share the site's dominant colour: bool (H, W).
+
+    `contrast` (H, W, 2) is `_chroma_contrast`. The dominant colour is the sum of the contrast
+    vectors over the site; a pixel is kept if its contrast vector points within `max_turn`
+    degrees of it and is at least half as long as the site's 75th percentile, and it lies in
+    the largest such connected piece."""
+    if not site.any():
+        return site
+    length = np.hypot(contrast[..., 0], contrast[..., 1])
+    dominant = contrast[site].sum(0)
+    cos_turn = contrast @ dominant / ((np.hypot(*dominant) + 1e-9) * (length + 1e-9))
+    part = site & (cos_turn > np.cos(np.deg2rad(max_turn)))
+    part &= length >= 0.5 * np.percentile(length[site], 75)
+    labels, n = ndimage.label(part)
+    if n == 0:
+        return part
+    return labels == 1 + int(np.argmax(ndimage.sum(part, labels, range(1, n + 1))))
+
+
+def _recoloured_part(g, rng, zone):
+    """A distinctly coloured, detailed part in the wrong colour: its chroma (Cb, Cr) turned by
+    110-180 degrees either way and scaled by 1.1-1.6, its luma kept; feathered over 0.7 px.
+    The site is the one whose colour stands out most from the image's dominant colour, weighted
+    by nearby edge strength (a plain background is no part); only its pixels of the site's own
+    colour change."""
+    ycc = _to_ycc(g)
+    contrast = _chroma_contrast(ycc)
+    detail = ndimage.gaussian_filter(_edge_strength(g), 3.0)
+    salience = np.hypot(contrast[..., 0], contrast[..., 1]) * detail * zone
+    region = _same_hue_pixels(contrast, _most_salient_site(g, rng, (0.015, 0.05), 0.25, salience))
+    turn = np.deg2rad(rng.choice([-1, 1]) * rng.uniform(110, 180))
+    gain = rng.uniform(1.1, 1.6)
+    cb, cr = ycc[..., 1].copy(), ycc[..., 2].copy()
+    ycc[..., 1] = gain * (np.cos(turn) * cb - np.sin(turn) * cr)
+    ycc[..., 2] = gain * (np.sin(turn) * cb + np.cos(turn) * cr)
+    alpha = _soft(region, 0.7)
+    return g + alpha[..., None] * (_from_ycc(ycc) - g), alpha > 1e-3
+
+
 _MODELS = {"thin_scratch": _thin_scratch, "crack": _crack, "stain": _stain,
            "missing_material": _missing_material, "extra_material": _extra_material,
            "blur": _blur, "colour_shift": _colour_shift}
+_LOGICAL_MODELS = {"displaced_part": _displaced_part, "absent_part": _absent_part,
+                   "recoloured_part": _recoloured_part}
 
 
 def _apply(good: np.ndarray, out: np.ndarray, support: np.ndarray):
@@ -343,16 +573,21 @@ def _acceptable(mask: np.ndarray, kind: str, border: bool) -> bool:
     return low <= n <= MAX_AREA * total and bool(frame.any()) == border
 
 
-def make_defect(good: np.ndarray, kind: str, rng: np.random.Generator):
+def make_defect(good: np.ndarray, kind: str, rng: np.random.Generator,
+                category: str | None = None):
     """A defect of `kind` on `good` (uint8 (H, W, 3), square): (image uint8 (H, W, 3), mask bool
     (H, W)). Pixels outside the mask equal `good`; each mask pixel differs by >= 1 in a channel.
-    `border` picks one of the other kinds at random and places it on an image edge."""
-    if kind not in DEFECT_KINDS:
-        raise ValueError(f"unknown defect kind {kind!r}; expected one of {DEFECT_KINDS}")
+    `border` picks one of the `BASE_KINDS` at random and places it on an image edge. The
+    `LOGICAL_KINDS` are meant for the fixed-camera objects (see `kinds_for`); given the image's
+    `category`, they pick their parts in its part zone (else anywhere)."""
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {ALL_KINDS}")
     g, border = good.astype(np.float32), kind == "border"
+    zone = _part_zone(category, good.shape[0]) if kind in LOGICAL_KINDS else None
     for _ in range(MAX_TRIES):
         sub = BASE_KINDS[int(rng.integers(len(BASE_KINDS)))] if border else kind
-        img, mask = _apply(good, *_MODELS[sub](g, rng, border))
+        model = _LOGICAL_MODELS[sub](g, rng, zone) if zone is not None else _MODELS[sub](g, rng, border)
+        img, mask = _apply(good, *model)
         if _acceptable(mask, sub, border):
             return img, mask
     raise RuntimeError(f"no acceptable {kind} defect in {MAX_TRIES} draws")
@@ -376,11 +611,11 @@ def _write_category(root: Path, cat: str, n_train: int, n_good: int, n_defect: i
     for split, n in (("train/good", n_train), ("test/good", n_good)):
         for i in range(n):
             _save(root / split / f"{i:03d}.png", render_good(cat, _rng(seed, cat, split, i), size))
-    counts = {"train/good": n_train, "test/good": n_good}
+    counts, kinds = {"train/good": n_train, "test/good": n_good}, kinds_for(cat)
     for i in range(n_defect):
-        kind, j = DEFECT_KINDS[i % len(DEFECT_KINDS)], i // len(DEFECT_KINDS)
+        kind, j = kinds[i % len(kinds)], i // len(kinds)
         rng = _rng(seed, cat, "test/defect", i)
-        img, mask = make_defect(render_good(cat, rng, size), kind, rng)
+        img, mask = make_defect(render_good(cat, rng, size), kind, rng, category=cat)
         _save(root / "test" / kind / f"{j:03d}.png", img)
         _save(root / "ground_truth" / kind / f"{j:03d}_mask.png", mask.astype(np.uint8) * 255)
         counts[f"test/{kind}"] = counts.get(f"test/{kind}", 0) + 1
@@ -391,7 +626,7 @@ def generate(out: Path, *, categories=CATEGORIES, n_train: int = 80, n_test_good
              n_test_defect: int = 40, size: int = 256, seed: int = 0,
              overwrite: bool = False) -> dict:
     """Write an MVTec-AD-layout dataset to `out` and return its summary (also in
-    `out/suite-data.json`). Defect kinds go round-robin over `DEFECT_KINDS`; images are
+    `out/suite-data.json`). Defect kinds go round-robin over `kinds_for(category)`; images are
     `size` px square. Written in a sibling temporary folder and renamed onto `out`; refuses a
     non-empty `out` unless `overwrite`."""
     out = Path(out)
@@ -404,6 +639,8 @@ def generate(out: Path, *, categories=CATEGORIES, n_train: int = 80, n_test_good
                   for cat in categories}
         summary = {"generator": GENERATOR, "seed": seed, "size": size,
                    "categories": list(categories), "defect_kinds": list(DEFECT_KINDS),
+                   "class_kinds": {cat: CLASS_KIND[cat] for cat in categories},
+                   "kinds_by_category": {cat: list(kinds_for(cat)) for cat in categories},
                    "counts": counts}
         write_json_atomic(tmp / "suite-data.json", summary)
     return summary

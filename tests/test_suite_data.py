@@ -210,3 +210,127 @@ def test_write_repeats(small_set):
         mask = _read(out / cat / "repeats_gt" / defect / name.replace(".png", "_mask.png"))
         assert _read(out / copy).shape == (64, 64, 3) and mask.shape == (64, 64) and mask.max() == 255
     assert sd.write_repeats(out, copies=2, seed=0) == mapping      # reruns rewrite the same paths
+
+
+# ---------------------------------------------------------------- classes and logical defects
+# SHA-256 of the arrays of the first four classes at 64 px, seed 0, recorded from the generator
+# before the fixed-camera objects were added: those classes must not change.
+OLD_CLASS_DIGESTS = {
+    "tissue": "6c2aa3b9114e8bac21f99881c7c5f1c129449e70b2c8e8d85f6e8cab4bbf5948",
+    "retina": "cb3114870381cc58ab0fefd277d308489f34ef7254ec88f83ac5da2e78d5d44d",
+    "china": "5cb945b9c791d7cb8d9702e66ee5e752a2a38c68ba646bc06016bc5cfeadefc6",
+    "flower": "fbd467819ccacbaf1dc618b56763186a88f4a603547514fd457d4dd1359b5ae5",
+}
+NEW_OBJECTS = ("motorcycle", "rocket")
+
+
+def _class_digest(category: str, size: int = 64) -> str:
+    """SHA-256 over train/good 0-1, test/good 0-1 and test defects 0-7 (images and packed masks)
+    of `category`, drawn as `generate` draws them."""
+    import hashlib
+
+    h, kinds = hashlib.sha256(), sd.kinds_for(category)
+    for split in ("train/good", "test/good"):
+        for i in range(2):
+            h.update(sd.render_good(category, sd._rng(0, category, split, i), size).tobytes())
+    for i in range(8):
+        rng = sd._rng(0, category, "test/defect", i)
+        img, mask = sd.make_defect(sd.render_good(category, rng, size), kinds[i % len(kinds)], rng)
+        h.update(img.tobytes())
+        h.update(np.packbits(mask).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("category", sorted(OLD_CLASS_DIGESTS))
+def test_old_classes_are_bit_identical(category):
+    assert sd.kinds_for(category) == sd.DEFECT_KINDS
+    assert _class_digest(category) == OLD_CLASS_DIGESTS[category]
+
+
+def test_class_kinds_and_defect_kinds():
+    assert sd.CATEGORIES[:4] == ("tissue", "retina", "china", "flower")
+    assert sd.CATEGORIES[4:] == NEW_OBJECTS and set(sd.CLASS_KIND) == set(sd.CATEGORIES)
+    assert [sd.CLASS_KIND[c] for c in sd.CATEGORIES] == ["texture", "object", "scene", "scene",
+                                                         "object", "object"]
+    for cat in NEW_OBJECTS:
+        assert sd.kinds_for(cat) == sd.DEFECT_KINDS + ("displaced_part", "absent_part",
+                                                       "recoloured_part")
+    with pytest.raises(ValueError):
+        sd.kinds_for("brick")
+
+
+def _grey_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the grey levels of two images (H, W, 3)."""
+    return float(np.corrcoef(a.mean(-1).ravel(), b.mean(-1).ravel())[0, 1])
+
+
+def _pair_correlations(category: str, n: int = 3) -> list[float]:
+    views = [sd.render_good(category, sd._rng(0, category, "train/good", i), 64) for i in range(n + 1)]
+    return [_grey_correlation(views[0], v) for v in views[1:]]
+
+
+def test_fixed_camera_objects_are_aligned_and_scenes_are_not():
+    scene = max(_pair_correlations("china"))
+    for cat in NEW_OBJECTS:
+        shots = _pair_correlations(cat)
+        assert min(shots) > 0.5 and min(shots) > scene + 0.3, (cat, shots, scene)
+        a, b = (sd.render_good(cat, sd._rng(0, cat, "train/good", i), 64) for i in range(2))
+        assert not np.array_equal(a, b)
+
+
+def _object_defect(category: str, kind: str, seed: int, size: int = SIZE):
+    """(good, defective image, mask) of a fixed-camera object, its parts picked in its zone."""
+    rng = sd._rng(seed, category, "unit", 0)
+    good = sd.render_good(category, rng, size)
+    return (good, *sd.make_defect(good, kind, rng, category=category))
+
+
+@pytest.mark.parametrize("kind", sd.LOGICAL_KINDS)
+def test_logical_defects_change_exactly_their_mask(kind):
+    total = SIZE * SIZE
+    for category in NEW_OBJECTS:
+        good, img, mask = _object_defect(category, kind, 0)
+        again = _object_defect(category, kind, 0)
+        assert all(np.array_equal(x, y) for x, y in zip((good, img, mask), again))
+        assert mask.dtype == bool and mask.any()
+        delta = np.abs(img.astype(int) - good).max(-1)
+        assert np.array_equal(mask, delta >= 1), (category, kind)
+        assert max(sd.MIN_PIXELS, 0.002 * total) <= mask.sum() <= 0.06 * total
+        assert (mask & sd._part_zone(category, SIZE)).any()
+        frame = mask.copy()
+        frame[3:-3, 3:-3] = False
+        assert not frame.any()
+
+
+def test_recoloured_part_keeps_the_luma():
+    good, img, mask = _object_defect("motorcycle", "recoloured_part", 1, size=96)
+    luma = np.array([0.299, 0.587, 0.114])
+    inner = mask & (img.max(-1) < 250) & (img.min(-1) > 5)            # not clipped
+    assert np.abs(img[inner] @ luma - good[inner] @ luma).mean() < 2.0
+    assert np.abs(img[inner].astype(int) - good[inner]).max() > 40     # but the colour did change
+
+
+@pytest.fixture(scope="module")
+def object_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("suite-objects") / "data"
+    n = len(sd.kinds_for("rocket"))
+    return out, sd.generate(out, categories=("rocket",), n_train=1, n_test_good=1,
+                            n_test_defect=n, size=64)
+
+
+def test_generate_writes_every_kind_of_a_fixed_camera_object(object_set):
+    out, summary = object_set
+    assert summary["kinds_by_category"] == {"rocket": list(sd.kinds_for("rocket"))}
+    assert summary["class_kinds"] == {"rocket": "object"}
+    kinds = sorted(p.name for p in (out / "rocket" / "test").iterdir() if p.name != "good")
+    assert kinds == sorted(sd.kinds_for("rocket"))
+    for kind in sd.LOGICAL_KINDS:
+        mask = _read(out / "rocket" / "ground_truth" / kind / "000_mask.png")
+        assert mask.shape == (64, 64) and set(np.unique(mask)) == {0, 255}
+
+
+def test_write_repeats_covers_a_fixed_camera_object(object_set):
+    out, _ = object_set
+    mapping = sd.write_repeats(out, copies=1, seed=0)
+    assert len(mapping) == len(sd.kinds_for("rocket"))
+    assert {copy.split("/")[2] for copy in mapping} == set(sd.kinds_for("rocket"))
