@@ -18,9 +18,10 @@ repeated defects each picked defect image comes with its two shifted and rotated
 SoftPatch+ protocol), so a third as many distinct defects fill the same count.
 
 Methods are the `select --method` values with the preset's defaults (knn, iterative, memory,
-meds), the combined score `meds+memory` (the mean per-class rank of MeDS's eta and the memory
-ensemble's score) and the `oracle` ceiling (each image against a full memory of only the truly
-clean images of its class, leave-self-out: what these features allow). Cleaning metrics on the
+meds), the combined score `meds+memory` (the geometric mean of MeDS's eta and the memory
+ensemble's score, each over its class median) and the `oracle` ceiling (each image against a
+full memory of only the truly clean images of its class, leave-self-out: what these features
+allow). Cleaning metrics on the
 training set: ranking AUROC of the final scores (per class, then the mean), and pooled recall /
 precision of the rejected images; per class kind and per defect kind too. Detector after
 cleaning: a full-bank kNN detector (PatchCore without coreset, k = 1) on each method's kept
@@ -67,7 +68,7 @@ from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
 from medsclean.score import step1_maps  # noqa: E402
 from medsclean.seeding import rng as seeded_rng  # noqa: E402
-from medsclean.selection import class_rank_mean  # noqa: E402
+from medsclean.selection import combine_class_scores  # noqa: E402
 from medsclean.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
 from medsclean.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
 from medsclean.training import compute_maps, distill, progressive_select  # noqa: E402
@@ -326,8 +327,9 @@ def saved_outcome(row: dict | None) -> Outcome | None:
 
 
 def combined(cell: Cell, meds: Outcome, s: Settings) -> Outcome:
-    """`meds+memory`: the mean per-class rank of MeDS's eta and of the memory ensemble's score."""
-    eta = class_rank_mean([meds.eta, meds.memory_eta], cell.classes)
+    """`meds+memory`: the geometric mean of MeDS's eta and the memory ensemble's score, each divided
+    by its class median (`selection.combine_class_scores`)."""
+    eta = combine_class_scores([meds.eta, meds.memory_eta], cell.classes)
     return Outcome(eta, cut(eta, cell.classes, s), 0.0)
 
 

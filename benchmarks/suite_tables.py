@@ -1,9 +1,12 @@
 """Markdown tables of a selection-quality suite run (`bench_suite.py`), from its results.
 
 Also a script: prints every table of a saved `bench_suite.py --json` file, so a published table
-can be rebuilt without rerunning anything.
+can be rebuilt without rerunning anything; given several files (one per setting of a lever, on
+the same cells), prints one comparison row per file instead.
 
     .venv/bin/python benchmarks/suite_tables.py /tmp/medsclean-suite/report.json
+    .venv/bin/python benchmarks/suite_tables.py a.json b.json --labels "width 64,width 128"
+    .venv/bin/python benchmarks/suite_tables.py --smoke
 """
 
 from __future__ import annotations
@@ -188,12 +191,73 @@ def report(head: str, payload: dict, args=None) -> str:
         "", detector_table(results), "", time_table(results)])
 
 
+COMPARED = ("knn", "memory", "oracle", "meds", "meds+memory")
+
+
+def compare_table(payloads: list[dict], labels: list[str]) -> str:
+    """One row per run: mean ranking AUROC of each method with unique and repeated defects, per
+    class kind, and MeDS's seconds per cell. The runs must share their cells (checked)."""
+    cells = [sorted(p["results"]) for p in payloads]
+    if any(c != cells[0] for c in cells):
+        raise SystemExit("the runs do not hold the same cells; compare runs of the same --ratios/--seeds/--defects")
+    kinds = [k for k in KIND_ORDER if k in set(payloads[0].get("class_kinds", {}).values())]
+    head = ["setting", *[f"{m} {d}" for m in COMPARED for d in ("unique", "repeated")],
+            *[f"meds {k} u/r" for k in kinds], "meds s/cell"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for label, payload in zip(labels, payloads):
+        results, ck = payload["results"], payload.get("class_kinds", {})
+        row = [label]
+        for m in COMPARED:
+            row += [f"{class_kind_auroc(results, ck, m, None, d):.3f}" for d in ("unique", "repeated")]
+        for k in kinds:
+            row.append(" / ".join(f"{class_kind_auroc(results, ck, 'meds', k, d):.3f}" for d in ("unique", "repeated")))
+        secs = [c["methods"]["meds"]["seconds"] for c in results.values() if "meds" in c["methods"]]
+        row.append(f"{np.mean(secs):.0f}" if secs else "–")
+        lines.append("| " + " | ".join(row).replace("nan", "–") + " |")
+    return "\n".join(lines)
+
+
+def smoke_payload(rng: np.random.Generator) -> dict:
+    """A tiny made-up results file of the shape bench_suite.py writes (two classes, two cells)."""
+    results = {}
+    for rid in ("r=0.2,seed=0,unique", "r=0.2,seed=0,repeated"):
+        contaminated = np.array([0, 0, 0, 1, 0, 0, 0, 1])
+        classes = ["a"] * 4 + ["b"] * 4
+        kinds = ["", "", "", "crack", "", "", "", "stain"]
+        methods = {}
+        for m in METHOD_ORDER:
+            eta = rng.random(8) + contaminated
+            methods[m] = {"eta": eta.tolist(), "keep": (eta < 1).astype(int).tolist(), "seconds": 1.0,
+                          "ranking_auroc": 1.0, "ranking_auroc_per_class": {"a": 1.0, "b": 1.0},
+                          "recall": 1.0, "precision": 1.0}
+        results[rid] = {"n_train": 8, "n_injected": 2, "classes": classes, "contaminated": contaminated.tolist(),
+                        "defect_kinds": kinds, "methods": methods}
+    return {"settings": "smoke", "part": "smoke", "class_kinds": {"a": "texture", "b": "object"}, "results": results}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, help="a file written by bench_suite.py --json")
+    p.add_argument("json", type=Path, nargs="*", help="files written by bench_suite.py --json")
+    p.add_argument("--labels", type=lambda v: v.split(","), help="one label per file (default: the file names)")
+    p.add_argument("--smoke", action="store_true", help="tables of a tiny made-up results file")
     args = p.parse_args(argv)
-    payload = json.loads(args.json.read_text())
-    print(report(f"tables of {args.json} (settings: {payload.get('settings')})", payload))
+    if args.smoke:
+        print("SMOKE RUN: sizes are tiny, numbers are meaningless")
+        payload = smoke_payload(np.random.default_rng(0))
+        print(report("tables of a made-up results file", payload))
+        print()
+        print(compare_table([payload, payload], ["first", "second"]))
+        return 0
+    if not args.json:
+        p.error("give at least one results file, or --smoke")
+    payloads = [json.loads(path.read_text()) for path in args.json]
+    if len(payloads) == 1:
+        print(report(f"tables of {args.json[0]} (settings: {payloads[0].get('settings')})", payloads[0]))
+        return 0
+    labels = args.labels or [path.stem for path in args.json]
+    if len(labels) != len(payloads):
+        p.error(f"{len(labels)} labels for {len(payloads)} files")
+    print(compare_table(payloads, labels))
     return 0
 
 

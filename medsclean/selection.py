@@ -117,29 +117,33 @@ def select_per_class(
     return keep, tau
 
 
-def class_rank_mean(score_sets: Sequence[ArrayLike], classes: Sequence[str]) -> np.ndarray:
-    """Mean, over several image scores, of each image's rank within its class, scaled to (0, 1].
 
-    The rank of an image is 1 for the lowest score of its class and n for the highest (ties share
-    their mean rank), divided by the class size n, so every score set counts the same whatever its
-    scale. Higher = more anomalous, as each input.
+def combine_class_scores(score_sets: Sequence[ArrayLike], classes: Sequence[str]) -> np.ndarray:
+    """Geometric mean, over several positive image scores, of each score divided by its class median.
+
+    Dividing by the class median puts scores of any scale on one footing (1 = a typical image of the
+    class) while keeping how far an outlier stands out, which the final cut needs; the geometric
+    mean is the mean of log ratios, the space the mixture cut fits in. Higher = more anomalous.
 
     Args:
-        score_sets: S arrays of (N,) image scores of the same images.
+        score_sets: S arrays of (N,) positive image scores of the same images.
         classes: N class names, one per image.
 
     Returns:
-        (N,) float64 combined scores.
-    """
-    from scipy.stats import rankdata
+        (N,) float64 combined scores, positive.
 
+    Raises:
+        ValueError: shapes disagree, or a score is not positive.
+    """
     labels = np.asarray(classes, dtype=object)
     stacked = np.stack([np.asarray(s, dtype=np.float64) for s in score_sets])
     if stacked.shape[1] != len(labels):
         raise ValueError(f"{stacked.shape[1]} scores for {len(labels)} class labels")
+    if not (stacked > 0).all():
+        raise ValueError("scores to combine must be positive")
     combined = np.zeros(len(labels))
     for name in set(labels.tolist()):
         members = labels == name
-        ranks = rankdata(stacked[:, members], axis=1) / members.sum()
-        combined[members] = ranks.mean(axis=0)
+        ratios = stacked[:, members] / np.median(stacked[:, members], axis=1, keepdims=True)
+        combined[members] = np.exp(np.log(ratios).mean(axis=0))
     return combined

@@ -83,14 +83,19 @@ def test_image_scores_are_top_one_percent_means(n_patches, k):
     np.testing.assert_allclose(image_scores(maps), expected)
 
 
-def test_class_rank_mean_hand_computed():
-    from medsclean.selection import class_rank_mean
 
-    # Class a: ranks (1, 3, 2)/3 and (2, 3, 1)/3; class b: ties share their mean rank, 1.5/2 each.
-    first = [0.1, 0.9, 0.5, 7.0, 7.0]
-    second = [20.0, 30.0, 10.0, 1.0, 2.0]
-    combined = class_rank_mean([first, second], ["a", "a", "a", "b", "b"])
-    expected = [(1 / 3 + 2 / 3) / 2, 1.0, (2 / 3 + 1 / 3) / 2, (0.75 + 0.5) / 2, (0.75 + 1.0) / 2]
-    assert np.allclose(combined, expected)
+def test_combine_class_scores_hand_computed():
+    from medsclean.selection import combine_class_scores
+
+    # Class a: medians 2 and 10 -> ratios (0.5, 1, 4) and (1, 1, 0.25); geometric means 0.707, 1, 1.
+    # Class b: two images, medians 3 and 1.5 -> ratios (2/3, 4/3) and (2/3, 4/3).
+    first = [1.0, 2.0, 8.0, 2.0, 4.0]
+    second = [10.0, 10.0, 2.5, 1.0, 2.0]
+    combined = combine_class_scores([first, second], ["a", "a", "a", "b", "b"])
+    assert np.allclose(combined, [np.sqrt(0.5), 1.0, 1.0, 2 / 3, 4 / 3])
+    # Scale-free: multiplying one score set by a constant changes nothing.
+    assert np.allclose(combine_class_scores([np.multiply(first, 7.0), second], ["a"] * 3 + ["b"] * 2), combined)
     with pytest.raises(ValueError):
-        class_rank_mean([first], ["a", "a"])
+        combine_class_scores([first], ["a", "a"])
+    with pytest.raises(ValueError, match="positive"):
+        combine_class_scores([[0.0, 1.0]], ["a", "a"])
