@@ -68,11 +68,10 @@ from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
 from medsclean.score import step1_maps  # noqa: E402
 from medsclean.seeding import rng as seeded_rng  # noqa: E402
-from medsclean.selection import combine_class_scores  # noqa: E402
 from medsclean.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
 from medsclean.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
 from medsclean.training import compute_maps, distill, progressive_select  # noqa: E402
-from medsclean.training_stages import final_cut, model_config_for  # noqa: E402
+from medsclean.training_stages import final_cut, final_scores, model_config_for  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402
 
 METHODS = ("knn", "iterative", "memory", "meds")
@@ -328,8 +327,9 @@ def saved_outcome(row: dict | None) -> Outcome | None:
 
 def combined(cell: Cell, meds: Outcome, s: Settings) -> Outcome:
     """`meds+memory`: the geometric mean of MeDS's eta and the memory ensemble's score, each divided
-    by its class median (`selection.combine_class_scores`)."""
-    eta = combine_class_scores([meds.eta, meds.memory_eta], cell.classes)
+    by its class median, as `select --final-score eta+memory` (`training_stages.final_scores`)."""
+    stored = {"eta": torch.from_numpy(meds.eta), "memory_score": torch.from_numpy(meds.memory_eta)}
+    eta = final_scores(stored, cell.classes, "eta+memory")
     return Outcome(eta, cut(eta, cell.classes, s), 0.0)
 
 

@@ -74,6 +74,11 @@ class Cut(Choice):
     OTSU = "otsu"
 
 
+class FinalScore(Choice):
+    ETA = "eta"
+    ETA_MEMORY = "eta+memory"
+
+
 class EvalModel(Choice):
     SELECT = "select"
     DISTILL = "distill"

@@ -171,6 +171,9 @@ SELECT = _opts(
         "(k of median + k·(t/T)·MAD)."),
     Opt("cut", choices.Cut, ("cut", "rule"), "Final cut of the scores per class: mixture (two-component fit, "
         "mad fallback), mad (median + k MAD) or otsu. Changing the cut never retrains."),
+    Opt("final_score", choices.FinalScore, ("cut", "score"), "What the cut reads: eta (Step 3's final score, "
+        "the paper) or eta+memory (its geometric mean with the Step-1 score, each over its class median). "
+        "Changing it never retrains."),
     Opt("cut_k", float, ("cut", "k"), "MAD margin of the final cut (mad, and mixture's fallback).",
         default="--mad-k"),
     Opt("reject_fraction", float, ("cut", "reject_fraction"),

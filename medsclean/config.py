@@ -20,7 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
-from .choices import Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, Layout, Loss, Method, PresetName, Split
+from .choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss, Method,
+                      PresetName, Split)
 from .errors import ConfigError
 
 
@@ -296,7 +297,10 @@ class CutConfig:
         or "otsu". k: the MAD margin; None means Step 3's own `SelectConfig.k`.
     reject_fraction: instead of the rule, reject exactly this share of each class.
     threshold: instead of the rule, keep the images with η below this value, in every class.
-    A cut needs no training: changing it re-cuts the stored η in seconds.
+    score: what is cut: "eta", the final score of Step 3 (the paper), or "eta+memory", the
+        geometric mean of η and the Step-1 image score, each divided by its class median
+        (`selection.combine_class_scores`; for the Step-1 methods η is that score already).
+    A cut needs no training: changing it re-cuts the stored scores in seconds.
     """
 
     STAGE: ClassVar[str] = "cut"
@@ -305,10 +309,12 @@ class CutConfig:
     k: float | None = None
     reject_fraction: float | None = None
     threshold: float | None = None
+    score: str = "eta"
 
     def __post_init__(self) -> None:
         s = self.STAGE
         _one_of(s, "rule", self.rule, Cut)
+        _one_of(s, "score", self.score, FinalScore)
         _require(self.k is None or self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
         _require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
                  f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
@@ -318,12 +324,12 @@ class CutConfig:
                  f"threshold must be a finite number, not {self.threshold}")
 
     def describe(self) -> str:
-        """The rule as shown to users: "mixture", "mad", "otsu", "top 0.1" or "eta < 0.42"."""
-        if self.reject_fraction is not None:
-            return f"top {self.reject_fraction:g}"
+        """The rule as shown to users: "mixture", "mad", "otsu", "top 0.1" or "eta < 0.42"; with the
+        combined score, "mixture of eta+memory", "top 0.1 of eta+memory", "eta+memory < 0.42"."""
         if self.threshold is not None:
-            return f"eta < {self.threshold:g}"
-        return self.rule
+            return f"{self.score} < {self.threshold:g}"
+        rule = f"top {self.reject_fraction:g}" if self.reject_fraction is not None else self.rule
+        return rule if self.score == "eta" else f"{rule} of {self.score}"
 
 
 @dataclass(frozen=True)

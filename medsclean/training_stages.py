@@ -279,7 +279,7 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
     images = selected.manifest["images"]
     classes = [row["class"] for row in images]
     scores = selected.tensors("eta.safetensors")
-    eta = scores["eta"].double().numpy()
+    eta = final_scores(scores, classes, cfg.score)
     keep, tau = final_cut(eta, classes, cfg, selected.manifest["config"]["k"])
     rounds = [dict(r) for r in selected.manifest["rounds"]]
     rounds[-1].update(final_cut_record(keep, tau, classes, cfg))
@@ -296,6 +296,18 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
                 "parents": {**selected.manifest["parents"], "select": selected.key}}
     art = store.write_stage("cut", key, files, manifest, extra_files=text)
     return StageResult(art, False, time.perf_counter() - t0)
+
+
+def final_scores(scores: dict, classes: list[str], score: str) -> np.ndarray:
+    """(N,) float64 scores the cut reads: the stored η, or its combination with the Step-1 image
+    score (`CutConfig.score`). `scores`: the select stage's eta.safetensors tensors."""
+    from .choices import FinalScore
+    from .selection import combine_class_scores
+
+    eta = scores["eta"].double().numpy()
+    if score == FinalScore.ETA:
+        return eta
+    return combine_class_scores([eta, scores["memory_score"].double().numpy()], classes)
 
 
 def final_cut(eta, classes: list[str], cfg: CutConfig, select_k: float) -> tuple[np.ndarray, dict[str, float]]:

@@ -99,3 +99,27 @@ def test_combine_class_scores_hand_computed():
         combine_class_scores([first], ["a", "a"])
     with pytest.raises(ValueError, match="positive"):
         combine_class_scores([[0.0, 1.0]], ["a", "a"])
+
+
+def test_the_cut_reads_eta_or_its_combination_with_the_memory_score():
+    import torch
+
+    from medsclean.config import CutConfig
+    from medsclean.errors import ConfigError
+    from medsclean.selection import combine_class_scores
+    from medsclean.training_stages import final_scores
+
+    stored = {"eta": torch.tensor([0.2, 0.4, 0.9, 0.3], dtype=torch.float64),
+              "memory_score": torch.tensor([0.5, 0.1, 0.6, 0.3])}
+    classes = ["a", "a", "a", "b"]
+    assert np.array_equal(final_scores(stored, classes, "eta"), [0.2, 0.4, 0.9, 0.3])
+    combined = final_scores(stored, classes, "eta+memory")
+    assert np.allclose(combined, combine_class_scores([stored["eta"].numpy(), stored["memory_score"].numpy()],
+                                                      classes))
+    # By hand for class a: eta/0.4 = (0.5, 1, 2.25), memory/0.5 = (1, 0.2, 1.2).
+    assert np.allclose(combined[:3], np.sqrt([0.5 * 1.0, 1.0 * 0.2, 2.25 * 1.2]), atol=1e-7)
+    assert CutConfig(rule="mixture", score="eta+memory").describe() == "mixture of eta+memory"
+    assert CutConfig(reject_fraction=0.1, score="eta+memory").describe() == "top 0.1 of eta+memory"
+    assert CutConfig(threshold=0.5).describe() == "eta < 0.5"
+    with pytest.raises(ConfigError, match="score"):
+        CutConfig(score="memory")
