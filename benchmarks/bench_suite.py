@@ -280,6 +280,7 @@ class Outcome:
     seconds: float
     model: ReconstructionModel | None = None
     memory_eta: np.ndarray | None = None  # meds: the Step-1 image scores it was taught by
+    distilled_eta: np.ndarray | None = None  # meds: the distilled model's image scores (Step 3's start)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,9 @@ def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s
     base_maps = compute_maps(model, groups, device=s.device)
     result = progressive_select(model, groups, cell.classes, base_maps, select_cfg, distill_cfg,
                                 seed=cell.seed, device=s.device)
-    return Outcome(result.eta, cut(result.eta, cell.classes, s), time.perf_counter() - t0, model, step1_eta)
+    distilled_eta = image_scores(base_maps, aggregate=score_cfg.aggregate).double().numpy()
+    return Outcome(result.eta, cut(result.eta, cell.classes, s), time.perf_counter() - t0, model, step1_eta,
+                   distilled_eta)
 
 
 def saved_outcome(row: dict | None) -> Outcome | None:
@@ -402,7 +405,7 @@ PRESET_FLAGS = {  # flag -> (stage, field, type)
     "width": ("distill", "width", int), "depth": ("distill", "depth", int), "heads": ("distill", "heads", int),
     "distill-iters": ("distill", "iters", int), "lr": ("distill", "lr", float),
     "final-lr": ("distill", "final_lr", float), "token-pool": ("distill", "token_pool", int),
-    "iters": ("select", "iters", int), "cut": ("cut", "rule", str),
+    "iters": ("select", "iters", int), "cut": ("cut", "rule", str), "final-score": ("cut", "score", str),
 }
 
 
@@ -436,7 +439,7 @@ def run_cell(cell: Cell, bases, test: Features, encoder: dict, s: Settings, meth
         outcomes[method] = outcome
         row = cleaning_row(cell, outcome)
         if outcome.memory_eta is not None:
-            row["memory_eta"] = outcome.memory_eta.tolist()
+            row["memory_eta"], row["distilled_eta"] = outcome.memory_eta.tolist(), outcome.distilled_eta.tolist()
         if detector:
             row["detector"] = detector_row(
                 test, knn_detector_maps(bases, cell, outcome.keep, len(test.records)), cell, encoder["step1_grid"])
@@ -524,8 +527,9 @@ def main(argv=None) -> int:
                 results[cell.rid()] = saved
                 write_text_atomic(results_path, json.dumps(results, default=float))
     class_kinds = {c: part_classes(args.part)[c] for c in bases}
+    default_row = "meds+memory" if s.preset.build(CutConfig).score == "eta+memory" else "meds"
     payload = {"settings": repr(s.preset), "step1_pool": s.step1_pool, "part": args.part,
-               "class_kinds": class_kinds, "results": results}
+               "class_kinds": class_kinds, "default_row": default_row, "results": results}
     if args.json:
         args.json.write_text(json.dumps(payload, default=float))
     header = suite_tables.header(sys.argv[1:], args, s.preset, s.device, time.perf_counter() - started)

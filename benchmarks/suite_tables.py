@@ -135,6 +135,90 @@ def defect_kind_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _final_candidates(row: dict, classes: list[str]) -> dict[str, np.ndarray]:
+    """The scores a MeDS run could end on, from its saved row: Step 3's eta, the distilled model's,
+    the memory ensemble's, and the combinations `--final-score eta+memory` makes."""
+    from medsclean.selection import combine_class_scores
+
+    eta, memory = np.array(row["eta"]), np.array(row["memory_eta"])
+    out = {"eta (paper)": eta, "memory": memory, "eta+memory": combine_class_scores([eta, memory], classes)}
+    if "distilled_eta" in row:
+        distilled = np.array(row["distilled_eta"])
+        out["distilled"] = distilled
+        out["distilled+memory"] = combine_class_scores([distilled, memory], classes)
+    return out
+
+
+def final_score_table(results: dict, class_kinds: dict) -> str:
+    """Mean ranking AUROC of each score a MeDS run could end on (same runs, no retraining), with
+    unique and repeated defects, over all classes and per class kind."""
+    from medsclean.metrics import image_auroc_score
+
+    _, defects, _ = _cell_ids(results)
+    kinds = [k for k in KIND_ORDER if k in set(class_kinds.values())]
+    cols = [(None, d) for d in defects] + [(k, d) for k in kinds for d in defects]
+    values: dict[str, dict[tuple, list[float]]] = {}
+    for rid, cell in results.items():
+        row = cell["methods"].get("meds")
+        if row is None or "memory_eta" not in row:
+            continue
+        defect = rid.split(",")[2]
+        labels, classes = np.array(cell["contaminated"]), np.array(cell["classes"])
+        for name, score in _final_candidates(row, cell["classes"]).items():
+            for cls in set(cell["classes"]):
+                sel = classes == cls
+                auc = image_auroc_score(labels[sel], score[sel])
+                for col in ((None, defect), (class_kinds.get(cls), defect)):
+                    values.setdefault(name, {}).setdefault(col, []).append(auc)
+    if not values:
+        return "(no MeDS run with saved Step-1 scores)"
+    lines = ["| final score | " + " | ".join(f"{k or 'all classes'}, {d}" for k, d in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, by_col in values.items():
+        lines.append(f"| {name} | " + " | ".join(_mean(by_col.get(c, [])) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def kind_recall_precision(results: dict, class_kinds: dict, method: str, ratio: float, kind: str) -> tuple:
+    """Pooled recall and precision of `method`'s rejected images over the classes of class kind
+    `kind` and every cell at `ratio` (both defect settings, every seed)."""
+    tp = fp = fn = 0
+    for cell in _cells(results, ratio):
+        row = cell["methods"].get(method)
+        if row is None or "keep" not in row:
+            continue
+        on = np.array([class_kinds.get(c) == kind for c in cell["classes"]])
+        bad, rejected = np.array(cell["contaminated"], bool)[on], ~np.array(row["keep"], bool)[on]
+        tp, fp, fn = tp + int((bad & rejected).sum()), fp + int((~bad & rejected).sum()), fn + int((bad & ~rejected).sum())
+    return (tp / (tp + fn) if tp + fn else math.nan), (tp / (tp + fp) if tp + fp else math.nan)
+
+
+def targets_table(results: dict, class_kinds: dict, method: str) -> str:
+    """The acceptance targets of the accuracy work, measured for `method` (the default's row)."""
+    auc = {(m, d): class_kind_auroc(results, class_kinds, m, None, d)
+           for m in ("knn", "memory", "oracle", method) for d in ("unique", "repeated")}
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+
+    def add(text: str, measured: str, ok: bool) -> None:
+        lines.append(f"| {text} | {measured} | {'met' if ok else '**missed**'} |")
+
+    u, r = auc[(method, "unique")], auc[(method, "repeated")]
+    add("ranking AUROC ≥ memory + 0.03, unique", f"{u:.3f} vs {auc[('memory', 'unique')]:.3f} "
+        f"({u - auc[('memory', 'unique')]:+.3f})", u >= auc[("memory", "unique")] + 0.03)
+    add("ranking AUROC ≥ kNN + 0.02, unique", f"{u:.3f} vs {auc[('knn', 'unique')]:.3f} "
+        f"({u - auc[('knn', 'unique')]:+.3f})", u >= auc[("knn", "unique")] + 0.02)
+    add("ranking AUROC ≥ memory + 0.02, repeated", f"{r:.3f} vs {auc[('memory', 'repeated')]:.3f} "
+        f"({r - auc[('memory', 'repeated')]:+.3f})", r >= auc[("memory", "repeated")] + 0.02)
+    add("within 0.03 of the clean-memory oracle, unique", f"{u:.3f} vs {auc[('oracle', 'unique')]:.3f} "
+        f"({u - auc[('oracle', 'unique')]:+.3f})", u >= auc[("oracle", "unique")] - 0.03)
+    ratios, _, _ = _cell_ids(results)
+    for ratio in [x for x in ratios if x in (0.2, 0.4)]:
+        rec, prec = kind_recall_precision(results, class_kinds, method, ratio, "object")
+        add(f"aligned objects, r = {ratio:g}: rejected recall ≥ 0.8 at precision ≥ 0.8", f"{rec:.2f} / {prec:.2f}",
+            rec >= 0.8 and prec >= 0.8)
+    return "\n".join(lines).replace("nan", "–")
+
+
 def detector_table(results: dict) -> str:
     names = ["no cleaning", *_methods(results), "meds (own model)", "clean bound"]
     ratios, kinds, _ = _cell_ids(results)
@@ -178,6 +262,14 @@ def header(argv: list[str], args, preset, device: str, wall: float) -> str:
         f"cut {cut}"])
 
 
+def _target_method(payload: dict) -> str | None:
+    """The row that stands for the default `select` (the preset's final score), when it and the
+    baselines were run."""
+    methods = _methods(payload["results"])
+    row = payload.get("default_row", "meds")
+    return row if row in methods and "knn" in methods and "memory" in methods else None
+
+
 def report(head: str, payload: dict, args=None) -> str:
     results, kinds = payload["results"], payload.get("class_kinds", {})
     part = payload.get("part", "?")
@@ -185,8 +277,12 @@ def report(head: str, payload: dict, args=None) -> str:
         head, "", f"Cleaning ({part} part; ranking AUROC per class then the mean; recall / precision pooled; "
         "mean over seeds):", "", cleaning_table(results), "",
         "Mean ranking AUROC over all cells, per class kind:", "", summary_table(results, kinds), "",
+        "What a MeDS run could end on (the same runs' scores; ranking AUROC, mean over classes and cells):", "",
+        final_score_table(results, kinds), "",
         "Per defect kind (ranking AUROC of the kind's contaminants against the good images of their class):", "",
         defect_kind_table(results), "",
+        *([f"Targets, for the {target} row:", "", targets_table(results, kinds, target), ""]
+          if (target := _target_method(payload)) else []),
         "Detector after cleaning (kNN detector on the kept images; MeDS's own model; mean over classes and seeds):",
         "", detector_table(results), "", time_table(results)])
 
@@ -228,6 +324,7 @@ def smoke_payload(rng: np.random.Generator) -> dict:
         for m in METHOD_ORDER:
             eta = rng.random(8) + contaminated
             methods[m] = {"eta": eta.tolist(), "keep": (eta < 1).astype(int).tolist(), "seconds": 1.0,
+                          "memory_eta": (eta + 0.5).tolist(), "distilled_eta": (eta + 1.0).tolist(),
                           "ranking_auroc": 1.0, "ranking_auroc_per_class": {"a": 1.0, "b": 1.0},
                           "recall": 1.0, "precision": 1.0}
         results[rid] = {"n_train": 8, "n_injected": 2, "classes": classes, "contaminated": contaminated.tolist(),
