@@ -25,6 +25,10 @@ and reused by a rerun with the same settings.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_accuracy.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_accuracy.py --root /data/mvtec --device cuda
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_accuracy.py --smoke --json /tmp/accuracy-smoke.json
+
+--smoke: one generated class (brick) of 4 + 2 + 3 images at 64 px, r = 0.4, seeds 0 and 1, a
+decoder of width 16 trained for 4 + 4 iterations, in a temporary work folder unless --work is given.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import smoke_mode
 from medsclean.config import CPU, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig, resolve_device
 from medsclean.data import ImageRecord, discover
 from medsclean.evaluate import EvalConfig, detector_metrics, postprocess
@@ -69,6 +74,10 @@ RESULTS_NAME = "results.json"
 # A third of the CPU preset's 300 + 300: the default run (4 ratios x 2 seeds) then takes about
 # 40 minutes on a shared 2-core CPU; --iters 300 --distill-iters 300 is the preset itself.
 DEFAULT_ITERS = 100
+DEFAULT_WORK = Path(tempfile.gettempdir()) / "medsclean-bench-accuracy"
+SMOKE = {"categories": ["brick"], "n_train": 4, "n_test_good": 2, "n_test_defect": 3, "size": 64, "ratios": [0.4],
+         "seeds": [0, 1], "iters": 4, "distill_iters": 4, "resize": 64, "crop": 64, "width": 16, "depth": 2,
+         "heads": 2}
 
 
 def log(message: str) -> None:
@@ -414,11 +423,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a 2-core machine shared with other work")
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medsclean-bench-accuracy",
-                   help="work folder: generated data, features, saved results")
+    p.add_argument("--work", type=Path, default=None,
+                   help=f"work folder: generated data, features, saved results (default {DEFAULT_WORK}; under "
+                        f"--smoke a temporary folder, removed at the end)")
     p.add_argument("--fresh", action="store_true", help="ignore saved results of an earlier run")
     p.add_argument("--json", type=Path, help="also write all results here")
-    args = p.parse_args(argv)
+    args = smoke_mode.parse_args(p, SMOKE, argv)
+    if args.work is None and not args.smoke:
+        args.work = DEFAULT_WORK
     if len(args.seeds) < 2:
         p.error("--seeds: give at least 2 seeds (mean ± std needs two)")
     return args
@@ -426,11 +438,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    given = args.work.expanduser().resolve() if args.work is not None else None
+    with smoke_mode.work_folder(given, "bench-accuracy-") as work:
+        return run(args, work)
+
+
+def run(args, work: Path) -> int:
+    """Every (ratio, seed) of the command line in `work`, saved results reused; prints the report."""
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    work = args.work.expanduser().resolve()
-    work.mkdir(parents=True, exist_ok=True)
     root, categories, data_spec = prepare_data(args, work)
     s = Settings(data=data_spec, backbone=args.backbone, resize=args.resize, crop=args.crop, width=args.width,
                  depth=args.depth, heads=args.heads, distill_iters=args.distill_iters, iters=args.iters,
@@ -457,6 +474,7 @@ def main(argv=None) -> int:
 
     wall = time.perf_counter() - started
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=float))
     print(report(args, s, results, categories, wall))
     return 0

@@ -1,6 +1,7 @@
 """Start-up cost of the command line: `--help` and a rejected choice, side by side with another tree.
 
     .venv/bin/python benchmarks/bench_cli.py [--other /path/to/older/checkout] [--repeats 7]
+    .venv/bin/python benchmarks/bench_cli.py --smoke     # one repeat: checks that it runs
 
 Each case runs `python -m medsclean ...` in a fresh process (the same interpreter, with the tree
 on PYTHONPATH) and reports the median wall time; with --other the same cases run on that tree
@@ -17,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import smoke_mode
+
+SMOKE = {"repeats": 1}
 CASES = {
     "--help": ["--help"],
     "select --help": ["select", "--help"],
@@ -36,7 +40,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--other", type=Path, help="another checkout to compare with")
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
+    args = smoke_mode.parse_args(parser, SMOKE, argv)
     trees = {"this": Path(__file__).resolve().parents[1]}
     if args.other:
         trees["other"] = args.other.resolve()

@@ -7,6 +7,7 @@ Both run in one invocation, one after the other, so the ratio is meaningful on a
 Peak memory: ru_maxrss of the extract subprocess, and of this process for the raw loop.
 
     .venv/bin/python benchmarks/bench_extract.py --images 96 --size 256 --num-workers 2
+    .venv/bin/python benchmarks/bench_extract.py --smoke     # 4 images of 64 px: checks that it runs
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import smoke_mode
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the CLI's setting, for both sides of the comparison
+SMOKE = {"images": 4, "size": 64, "resize": 64, "crop": 64, "batch_size": 4}
 
 
 def make_images(folder: Path, n: int, size: int, seed: int) -> None:
@@ -84,7 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:

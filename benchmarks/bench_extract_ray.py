@@ -14,6 +14,9 @@ random-init model (`--fallback`), and the output says which.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_extract_ray.py --n 300 --json /tmp/bench/extract-ray.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_extract_ray.py --images /data/folder
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_extract_ray.py --smoke --json /tmp/bench/extract-ray-smoke.json
+
+--smoke: 4 generated images of 64 px, one run of each executor (a private Ray instance of --ray-workers 2).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import smoke_mode  # noqa: E402
+
+SMOKE = {"n": 4, "size": 64, "resize": 64, "crop": 64, "batch_size": 4, "repeats": 1}
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # the CLI's setting (cli.limit_openmp_spinning), for both sides
 
@@ -126,7 +132,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cfg", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
     if args.child:
         child(args)
         return

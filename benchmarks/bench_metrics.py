@@ -1,6 +1,7 @@
 """Pixel metrics (AUROC, step-wise AP, AUPRO@0.3): medsclean vs references, side by side, one run.
 
     .venv/bin/python benchmarks/bench_metrics.py [--images 200] [--size 256] [--seed 0]
+    .venv/bin/python benchmarks/bench_metrics.py --smoke     # 12 maps of 64 x 64: checks that it runs
 
 References:
 * scikit-learn ``roc_auc_score`` / ``average_precision_score`` on all pixels of the full set;
@@ -27,7 +28,10 @@ import tracemalloc  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import smoke_mode  # noqa: E402
 from medsclean.metrics import PixelMetricAccumulator, pixel_metrics  # noqa: E402
+
+SMOKE = {"images": 12, "size": 64}
 
 
 def synthetic_test_set(rng: np.random.Generator, n_images: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +120,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
     rng = np.random.default_rng(args.seed)
     masks, maps = synthetic_test_set(rng, args.images, args.size)
     n_pixels = maps.size
@@ -157,13 +161,14 @@ def main() -> None:
           f"{(sk_auroc_s + sk_ap_s) / exact_s:.1f}x (both sklearn calls) |")
     print(f"| pixel AP (full set, sklearn) | {exact['pixel_ap']:.6f} | {sk_ap:.6f} | "
           f"{abs(exact['pixel_ap'] - sk_ap):.1e} | | {sk_ap_s:.2f} | |")
-    print(f"| AUPRO@0.3 (10 maps 64x64, brute force) | {sub_exact['aupro']:.6f} | {brute:.6f} | "
+    sub_label = f"{len(sub_maps)} maps {sub_maps.shape[1]}x{sub_maps.shape[2]}"
+    print(f"| AUPRO@0.3 ({sub_label}, brute force) | {sub_exact['aupro']:.6f} | {brute:.6f} | "
           f"{abs(sub_exact['aupro'] - brute):.1e} | {sub_exact_s:.3f} | {brute_s:.2f} | "
           f"{brute_s / sub_exact_s:.0f}x |")
     for key in ("pixel_auroc", "pixel_ap", "aupro"):
         print(f"| {key}: streaming (2^16 bins) vs exact, full set | {streamed[key]:.6f} | {exact[key]:.6f} | "
               f"{abs(streamed[key] - exact[key]):.1e} | {stream_s:.2f} (all three) | {exact_s:.2f} | |")
-    print(f"| AUPRO@0.3: 200 min-max thresholds + FPR rescaling vs exact (50 maps) | {minmax:.6f} | "
+    print(f"| AUPRO@0.3: 200 min-max thresholds + FPR rescaling vs exact ({len(maps[half])} maps) | {minmax:.6f} | "
           f"{mid_exact:.6f} | {minmax - mid_exact:+.4f} (bias) | {minmax_s:.2f} | | |")
     print(f"\nexact path on the full set: {exact_s:.2f} s; tracemalloc peak {peak / 1e6:.0f} MB = "
           f"{peak / n_pixels:.1f} bytes/pixel (inputs: {(maps.nbytes + masks.nbytes) / n_pixels:.0f} bytes/pixel, "

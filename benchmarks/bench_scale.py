@@ -16,6 +16,10 @@ by its own top `rate` share (`rejected recall`). Exact runs above --exact-max ar
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scale.py --json /tmp/bench/scale.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scale.py --sizes 20000 --exact-max 0 \\
         --max-memory 4GB --json /tmp/bench/scale-20k.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_scale.py --smoke --json /tmp/bench/scale-smoke.json
+
+--smoke: one class of 60 images of 3 x 3 patches of width 8, the exact and approximate engines
+(no Ray cases), in a temporary work folder unless --work is given.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import smoke_mode  # noqa: E402
+
+SMOKE = {"sizes": [60], "exact_max": 60, "random_max": 60, "ray_max": 0, "grid": 3, "dim": 8, "threads": 1}
+WARM_UP_IMAGES = 100
 
 
 def generate(n_images: int, grid: int, dim: int, rate: float, seed: int):
@@ -111,8 +120,9 @@ def child(args) -> None:
 
         t0 = time.perf_counter()
         extra["executor"] = distributed.connect(ClusterConfig(executor="ray", workers=args.ray_workers), Path(args.out).parent)
-        warm = features.subset(range(100)) if args.shards else features[:100]
-        score_classes(warm, ["c"] * 100, engine="exact", seed=args.seed, **extra)  # workers up and warm
+        n_warm = min(WARM_UP_IMAGES, args.n)
+        warm = features.subset(range(n_warm)) if args.shards else features[:n_warm]
+        score_classes(warm, ["c"] * n_warm, engine="exact", seed=args.seed, **extra)  # workers up and warm
         startup = time.perf_counter() - t0
     if engine == "approx":
         import medsclean.memory as memory
@@ -187,21 +197,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="folder of the cases' outputs and the shards "
+                        "(default: $TMPDIR/bench_scale, kept for reuse; under --smoke a temporary folder)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shards", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
     if args.child == "write-shards":
         return write_shards(args)
     if args.child:
         return child(args)
+    work = args.work
+    if work is None and not args.smoke:
+        work = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_scale"
+    with smoke_mode.work_folder(work, "bench-scale-") as workdir:
+        run_cases(args, workdir)
+
+
+def run_cases(args, workdir: Path) -> None:
+    """Every (N, case) of the command line: a table row each on stdout, and the --json file."""
     from sklearn.metrics import roc_auc_score
 
     from medsclean.memory import exact_flops
 
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_scale"
-    workdir.mkdir(parents=True, exist_ok=True)
     n_patches = args.grid * args.grid
     rows = []
     print(f"P = {n_patches}, D = {args.dim}, rate = {args.rate}, coreset = {args.coreset}, "

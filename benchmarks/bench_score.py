@@ -16,6 +16,7 @@ Peak memory is the peak resident set size (RSS, sampled every 2 ms from /proc/se
 above the RSS just before the call, so it counts torch, numpy and FAISS allocations alike.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_score.py --images 300 --grid 16 --dim 384
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_score.py --smoke --json /tmp/score.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import smoke_mode  # noqa: E402
 from medsclean import knn  # noqa: E402
 from medsclean.memory import (  # noqa: E402
     bank_flops,
@@ -56,6 +58,8 @@ MVTEC_GOOD = dict(bottle=209, cable=224, capsule=219, carpet=280, grid=264, haze
 MVTEC_TEST_ANOMALIES = dict(bottle=63, cable=92, capsule=109, carpet=89, grid=57, hazelnut=70, leather=92,
                             metal_nut=93, pill=141, screw=119, tile=84, toothbrush=30, transistor=40, wood=60,
                             zipper=119)
+SMOKE = {"images": 20, "grid": 4, "dim": 16, "banks": 4, "naive_banks": 2, "faiss_banks": 2, "ivf_banks": 1,
+         "check_images": 10, "threads": 1}
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +235,7 @@ def main() -> None:
     parser.add_argument("--gpu-tflops", type=float, default=40.0,
                         help="assumed sustained FP32 TFLOP/s of one GPU for the projection (not measured)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
 
     torch.set_num_threads(args.threads)
     import faiss

@@ -18,6 +18,10 @@ Step times are per-step wall times taken inside the real training loops (`distil
 machine the minimum is the closer estimate of an idle one.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --threads 2,1
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train.py --smoke
+
+--smoke: every part on tiny sizes (a decoder of width 16 on an 8x8 grid and 16 stored images, Lite0
+at 64 px, 9 images and 4 + 4 iterations in the learn part), one thread.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+import smoke_mode
 from medsclean.model import ModelConfig, ReconstructionModel
 from medsclean.config import DistillConfig, SelectConfig
 from medsclean.training import compute_maps, distill, progressive_select
@@ -48,6 +53,9 @@ DECODERS = {
     "vits-16 w384 h6 d4": ((384, 384), 5, 16, None, 6, 4),
     "vits-16 w384 h6 d8": ((384, 384), 5, 16, None, 6, 8),
 }
+SMOKE_DECODERS = {"smoke lite0-8 w16 h2 d2": (LITE0_DIMS, 0, 8, 16, 2, 2)}  # --smoke only, not in the default run
+SMOKE = {"threads": "1", "steps": 2, "images": 16, "train_images": 16, "decoders": ",".join(SMOKE_DECODERS),
+         "crop": 64, "preset": "16,2,2", "learn_images": 9, "learn_iters": "4,4"}
 
 
 def _step_times(run) -> dict:
@@ -75,16 +83,16 @@ def _synthetic_features(dims, n_prefix, side, n_images, seed=0):
     return groups, maps
 
 
-def bench_decoder(name: str, spec, steps: int, images: int) -> dict:
+def bench_decoder(name: str, spec, steps: int, images: int, train_images: int = 256) -> dict:
     dims, n_prefix, side, width, heads, depth = spec
     config = ModelConfig(dims, n_prefix, width=width, heads=heads, depth=depth)
     # 256 images: Step 3's first pass (about half of them) outlasts the timed steps, so no
     # re-scoring pass falls between them; eval speed is measured on its own below.
-    groups, maps = _synthetic_features(dims, n_prefix, side, n_images=256)
+    groups, maps = _synthetic_features(dims, n_prefix, side, n_images=train_images)
     cfg = DistillConfig(iters=steps + 1, warmup=1, checkpoint_every=0)
     model = ReconstructionModel(config, seed=0)
     step2 = _step_times(lambda cb: distill(model, groups, maps, cfg, seed=0, on_step=cb))
-    classes = ["a"] * 256
+    classes = ["a"] * train_images
     step3 = _step_times(lambda cb: progressive_select(model, groups, classes, maps, SelectConfig(iters=cfg.iters), cfg, seed=0,
                                                         on_step=cb))
     compute_maps(model, [g[:16] for g in groups])  # warm-up
@@ -258,11 +266,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per measurement (median)")
     parser.add_argument("--images", type=int, default=300, help="training-set size for projected times")
     parser.add_argument("--decoders", default=",".join(DECODERS), help="comma-separated names from DECODERS")
+    parser.add_argument("--train-images", type=int, default=256, help="decoders part: stored images trained on")
     parser.add_argument("--crop", type=int, default=256, help="encoder part: Lite0 input side")
     parser.add_argument("--preset", default="64,4,4", help="CPU preset width,heads,depth (encoder and learn parts)")
     parser.add_argument("--learn-images", type=int, default=120)
     parser.add_argument("--learn-iters", default="300,300", help="learn part: distill,select iterations")
-    args = parser.parse_args()
+    args = smoke_mode.parse_args(parser, SMOKE)
     threads = [int(t) for t in args.threads.split(",")]
     parts = set(args.parts.split(","))
     width, heads, depth = (int(v) for v in args.preset.split(","))
@@ -270,10 +279,12 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg(), "torch": torch.__version__, "args": vars(args)}
     if "decoders" in parts:
         report["decoders"] = []
+        shapes = {**DECODERS, **SMOKE_DECODERS}
         for name in args.decoders.split(","):
             for n_threads in threads:
                 torch.set_num_threads(n_threads)
-                row = {"threads": n_threads, **bench_decoder(name, DECODERS[name], args.steps, args.images)}
+                timed = bench_decoder(name, shapes[name], args.steps, args.images, args.train_images)
+                row = {"threads": n_threads, **timed}
                 report["decoders"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     torch.set_num_threads(threads[0])

@@ -7,6 +7,10 @@ fixed cost (model set-up; for Ray Train, starting its ranks and the process grou
 uses torch's default threads (all cores); each Ray rank one thread.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train_ray.py --json /tmp/bench/train-ray.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_train_ray.py --smoke --json /tmp/bench/train-ray-smoke.json
+
+--smoke: 8 images of 64 px read at 64 px, 1 and 2 iterations, still 2 ranks (each Ray Train run
+starts its ranks anew: most of its time is that start).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,44 +27,59 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import smoke_mode  # noqa: E402
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=64, help="generated images")
-    parser.add_argument("--short", type=int, default=20)
-    parser.add_argument("--long", type=int, default=80)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+SMOKE = {"n": 8, "size": 64, "crop": 64, "short": 1, "long": 2}
 
+
+def make_stages(args, root: Path):
+    """The run, and the features and Step-1 scores of `args.n` generated images under `root`."""
     from bench_extract import make_images
 
-    from medsclean import distributed, pipeline
-    from medsclean.config import ClusterConfig
-    from medsclean.distributed.train import DataParallelTrainer
+    from medsclean import pipeline
+    from medsclean.ui import SilentReporter
+
+    (root / "images").mkdir(exist_ok=True)
+    make_images(root / "images", args.n, args.size, 0)
+    extract = {"resize": args.crop, "crop": args.crop} if args.crop else None
+    run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter(),
+                             extract=extract)
+    results = pipeline.score_stage(run, run.score_config())
+    return run, results["features"].artifact, results["scores"].artifact
+
+
+def time_distill(run, features, scores, base, iters: int, extra: dict) -> float:
+    """Seconds of one `run_distill` of `iters` iterations (trained afresh)."""
     from medsclean.training_stages import run_distill
     from medsclean.ui import SilentReporter
 
-    root = Path(tempfile.mkdtemp(prefix="bench-train-ray-"))
-    (root / "images").mkdir()
-    make_images(root / "images", args.n, 256, 0)
-    run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter())
-    results = pipeline.score_stage(run, run.score_config())
-    features, scores = results["features"].artifact, results["scores"].artifact
-    base = run.distill_config(checkpoint_every=0)
+    t0 = time.perf_counter()
+    run_distill(features, scores, run.store(), replace(base, iters=iters), seed=0, device="cpu",
+                reporter=SilentReporter(), force=True, **extra)
+    return time.perf_counter() - t0
+
+
+def measure(args, run, features, scores, base) -> dict:
+    """Per-step and fixed cost of local training and of `args.ranks` Ray Train ranks."""
+    from medsclean import distributed
+    from medsclean.config import ClusterConfig
+    from medsclean.distributed.train import DataParallelTrainer
+
     session = distributed.connect(ClusterConfig(executor="ray", workers=args.ranks), run.work)
-    trainer = DataParallelTrainer(session, args.ranks, use_gpu=False, storage=run.work / ".partial" / "ray-train")
-    rows = {}
-    for name, extra in (("local", {}), (f"ray-{args.ranks}", {"trainer": lambda: trainer, "world": args.ranks})):
-        times = {}
-        for iters in (args.short, args.long):
-            t0 = time.perf_counter()
-            run_distill(features, scores, run.store(), replace(base, iters=iters), seed=0, device="cpu",
-                        reporter=SilentReporter(), force=True, **extra)
-            times[iters] = time.perf_counter() - t0
-        step = (times[args.long] - times[args.short]) / (args.long - args.short)
-        rows[name] = {"seconds": times, "per_step_s": step, "fixed_s": times[args.short] - args.short * step}
-    distributed.shutdown()
+    try:
+        trainer = DataParallelTrainer(session, args.ranks, use_gpu=False, storage=run.work / ".partial" / "ray-train")
+        rows = {}
+        for name, extra in (("local", {}), (f"ray-{args.ranks}", {"trainer": lambda: trainer, "world": args.ranks})):
+            times = {n: time_distill(run, features, scores, base, n, extra) for n in (args.short, args.long)}
+            step = (times[args.long] - times[args.short]) / (args.long - args.short)
+            rows[name] = {"seconds": times, "per_step_s": step, "fixed_s": times[args.short] - args.short * step}
+        return rows
+    finally:
+        distributed.shutdown()
+
+
+def report(args, base, rows: dict) -> None:
+    """The table on stdout, and the --json file."""
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores; {args.n} images, "
           f"CPU preset decoder, batch {base.batch_size}")
     print("| training | per step (s) | fixed cost (s) | total for the long run (s) |\n|---|---|---|---|")
@@ -72,6 +90,26 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64, help="generated images")
+    parser.add_argument("--size", type=int, default=256, help="side of the generated PNGs")
+    parser.add_argument("--crop", type=int, default=None, help="encoder input side (default: the preset's)")
+    parser.add_argument("--short", type=int, default=20)
+    parser.add_argument("--long", type=int, default=80)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="folder of the images and the work folder "
+                        "(default: a temporary folder, removed at the end)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = smoke_mode.parse_args(parser, SMOKE)
+    if args.long <= args.short:
+        parser.error("--long must exceed --short (the time per step is their difference)")
+    with smoke_mode.work_folder(args.work, "bench-train-ray-") as root:
+        run, features, scores = make_stages(args, root)
+        base = run.distill_config(checkpoint_every=0)
+        report(args, base, measure(args, run, features, scores, base))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,20 @@ G GPUs at once. Training (`distill`, `select`, data-parallel with `--train-worke
 included: its cost is a fixed number of iterations, independent of N.
 
     .venv/bin/python benchmarks/project_scale.py --scale-json /tmp/bench/scale-ray.json
+    .venv/bin/python benchmarks/project_scale.py --smoke
+
+--smoke: projects from a made-up `bench_scale.py --json` file (written to a temporary folder, the
+shape of a real one with the four cases it reads) instead of a measured one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
+
+import smoke_mode
 
 DATASETS = {  # name: (classes, images per class)
     "Real-IAD-sized (150k images, 30 classes × 5k)": (30, 5000),
@@ -38,6 +45,16 @@ def measured(scale_json: Path) -> dict:
             "efficiency": min(1.0, speedup / workers), "approx_ratio": at["approx"]["seconds"] / at["exact"]["seconds"]}
 
 
+def made_up_scale_json(folder: Path) -> Path:
+    """A `bench_scale.py --json` file of invented timings at one N, for --smoke."""
+    timings = {"exact": (10.0, 2.0), "exact-1thread": (19.0, 1.05), "exact-ray": (10.5, 1.9), "approx": (3.0, None)}
+    rows = [{"case": case, "n": 100, "seconds": seconds, "gflops": gflops}
+            for case, (seconds, gflops) in timings.items()]
+    path = folder / "scale-smoke.json"
+    path.write_text(json.dumps({"args": {"ray_workers": "2", "smoke": "True"}, "rows": rows}))
+    return path
+
+
 def hours(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
@@ -48,7 +65,8 @@ def hours(seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale-json", type=Path, required=True, help="bench_scale.py --json output (measured)")
+    parser.add_argument("--scale-json", type=Path, help="bench_scale.py --json output (measured; required "
+                        "unless --smoke)")
     parser.add_argument("--gpu-tflops", type=float, default=20.0, help="assumed sustained fp32 matmul TFLOP/s per GPU")
     parser.add_argument("--decode-per-gpu", type=float, default=1000.0,
                         help="assumed images/s one GPU's share of CPU cores decodes (8 cores at ~125 images/s)")
@@ -57,8 +75,18 @@ def main() -> None:
     parser.add_argument("--usd-per-gpu-hour", type=float, default=2.5, help="assumed price of one GPU-hour")
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64])
-    args = parser.parse_args()
-    m = measured(args.scale_json)
+    args = smoke_mode.parse_args(parser, {})
+    if args.scale_json is None and not args.smoke:
+        parser.error("--scale-json is required (or --smoke)")
+    if args.scale_json is None:
+        with tempfile.TemporaryDirectory(prefix="project-scale-") as tmp:
+            print_projection(args, measured(made_up_scale_json(Path(tmp))))
+    else:
+        print_projection(args, measured(args.scale_json))
+
+
+def print_projection(args, m: dict) -> None:
+    """The measured and assumed inputs, then the projection table."""
     print(f"measured: exact engine {m['cpu_gflops']:.1f} GFLOP/s on 2 threads; Ray scaling efficiency "
           f"{m['efficiency']:.2f} ({m['ray_speedup']:.2f}x on {m['workers']} workers over one thread, N = {m['n']})")
     print(f"assumed: {args.gpu_tflops} TFLOP/s per GPU for the products, encoder at {args.encoder_efficiency:.0%} of it, "
