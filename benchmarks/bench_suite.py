@@ -77,8 +77,9 @@ from medsclean.ui import SilentReporter  # noqa: E402
 METHODS = ("knn", "iterative", "memory", "meds")
 DERIVED = ("meds+memory", "oracle")  # computed from the others' scores / the labels, no training
 COPIES = 2  # repeated defects: each picked defect image plus this many shifted/rotated copies
-SMOKE = dict(n_train=6, n_test_good=3, n_test_defect=4, size=64, ratios=[0.4], seeds=[0], banks=8,
-             distill_iters=4, iters=4)
+SMOKE = dict(n_train=5, n_test_good=2, n_test_defect=3, size=64, ratios=[0.4], seeds=[0], defects=["repeated"],
+             threads=1, banks=4, distill_iters=2, iters=2)
+SMOKE_CLASSES = {"tuning": ["brick", "chelsea"], "report": ["tissue", "rocket"]}  # a texture and an object
 
 
 def log(message: str) -> None:
@@ -483,11 +484,12 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="ignore saved results")
     p.add_argument("--json", type=Path, help="also write all results here")
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # tiny sizes; the stage options a caller gives still win
         for name, value in SMOKE.items():
             if name in ("banks", "distill_iters", "iters"):
                 value = getattr(args, name) or value
             setattr(args, name, value)
+        args.classes = args.classes or SMOKE_CLASSES[args.part]
     return args
 
 
