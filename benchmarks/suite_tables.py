@@ -292,10 +292,11 @@ COMPARED = ("knn", "memory", "oracle", "meds", "meds+memory")
 
 def compare_table(payloads: list[dict], labels: list[str]) -> str:
     """One row per run: mean ranking AUROC of each method with unique and repeated defects, per
-    class kind, and MeDS's seconds per cell. The runs must share their cells (checked)."""
-    cells = [sorted(p["results"]) for p in payloads]
-    if any(c != cells[0] for c in cells):
-        raise SystemExit("the runs do not hold the same cells; compare runs of the same --ratios/--seeds/--defects")
+    class kind, and MeDS's seconds per cell, over the cells every run holds (listed below the table)."""
+    common = set.intersection(*(set(p["results"]) for p in payloads))
+    if not common:
+        raise SystemExit("the runs share no cell; compare runs of the same --ratios/--seeds/--defects")
+    payloads = [{**p, "results": {c: p["results"][c] for c in sorted(common)}} for p in payloads]
     kinds = [k for k in KIND_ORDER if k in set(payloads[0].get("class_kinds", {}).values())]
     head = ["setting", *[f"{m} {d}" for m in COMPARED for d in ("unique", "repeated")],
             *[f"meds {k} u/r" for k in kinds], "meds s/cell"]
@@ -310,6 +311,7 @@ def compare_table(payloads: list[dict], labels: list[str]) -> str:
         secs = [c["methods"]["meds"]["seconds"] for c in results.values() if "meds" in c["methods"]]
         row.append(f"{np.mean(secs):.0f}" if secs else "–")
         lines.append("| " + " | ".join(row).replace("nan", "–") + " |")
+    lines += ["", f"cells: {'; '.join(sorted(common))}"]
     return "\n".join(lines)
 
 
@@ -332,10 +334,44 @@ def smoke_payload(rng: np.random.Generator) -> dict:
     return {"settings": "smoke", "part": "smoke", "class_kinds": {"a": "texture", "b": "object"}, "results": results}
 
 
+def only_classes(payload: dict, keep_classes: list[str]) -> dict:
+    """The payload restricted to some classes: every cleaning row recomputed from the saved scores
+    and cuts of those classes' images (the detector rows, means over all classes, are dropped)."""
+    from medsclean.metrics import image_auroc_score
+
+    results = {}
+    for rid, cell in payload["results"].items():
+        on = np.array([c in keep_classes for c in cell["classes"]])
+        labels = np.array(cell["contaminated"], bool)[on]
+        classes = [c for c in cell["classes"] if c in keep_classes]
+        sub = {"n_train": int(on.sum()), "n_injected": int(labels.sum()), "classes": classes,
+               "contaminated": labels.astype(int).tolist(), "methods": {}}
+        if "defect_kinds" in cell:
+            sub["defect_kinds"] = [k for k, o in zip(cell["defect_kinds"], on) if o]
+        for name, row in cell["methods"].items():
+            if "eta" not in row:
+                continue
+            eta, rejected = np.array(row["eta"])[on], ~np.array(row["keep"], bool)[on]
+            per_class = {c: image_auroc_score(labels[np.array(classes) == c], eta[np.array(classes) == c])
+                         for c in sorted(set(classes))}
+            tp, fp = int((labels & rejected).sum()), int((~labels & rejected).sum())
+            new = {k: (np.array(v)[on].tolist() if isinstance(v, list) else v) for k, v in row.items()
+                   if k not in ("detector",)}
+            new.update({"ranking_auroc": float(np.nanmean(list(per_class.values()))),
+                        "ranking_auroc_per_class": per_class, "recall": tp / max(1, int(labels.sum())),
+                        "precision": tp / (tp + fp) if tp + fp else math.nan})
+            sub["methods"][name] = new
+        results[rid] = sub
+    kinds = {c: k for c, k in payload.get("class_kinds", {}).items() if c in keep_classes}
+    return {**payload, "class_kinds": kinds, "results": results}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", type=Path, nargs="*", help="files written by bench_suite.py --json")
     p.add_argument("--labels", type=lambda v: v.split(","), help="one label per file (default: the file names)")
+    p.add_argument("--classes", type=lambda v: v.split(","),
+                   help="tables of these classes only (cleaning rows recomputed; no detector rows)")
     p.add_argument("--smoke", action="store_true", help="tables of a tiny made-up results file")
     args = p.parse_args(argv)
     if args.smoke:
@@ -343,11 +379,13 @@ def main(argv=None) -> int:
         payload = smoke_payload(np.random.default_rng(0))
         print(report("tables of a made-up results file", payload))
         print()
-        print(compare_table([payload, payload], ["first", "second"]))
+        print(compare_table([payload, only_classes(payload, ["a"])], ["first", "class a only"]))
         return 0
     if not args.json:
         p.error("give at least one results file, or --smoke")
     payloads = [json.loads(path.read_text()) for path in args.json]
+    if args.classes:
+        payloads = [only_classes(p, args.classes) for p in payloads]
     if len(payloads) == 1:
         print(report(f"tables of {args.json[0]} (settings: {payloads[0].get('settings')})", payloads[0]))
         return 0
