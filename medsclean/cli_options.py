@@ -19,7 +19,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from . import choices
-from .config import CPU, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig, NoiseConfig
+from .config import (CPU, METHOD_ADVICE, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig,
+                     NoiseConfig)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ DISTILL = _opts(
 SELECT = _opts(
     Opt("method", choices.Method, ("select", "method"),
         "meds (Steps 1-3), memory (Step-1 ensemble only), knn (full-bank nearest neighbour) or iterative "
-        "(kNN with a shrinking memory)."),
+        "(kNN with a shrinking memory). " + METHOD_ADVICE[0].upper() + METHOD_ADVICE[1:]),
     Opt("select_iters", int, ("select", "iters"), "Step-3 iterations T."),
     Opt("mad_k", float, ("select", "k"), "Margin of Step 3's re-selection, in median absolute deviations "
         "(k of median + k·(t/T)·MAD)."),

@@ -478,15 +478,22 @@ PAPER = Preset(name="paper", overlays={"extract": {"backbone": "vit_base_patch14
 
 # Chosen by measurement on a 2-core CPU, on the tuning part of benchmarks/bench_suite.py only
 # (docs/bench-accuracy.md): Lite0 on the whole 256 px image (a defect at the border stays visible;
-# 32×32 grid); a 64-wide, 4-block decoder with 300 + 300 steps; the mixture cut (best mean F1 of the
-# rejected set for memory and MeDS scores).
+# 32×32 grid); a 64-wide, 4-block decoder on the 2×2-pooled token grid (16×16: a quarter of the
+# tokens, so 600 + 600 steps cost less than 300 + 300 on the full grid and rank better); the
+# mixture cut (best mean F1 of the rejected set for memory and MeDS scores).
 CPU = Preset(name="cpu", overlays={
-    "distill": {"iters": 300, "width": 64, "depth": 4, "heads": 4},
-    "select": {"iters": 300},
+    "distill": {"iters": 600, "width": 64, "depth": 4, "heads": 4, "token_pool": 2},
+    "select": {"iters": 600},
     "cut": {"rule": "mixture"},
 })
 
 PRESETS = {"paper": PAPER, "cpu": CPU}
+
+METHOD_ADVICE = ("meds ranked defective images best on textures and aligned objects, and whenever a defect can "
+                 "occur more than once; on unaligned crops of a varied scene whose defects are each unique, "
+                 "--method knn ranked best (docs/bench-accuracy.md).")
+"""Which method to try for which data, as measured by the project's benchmark; shown by `--help` and
+on the review page."""
 DEFAULT_PRESET = PresetName.AUTO.value
 DEFAULT_SEED = ScoreConfig.seed
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .config import METHOD_ADVICE
 from .report import escape, html_page, html_table, picture_data_uri, render_overlay, settings_rows
 from .store import write_text_atomic
 
@@ -252,6 +253,7 @@ def _summary(rows: list[Mapping], classes: Sequence[_Class], labelled: bool) -> 
             f'<p class="note">η is the final selection score (higher = more suspicious); an image is kept '
             f"iff η &lt; τ, its class's cut. Check that the rejected images look defective and that the "
             f"borderline kept ones look normal.</p>"
+            f'<p class="note">Which method: {escape(METHOD_ADVICE)}</p>'
             f'<table class="classes"><thead><tr>{head}</tr></thead><tbody>{"".join(lines)}</tbody></table>'
             f"</section>")
 

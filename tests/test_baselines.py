@@ -114,8 +114,9 @@ def test_paper_preset_keeps_the_papers_rule():
 
 def test_preset_overrides_and_validation():
     assert CPU.build(SelectConfig, iters=7).iters == 7
-    assert CPU.build(SelectConfig, iters=None).iters == CPU.value(SelectConfig, "iters") == 300
+    assert CPU.build(SelectConfig, iters=None).iters == CPU.value(SelectConfig, "iters") == 600
     assert CPU.build(CutConfig).rule == "mixture" and PAPER.build(CutConfig).rule == "mad"
+    assert CPU.build(DistillConfig).token_pool == 2 and PAPER.build(DistillConfig).token_pool == 1
     with pytest.raises(ConfigError, match="method") as exc:
         SelectConfig(method="bogus")
     assert exc.value.params == ("method",) and exc.value.stage == "select"

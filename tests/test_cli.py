@@ -71,7 +71,7 @@ def test_help_shows_the_preset_defaults_read_from_the_configs():
     text = " ".join(res.output.split())
     assert res.exit_code == 0
     assert "--distill-iters INTEGER" in text or "--distill-iters <int>" in text
-    assert "[default: 300 with --preset cpu, 10000 with --preset paper]" in text
+    assert "[default: 600 with --preset cpu, 10000 with --preset paper]" in text
     assert "<meds|memory|knn|iterative>" in text or "[meds|memory|knn|iterative]" in text
 
 

@@ -362,3 +362,15 @@ def test_review_renders_in_headless_chromium(tmp_path):
     pixels = screenshot_pixels(report, tmp_path)
     assert pixels.std() > 10                                   # something was drawn, not a blank page
     assert (np.abs(pixels[..., 0].astype(int) - pixels[..., 1]) > 60).mean() > 0.001   # colour: bars, badges, overlays
+
+
+def test_page_and_help_say_which_method_to_try_for_which_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from medsclean.cli import app
+
+    rows, cuts = make_inputs()
+    page = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None).read_text()
+    assert "Which method:" in page and "--method knn ranked best" in page
+    res = CliRunner().invoke(app, ["select", "--help"], terminal_width=300)
+    assert "unaligned crops of a varied scene" in " ".join(res.output.split())
