@@ -371,6 +371,6 @@ def test_page_and_help_say_which_method_to_try_for_which_data(tmp_path):
 
     rows, cuts = make_inputs()
     page = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None).read_text()
-    assert "Which method:" in page and "--method knn ranked best" in page
+    assert "Which method:" in page and "--method knn ranked defective images better" in page
     res = CliRunner().invoke(app, ["select", "--help"], terminal_width=300)
-    assert "unaligned crops of a varied scene" in " ".join(res.output.split())
+    assert "when every defect is unique, --method knn" in " ".join(res.output.split())
