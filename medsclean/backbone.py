@@ -339,11 +339,6 @@ def load_packaged_classifier(name: str) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def load_lite0_classifier() -> nn.Module:
-    """tf_efficientnet_lite0 with its ImageNet classifier and the packaged weights, in eval mode."""
-    return load_packaged_classifier(LITE0_NAME)
-
-
 # ---------------------------------------------------------------- model construction
 
 
@@ -567,11 +562,6 @@ def packaged_state_dict(name: str, packaged: dict[str, torch.Tensor]) -> dict[st
                                f"{ours} {tuple(ref.shape)}; reinstall {entry.distribution}")
         renamed[ours] = tensor
     return renamed
-
-
-def lite0_state_dict(packaged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``packaged_state_dict`` for tf_efficientnet_lite0."""
-    return packaged_state_dict(LITE0_NAME, packaged)
 
 
 def _pretrained_file(name: str, pretrained_cfg) -> Path:

@@ -203,7 +203,7 @@ class DistillConfig:
     `model.CNN_WIDTH`. `warmup` is the paper's linear warm-up (100 steps, 1 % of 10k); shorter
     runs warm up for 1 % of their steps, at least 10 and at most half (`warmup_for`).
     `token_pool` 2 averages the decoder's token grid over 2 x 2 windows (the stride-8 grid of a
-    CNN becomes stride 16: a quarter of the tokens, about 4x faster steps); its maps are resized
+    CNN becomes stride 16: a quarter of the tokens, 3.6x cheaper steps measured); its maps are resized
     back to the encoder's grid. The paper's decoder sees the encoder's grid (1).
     """
 
@@ -329,7 +329,7 @@ class CutConfig:
         if self.threshold is not None:
             return f"{self.score} < {self.threshold:g}"
         rule = f"top {self.reject_fraction:g}" if self.reject_fraction is not None else self.rule
-        return rule if self.score == "eta" else f"{rule} of {self.score}"
+        return rule if self.score == FinalScore.ETA else f"{rule} of {self.score}"
 
 
 @dataclass(frozen=True)

