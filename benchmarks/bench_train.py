@@ -43,17 +43,24 @@ from medsclean.training import compute_maps, distill, progressive_select
 
 LITE0_DIMS = (40, 112)
 DECODERS = {
-    # name: (group_dims, n_prefix, grid side, width, heads, depth)
+    # name: (group_dims, n_prefix, grid side, width, heads, depth[, token pool])
     "lite0-28 w64 h4 d4": (LITE0_DIMS, 0, 28, 64, 4, 4),
     "lite0-28 w128 h4 d4": (LITE0_DIMS, 0, 28, 128, 4, 4),
     "lite0-32 w64 h4 d2": (LITE0_DIMS, 0, 32, 64, 4, 2),
     "lite0-32 w64 h4 d4": (LITE0_DIMS, 0, 32, 64, 4, 4),
     "lite0-32 w128 h4 d4": (LITE0_DIMS, 0, 32, 128, 4, 4),
     "lite0-32 w128 h4 d8": (LITE0_DIMS, 0, 32, 128, 4, 8),
+    "lite0-32 p2 w64 h4 d2": (LITE0_DIMS, 0, 32, 64, 4, 2, 2),
+    "lite0-32 p2 w64 h4 d4": (LITE0_DIMS, 0, 32, 64, 4, 4, 2),
+    "lite0-32 p2 w64 h4 d6": (LITE0_DIMS, 0, 32, 64, 4, 6, 2),
+    "lite0-32 p2 w128 h4 d4": (LITE0_DIMS, 0, 32, 128, 4, 4, 2),
+    "lite0-32 p2 w192 h4 d4": (LITE0_DIMS, 0, 32, 192, 4, 4, 2),
+    "lite0-32 p2 w256 h4 d4": (LITE0_DIMS, 0, 32, 256, 4, 4, 2),
     "vits-16 w384 h6 d4": ((384, 384), 5, 16, None, 6, 4),
     "vits-16 w384 h6 d8": ((384, 384), 5, 16, None, 6, 8),
 }
-SMOKE_DECODERS = {"smoke lite0-8 w16 h2 d2": (LITE0_DIMS, 0, 8, 16, 2, 2)}  # --smoke only, not in the default run
+SMOKE_DECODERS = {"smoke lite0-8 w16 h2 d2": (LITE0_DIMS, 0, 8, 16, 2, 2),
+                  "smoke lite0-8 p2 w16 h2 d2": (LITE0_DIMS, 0, 8, 16, 2, 2, 2)}  # --smoke only, not in the default run
 SMOKE = {"threads": "1", "steps": 2, "images": 16, "train_images": 16, "decoders": ",".join(SMOKE_DECODERS),
          "crop": 64, "preset": "16,2,2", "learn_images": 9, "learn_iters": "4,4"}
 
@@ -84,8 +91,8 @@ def _synthetic_features(dims, n_prefix, side, n_images, seed=0):
 
 
 def bench_decoder(name: str, spec, steps: int, images: int, train_images: int = 256) -> dict:
-    dims, n_prefix, side, width, heads, depth = spec
-    config = ModelConfig(dims, n_prefix, width=width, heads=heads, depth=depth)
+    dims, n_prefix, side, width, heads, depth, *pool = spec
+    config = ModelConfig(dims, n_prefix, width=width, heads=heads, depth=depth, token_pool=pool[0] if pool else 1)
     # 256 images: Step 3's first pass (about half of them) outlasts the timed steps, so no
     # re-scoring pass falls between them; eval speed is measured on its own below.
     groups, maps = _synthetic_features(dims, n_prefix, side, n_images=train_images)

@@ -2,7 +2,8 @@
 
 A smoke run takes the script's real code path on tiny sizes (see benchmarks/smoke_mode.py), so an
 API change that breaks a benchmark fails here instead of silently breaking published numbers.
-Each script runs as a subprocess from a temporary folder, with its work folder and output files
+Each script runs as a subprocess from a temporary folder (all of them started together in two
+lanes, see `SmokeRuns`), with its work folder and output files
 under pytest's tmp_path; the checks are on the shape of its output (the first line marking the
 run as a smoke run, the markdown table's columns and rows, the JSON file's keys) and on the few
 facts a benchmark asserts itself (exit codes, identical artifacts), never on timings or scores,
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,7 +153,7 @@ def check_suite_tables(stdout: str, tmp: Path) -> None:
 def check_train(stdout: str, tmp: Path) -> None:
     report = stdout_json(stdout)
     assert {"decoders", "encoder", "learn"} <= set(report)
-    assert len(report["decoders"]) == 1 and {"distill", "select", "eval_images_per_s"} <= set(report["decoders"][0])
+    assert len(report["decoders"]) == 2 and {"distill", "select", "eval_images_per_s"} <= set(report["decoders"][0])
     assert {"stored_steps_per_s", "encoder_steps_per_s", "speedup_stored_over_encoder"} <= set(report["encoder"])
     assert {"auroc_step1", "auroc_distilled", "auroc_selected_eta", "seconds"} <= set(report["learn"])
 
@@ -236,21 +238,66 @@ def _run(case: Case, tmp: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
+def _runnable(case: Case) -> bool:
+    """Whether the case's optional modules are installed (else its test skips or fails, and it is not run)."""
+    return all(importlib.util.find_spec(m) is not None for m in case.needs + (("ray",) if case.ray else ()))
+
+
+@dataclass
+class SmokeRuns:
+    """All runnable cases started at once in two lanes, each lane one subprocess at a time: the Ray
+    scripts (two Ray instances at once would compete for the same ports) and the others. The Ray
+    lane spends most of its time waiting for workers to start, so the two lanes together take about
+    as long as the longer one. `futures[case.id]` -> (CompletedProcess, the case's tmp folder)."""
+
+    futures: dict
+    before: set[str]
+
+
+def _selected(session) -> set[str]:
+    """The ids of the cases this pytest run selected (`-k` and node ids deselect some); all when none."""
+    ids = {item.callspec.params["case"].id for item in session.items
+           if item.originalname == "test_smoke_run_prints_its_table"}
+    return ids or {case.id for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory):
+    before = _repo_listing()
+    selected = _selected(request.session)
+    runnable = [case for case in CASES if case.id in selected and _runnable(case)]
+    lanes = [[c for c in runnable if c.ray], [c for c in runnable if not c.ray]]
+    pools = [ThreadPoolExecutor(max_workers=1) for _ in lanes]
+    futures = {}
+    for pool, lane in zip(pools, lanes):
+        for case in lane:
+            tmp = tmp_path_factory.mktemp(case.script.removesuffix(".py"))
+            futures[case.id] = pool.submit(lambda c=case, t=tmp: (_run(c, t), t))
+    yield SmokeRuns(futures, before)
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.parametrize("case", _params())
-def test_smoke_run_prints_its_table(case: Case, tmp_path):
-    """Exit 0, the smoke line first, the expected table / JSON, and nothing written into the repository."""
+def test_smoke_run_prints_its_table(case: Case, smoke_runs):
+    """Exit 0, the smoke line first, the expected table / JSON."""
     if case.ray:
         require_ray()
     for module in case.needs:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{case.script} needs {module}")
-    before = _repo_listing()
-    done = _run(case, tmp_path)
+    done, tmp = smoke_runs.futures[case.id].result()
     assert done.returncode == 0, (f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n"
                                   f"--- stderr\n{done.stderr[-3000:]}")
     assert done.stdout.splitlines()[0] == SMOKE_LINE, done.stdout[:500]
-    case.check(done.stdout, tmp_path)
-    assert _repo_listing() == before, f"{case.script} wrote into the repository: {_repo_listing() ^ before}"
+    case.check(done.stdout, tmp)
+
+
+def test_smoke_runs_write_nothing_into_the_repository(smoke_runs):
+    """Every script keeps its files in its work folder or the given paths (checked once all have run)."""
+    for future in smoke_runs.futures.values():
+        future.result()
+    assert _repo_listing() == smoke_runs.before, f"written into the repository: {_repo_listing() ^ smoke_runs.before}"
 
 
 def test_every_script_has_a_smoke_case():
