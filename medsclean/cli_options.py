@@ -162,6 +162,8 @@ DISTILL = _opts(
     Opt("heads", int, ("distill", "heads"), "Attention heads per decoder block."),
     Opt("token_pool", int, ("distill", "token_pool"), "Average the decoder's token grid over N x N windows "
         "(2: stride 16, a quarter of the tokens; 1: the encoder's grid, as the paper)."),
+    Opt("lr", float, ("distill", "lr"), "Peak learning rate of Steps 2 and 3 (linear warm-up, then cosine decay "
+        "to 2e-4; the paper: 2e-3)."),
 )
 SELECT = _opts(
     Opt("method", choices.Method, ("select", "method"),

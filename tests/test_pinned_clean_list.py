@@ -23,7 +23,7 @@ PINNED_REJECTED = {
                "gravel/train/good/727cade6111e.png", "gravel/train/good/8965bb435c41.png"],
 }
 RUNS = {
-    "meds": ["--distill-iters", "20", "--select-iters", "20", "--token-pool", "1"],
+    "meds": ["--distill-iters", "20", "--select-iters", "20", "--token-pool", "1", "--lr", "2e-3"],
     "knn": ["--method", "knn", "--cut", "mad"],
     "memory": ["--method", "memory", "--reject-fraction", "0.2"],
 }
