@@ -20,7 +20,7 @@ import typer
 
 from . import choices
 from .config import (CPU, METHOD_ADVICE, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig,
-                     NoiseConfig)
+                     DistillConfig, NoiseConfig)
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ DISTILL = _opts(
     Opt("token_pool", int, ("distill", "token_pool"), "Average the decoder's token grid over N x N windows "
         "(2: stride 16, a quarter of the tokens; 1: the encoder's grid, as the paper)."),
     Opt("lr", float, ("distill", "lr"), "Peak learning rate of Steps 2 and 3 (linear warm-up, then cosine decay "
-        "to 2e-4; the paper: 2e-3)."),
+        f"to {DistillConfig.final_lr:g})."),
 )
 SELECT = _opts(
     Opt("method", choices.Method, ("select", "method"),
