@@ -401,6 +401,7 @@ def detector_row(test: Features, token_maps: np.ndarray, cell: Cell | None, grid
 
 PRESET_FLAGS = {  # flag -> (stage, field, type)
     "resize": ("extract", "resize", int), "crop": ("extract", "crop", int), "backbone": ("extract", "backbone", str),
+    "stages": ("extract", "stages", str),
     "banks": ("score", "banks", int), "rho": ("score", "ratio", float), "score-k": ("score", "k", int),
     "min-bank": ("score", "min_bank", int),
     "width": ("distill", "width", int), "depth": ("distill", "depth", int), "heads": ("distill", "heads", int),

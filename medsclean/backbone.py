@@ -258,7 +258,7 @@ class Encoder(nn.Module):
 
 def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = False,
                  resize: int | None = None, crop: int | None = None, device: str | torch.device = "cpu",
-                 ) -> Encoder:
+                 stages: tuple[int, int] = (8, 16)) -> Encoder:
     """Build a frozen encoder with checked weights.
 
     Args:
@@ -269,6 +269,8 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
         crop: side of the centre crop; default 392 for ViTs (a multiple of the patch size),
             the resize for CNNs.
         device: where the encoder runs.
+        stages: strides (fine, coarse) of the two CNN stages tapped; memory on the fine grid.
+            ViTs accept only the default (their blocks follow ``reconstruction_blocks``).
 
     Without ``weights`` or ``random_init``: timm's pretrained weights from the local cache or
     the hub, except for the models of ``PACKAGED_WEIGHTS`` (tf_efficientnet_lite0/1/2), whose
@@ -312,7 +314,8 @@ def load_encoder(name: str, *, weights: Path | None = None, random_init: bool = 
         sha = file_sha256(path)
     model.eval()
     preprocess = _preprocess_for(timm, model, *sizes)
-    encoder = Encoder(_build_taps(timm, name, model, preprocess.crop), name=name, preprocess=preprocess,
+    taps = _build_taps(timm, name, model, preprocess.crop, tuple(stages))
+    encoder = Encoder(taps, name=name, preprocess=preprocess,
                       weights_source=source, weights_sha256=sha)
     return encoder.to(device)
 
@@ -407,14 +410,23 @@ def _preprocess_for(timm, model: nn.Module, resize: int, crop: int) -> Preproces
                       std=tuple(float(v) for v in config["std"]), interpolation=interpolation)
 
 
-def _build_taps(timm, name: str, model: nn.Module, crop: int) -> VitTaps | CnnTaps:
+def _build_taps(timm, name: str, model: nn.Module, crop: int,
+                strides: tuple[int, int] = (8, 16)) -> VitTaps | CnnTaps:
     if isinstance(model, timm.models.VisionTransformer):
+        if strides != (8, 16):
+            raise UsageError(f"--stages applies to CNN backbones; {name!r} is a ViT, whose tapped blocks are "
+                             "fixed: drop --stages")
         return VitTaps(model, reconstruction_blocks(len(model.blocks)))
     reductions = [info.get("reduction") for info in getattr(model, "feature_info", None) or []]
-    if 8 not in reductions or 16 not in reductions or not hasattr(model, "forward_intermediates"):
-        raise UsageError(f"backbone {name!r} has no stride-8 and stride-16 stages medsclean can tap; use one "
+    fine, coarse = strides
+    if fine not in reductions or coarse not in reductions or not hasattr(model, "forward_intermediates"):
+        have = ", ".join(str(r) for r in sorted(set(r for r in reductions if r)))
+        raise UsageError(f"backbone {name!r} has no stride-{fine} and stride-{coarse} stages medsclean can tap "
+                         f"(its stage strides: {have or 'none'}); pass --stages with two of them or use one "
                          f"of {', '.join(SUGGESTED_MODELS)}")
-    stages = (len(reductions) - 1 - reductions[::-1].index(8), len(reductions) - 1 - reductions[::-1].index(16))
+    # the last stage of each stride: the deepest features at that resolution
+    stages = (len(reductions) - 1 - reductions[::-1].index(fine),
+              len(reductions) - 1 - reductions[::-1].index(coarse))
     taps = CnnTaps(model, stages, crop)
     if hasattr(model, "prune_intermediate_layers"):  # drop the deeper stages and the head
         model.prune_intermediate_layers(list(stages), prune_head=True)

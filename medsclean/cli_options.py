@@ -111,6 +111,9 @@ DATA = _opts(
 )
 EXTRACT = _opts(
     Opt("backbone", str, ("extract", "backbone"), "timm model name of the frozen encoder."),
+    Opt("stages", str, ("extract", "stages"), "Strides of the two CNN stages the encoder taps, fine,coarse: "
+        "the memory on the fine grid, one reconstruction group each (e.g. 16,32 for deeper features on a "
+        "coarser grid).", metavar="FINE,COARSE"),
     Opt("weights", Path, ("extract", "weights"), "Local .safetensors/.pth backbone weights, loaded strictly.",
         path="file"),
     Opt("random_init", bool, ("extract", "random_init"), "Random backbone weights (plumbing tests only)."),

@@ -63,6 +63,10 @@ class DataConfig:
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
+CNN_STAGES = (8, 16)
+"""Strides of the two CNN stages the encoder taps: memory on the finer grid, one reconstruction group each."""
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """The frozen encoder and how images are fed to it.
@@ -70,11 +74,14 @@ class ExtractConfig:
     `resize`/`crop` None: the backbone kind's own input size (backbone.py: 448/392 for ViTs, as
     the paper; 256/256 for CNNs). The default backbone is EfficientNet-Lite0, whose ImageNet
     weights install with the package; the paper preset sets the paper's DINOv2-R ViT-B/14.
+    `stages` picks a CNN's two tapped stages by stride (ViTs have their own rule and take only the
+    default).
     """
 
     STAGE: ClassVar[str] = "extract"
 
     backbone: str = "tf_efficientnet_lite0"
+    stages: tuple[int, int] | str = CNN_STAGES
     weights: Path | None = None
     random_init: bool = False
     resize: int | None = None
@@ -86,6 +93,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
+        object.__setattr__(self, "stages", _stride_pair(self.stages, s))
         _require(not (self.weights is not None and self.random_init), s, ("weights", "random_init"),
                  "weights and random_init contradict each other; pass only one")
         for name in ("resize", "crop"):
@@ -98,8 +106,24 @@ class ExtractConfig:
                  f"device must be auto, cpu or cuda[:N], not {self.device!r}")
 
     def key_fields(self) -> dict:
-        return {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
-                "random_init": self.random_init, "resize": self.resize, "crop": self.crop}
+        fields_ = {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
+                   "random_init": self.random_init, "resize": self.resize, "crop": self.crop}
+        if self.stages != CNN_STAGES:  # so folders made before the option keep their keys
+            fields_["stages"] = list(self.stages)
+        return fields_
+
+
+def _stride_pair(value: tuple[int, int] | str, stage: str) -> tuple[int, int]:
+    """`value` as (fine, coarse) strides: a pair, or text such as "16,32"."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        pair = tuple(int(v) for v in parts)
+    except (TypeError, ValueError):
+        pair = ()
+    ok = len(pair) == 2 and all(v >= 2 and v & (v - 1) == 0 for v in pair) and pair[0] < pair[1]
+    _require(ok, stage, "stages", f"stages must be two increasing strides that are powers of 2, such as "
+             f"{CNN_STAGES[0]},{CNN_STAGES[1]}, not {value!r}")
+    return pair  # type: ignore[return-value]
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,

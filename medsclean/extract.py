@@ -194,7 +194,7 @@ def _load_encoder(cfg: ExtractConfig, device: str):
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(RANDOM_INIT_SEED)
         return load_encoder(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init,
-                            resize=cfg.resize, crop=cfg.crop, device=device)
+                            resize=cfg.resize, crop=cfg.crop, device=device, stages=cfg.stages)
 
 
 def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:

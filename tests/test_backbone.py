@@ -158,6 +158,33 @@ def test_cnn_features_equal_patchcore_computed_by_hand(tmp_path):
     torch.testing.assert_close(out.groups[1], coarse_up.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_deeper_stages_tap_stride_16_and_32_as_computed_by_hand(tmp_path):
+    reference = _timm().create_model("test_resnet", pretrained=False).eval()
+    path = tmp_path / "test_resnet.safetensors"
+    save_file(reference.state_dict(), str(path))
+    encoder = load_encoder("test_resnet", weights=path, crop=64, stages=(16, 32))
+    assert encoder.grid == (4, 4) and encoder.describe()["layers"] == [3, 4]
+
+    images = _inputs(encoder, batch=2, seed=3)
+    out = encoder(images)
+    with torch.no_grad():
+        stride16 = _resnet_by_hand(reference, images)[1]
+        stride32 = reference.layer4(stride16)
+    pooled = [torch.from_numpy(uniform_filter(m.numpy(), size=(1, 1, 3, 3), mode="constant"))
+              for m in (stride16, stride32)]
+    up = F.interpolate(pooled[1], size=(4, 4), mode="bilinear", align_corners=False)
+    memory = F.normalize(torch.cat([pooled[0], up], dim=1), dim=1).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out.memory, memory, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.groups[0], stride16.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_stages_the_backbone_lacks_or_a_vit_are_refused():
+    with pytest.raises(UsageError, match=r"no stride-16 and stride-64 .*strides: 2, 4, 8, 16, 32.*--stages"):
+        _random_encoder("test_resnet", crop=64, stages=(16, 64))
+    with pytest.raises(UsageError, match="applies to CNN backbones.*drop --stages"):
+        _random_encoder("test_vit", crop=64, stages=(16, 32))
+
+
 def test_resnet18_shapes_and_unit_memory():
     encoder = _random_encoder("resnet18", crop=64)
     out = encoder(_inputs(encoder, batch=3, seed=2))

@@ -113,6 +113,7 @@ def test_python_dash_m_medsclean_help():
     (["select", ".", "--mad-k", "-1"], "error: --mad-k must be 0 or more, not -1.0"),
     (["select", ".", "--budget", "soon"], "error: --budget must be a positive duration"),
     (["eval", ".", "--kernel", "4"], "error: --kernel must be odd and positive, not 4"),
+    (["extract", ".", "--stages", "16,8"], "error: --stages must be two increasing strides that are powers of 2"),
     (["extract", ".", "--device", "tpu"], "error: --device must be auto, cpu or cuda[:N], not 'tpu'"),
 ])
 def test_config_errors_name_the_flag_and_exit_2(args, expected):

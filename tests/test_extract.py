@@ -50,6 +50,21 @@ def test_extract_cli_end_to_end_with_json_and_cache(folder, tmp_path):
     assert json.loads(again.stdout)["cached"] is True
 
 
+def test_deeper_stages_are_other_features_and_the_default_pair_keeps_the_old_key(folder, tmp_path):
+    work = tmp_path / "work"
+    base = ["extract", str(folder), "--work", str(work), "--json", *SMALL]
+    assert json.loads(runner.invoke(app, base).stdout)["cached"] is False
+    deeper = runner.invoke(app, [*base, "--stages", "16,32"])
+    assert deeper.exit_code == 0, deeper.output
+    assert json.loads(deeper.stdout)["cached"] is False
+    assert len(Store(work).keys("features")) == 2  # both runs' features coexist
+    feats = Store(work).load("features").sharded_tensors()  # the latest: the deeper stages
+    assert feats["memory"].shape[:2] == (10, 16)  # 4×4 grid at 64 px: stride 16
+    assert [feats[f"group{g}"].shape[-1] for g in (0, 1)] == [112, 320]
+    assert ExtractConfig(stages=(8, 16)).key_fields() == ExtractConfig().key_fields()
+    assert json.loads(runner.invoke(app, [*base, "--stages", "8,16"]).stdout)["cached"] is True
+
+
 def test_extract_strict_fails_on_corrupt_image(folder, tmp_path):
     res = runner.invoke(app, ["extract", str(folder), "--work", str(tmp_path / "w"), "--strict", *SMALL])
     assert res.exit_code == 1
