@@ -100,19 +100,40 @@ def _error_line(exc: MedscleanError) -> str:
 def _validate(given: Given) -> None:
     """Build every config from the user's values alone (defaults for the rest), so that a bad value
     fails before torch is imported; the real configs add the preset later."""
-    from .config import STAGE_CONFIGS, parse_duration
+    from .config import STAGE_CONFIGS, check_seed, parse_duration
 
     for stage, cls in STAGE_CONFIGS.items():
         values = _fields_of(stage, given.stage(stage))
         if values:
             cls(**({"images": Path(".")} if stage == "data" else {}), **values)
-    if given.get("out") is not None and str(given.out) == "-" and given.get("as_json"):
-        raise ConfigError(("out", "json"), "out - and json both write to stdout; pass only one")
+    if given.get("seed") is not None:
+        check_seed(given.seed)
+    on_stdout = [name for name in ("out", "rejected_out") if _is_stdout(given.get(name))]
+    if on_stdout and given.get("as_json"):
+        raise ConfigError((on_stdout[0], "json"), f"{on_stdout[0]} {given.get(on_stdout[0])} and json both write to "
+                          f"stdout; pass only one")
+    if len(on_stdout) == 2:
+        raise ConfigError(("out", "rejected_out"), "out and rejected_out both write to stdout; pass only one")
     if given.get("budget") is not None:
         parse_duration(given.budget)
         if given.get("select_iters") is not None or given.get("distill_iters") is not None:
             raise ConfigError(("budget", "iters"), "budget and iters contradict each other (a time limit chooses "
                               "the iteration counts); pass only one", stage="select")
+
+
+def _is_stdout(value) -> bool:
+    """Whether a list path means this process's stdout: `-`, or the file stdout is open on
+    (`/dev/stdout`, `/dev/fd/1`, or the file the shell redirected stdout to)."""
+    if value is None:
+        return False
+    if str(value) == "-":
+        return True
+    try:
+        ours = os.fstat(sys.stdout.fileno())
+        theirs = os.stat(Path(value).expanduser())
+    except (OSError, ValueError, AttributeError):  # no such path, or a stdout without a descriptor
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _writable_ancestor(path: Path) -> Path:
@@ -130,14 +151,23 @@ def _check_paths(given: Given) -> None:
         value = given.get(name)
         if value is not None and not Path(value).is_dir():
             raise DataError(f"{value}: no such folder; pass the folder that holds your images")
+    from .store import writes_through
+
     for param, name in (("out", "out"), ("rejected_out", "rejected_out")):
         value = given.get(name)
-        if value is None or str(value) == "-":
+        if value is None or _is_stdout(value):
             continue
         path = Path(value).expanduser()
         if path.is_dir():
             raise ConfigError(param, f"{param} {value} is a folder; give a file path, e.g. {path / 'clean.txt'}")
-        _require_writable(param, value, path.parent if str(path.parent) else Path("."), must_exist=True)
+        if writes_through(path):  # a device, FIFO or descriptor: written in place, so it must be writable itself
+            if not path.exists():
+                raise ConfigError(param, f"{param} {value}: no such file or open descriptor")
+            if not os.access(path, os.W_OK):
+                raise ConfigError(param, f"{param} {value} is not writable")
+            continue
+        target = Path(os.path.realpath(path))  # through a symlink, the target is replaced: its folder counts
+        _require_writable(param, value, target.parent, must_exist=True)
     for param, name in (("work", "work"), ("report_dir", "report"), ("metrics_dir", "metrics_dir"),
                         ("export", "export")):
         value = given.get(name)
@@ -160,17 +190,28 @@ def _require_writable(param: str, value, folder: Path, *, must_exist: bool) -> N
 
 
 def _interrupted(work: Path | None) -> str:
-    """What an interrupted run leaves behind and how to go on."""
-    kept = []
+    """What an interrupted run leaves behind and how to go on, naming only what is there: finished
+    stages, training checkpoints, encoded images of the image cache."""
+    from .store import IMAGE_CACHE
+    from .training_stages import CHECKPOINT
+
+    kept, resume = [], []
     if work is not None and work.is_dir():
-        kept = sorted(p.name for p in work.iterdir() if (p / "LATEST").is_file())
-        partial = work / ".partial"
-        if partial.is_dir() and any(partial.iterdir()):
-            kept.append("checkpoints of the unfinished stage in .partial")
-    where = f" in {work}" if work is not None else ""
-    done = f"kept{where}: {', '.join(kept)}; " if kept else ""
-    return (f"interrupted: {done}rerun the same command to resume (finished stages are reused, training "
-            f"continues from its last checkpoint, extraction from its last finished batch)")
+        stages = sorted(p.name for p in work.iterdir() if (p / "LATEST").is_file())
+        if stages:
+            kept.append(", ".join(stages))
+            resume.append("finished stages are reused")
+        trained = sorted({p.parent.name.rsplit("-", 1)[0] for p in (work / ".partial").glob(f"*/{CHECKPOINT}")})
+        if trained:
+            kept.append(f"checkpoints of {', '.join(trained)} in .partial")
+            resume.append("training continues from its last checkpoint")
+        if next((work / IMAGE_CACHE).glob("*/??/*.safetensors"), None) is not None:
+            kept.append(f"encoded images in {IMAGE_CACHE}")
+            resume.append("extraction skips the images already encoded")
+    if not kept:
+        return "interrupted: nothing was kept; rerun the same command to start again"
+    return (f"interrupted: kept in {work}: {'; '.join(kept)}; rerun the same command to resume "
+            f"({', '.join(resume)})")
 
 
 def _execute(body, given: Given) -> None:
@@ -182,8 +223,9 @@ def _execute(body, given: Given) -> None:
         typer.echo(_error_line(exc), err=True)
         raise typer.Exit(code=exc.exit_code) from None
     except OSError as exc:  # the disk or the system refused: one line, no traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        from .errors import write_error
+
+        typer.echo(f"error: {write_error(exc.filename, exc) if exc.filename else exc.strerror or exc}", err=True)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         work = given.get("work")
@@ -192,6 +234,8 @@ def _execute(body, given: Given) -> None:
     finally:
         if "medsclean.distributed.session" in sys.modules:  # a Ray instance this command started stops here
             sys.modules["medsclean.distributed.session"].shutdown()
+        if "medsclean.store" in sys.modules:  # the artifacts this command used may be removed from now on
+            sys.modules["medsclean.store"].release_uses()
 
 
 def command(name: str, *arguments):
@@ -290,9 +334,9 @@ def select(given: Given) -> None:
     cfgs = _configs(run, given)
     results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"],
                                     force=bool(given.force))
-    to_stdout = given.out is not None and str(given.out) == "-"
+    to_stdout, rejected_to_stdout = _is_stdout(given.out), _is_stdout(given.rejected_out)
     summary = pipeline.select_summary(run, results, given.images, None if to_stdout else given.out,
-                                      given.rejected_out)
+                                      None if rejected_to_stdout else given.rejected_out)
     summary["review"] = str(pipeline.select_review(run, results, given.get("report")))
     run.reporter.info(f"review: {summary['review']}")
     if given.get("export") is not None:
@@ -300,13 +344,14 @@ def select(given: Given) -> None:
         summary["export"] = str(Path(given.export).expanduser().resolve())
         run.reporter.info(f"export: {exported['kept']} kept and {exported['rejected']} rejected images in "
                           f"{summary['export']} ({'copies' if given.copy else 'symlinks'})")
-    if to_stdout:
-        typer.echo(pipeline.user_list(given.images, results, kept=True), nl=False)
-        summary["clean_list"] = "-"
+    for listed, kept, field in ((to_stdout, True, "clean_list"), (rejected_to_stdout, False, "rejected_list")):
+        if listed:
+            typer.echo(pipeline.user_list(given.images, results, kept=kept), nl=False)
+            summary[field] = "-"
     if given.as_json:
         _emit("select", summary, True, "")
     else:
-        pipeline.print_select_table(summary, stderr=to_stdout)
+        pipeline.print_select_table(summary, stderr=to_stdout or rejected_to_stdout)
 
 
 RUN_STAGES = ("data", "extract", "score", "distill", "select", "cut")

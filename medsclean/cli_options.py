@@ -226,10 +226,10 @@ MAKE_NOISY = _opts(
         "(SoftPatch).", flags=("--overlap/--no-overlap",)),
 )
 LISTS = _opts(
-    Opt("out", Path, ("command", "out"), "Write the clean list here, one path per line (- for stdout).",
-        default="none"),
-    Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line.",
-        flags=("--rejected",), default="none"),
+    Opt("out", Path, ("command", "out"), "Write the clean list here, one path per line (- for stdout; a device, "
+        "FIFO or /dev/fd/N is written into, a symlink's target is replaced).", default="none"),
+    Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line (as "
+        "--out).", flags=("--rejected",), default="none"),
 )
 REPORT = _opts(
     Opt("report", Path, ("report", "report_dir"), "Write the HTML report (report.html) into this folder: for select "

@@ -41,6 +41,24 @@ def _one_of(stage: str, param: str, value: Any, choice: type) -> None:
              f"{param} must be one of {', '.join(choice.values())}, not {value!r}")
 
 
+MAX_SEED = 2**31 - 1
+"""The largest seed: every generator a seed reaches takes it (faiss's k-means seed is a C int; NumPy
+and torch take more)."""
+
+
+def check_seed(seed: Any, stage: str = "run") -> None:
+    """ConfigError (param "seed") unless `seed` is an integer from 0 to `MAX_SEED`."""
+    import numbers
+
+    _require(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED, stage,
+             "seed", f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+
+
+def divisor_near(number: int, target: int) -> int:
+    """The divisor of `number` closest to `target` (the smaller one on a tie): a head count to suggest."""
+    return min((d for d in range(1, number + 1) if number % d == 0), key=lambda d: (abs(d - target), d))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images a run reads."""
@@ -204,6 +222,7 @@ class ScoreConfig:
                  f"engine {self.engine} needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12 on a "
                  f"CUDA machine, in its place), or use engine exact")
         _require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
+        check_seed(self.seed, s)
         _require(0.0 < self.coreset <= 1.0, s, "coreset", f"coreset must be in (0, 1], not {self.coreset}")
         if self.max_memory is not None:
             try:
@@ -255,6 +274,9 @@ class DistillConfig:
             value = getattr(self, name)
             _require(value >= 1, s, name, f"{name} must be at least 1, not {value}")
         _require(self.width is None or self.width >= 1, s, "width", f"width must be at least 1, not {self.width}")
+        _require(self.width is None or self.width % self.heads == 0, s, ("heads", "width"),
+                 f"heads {self.heads} must divide width {self.width}; try heads "
+                 f"{divisor_near(self.width or 1, self.heads)}")
         _one_of(s, "loss", self.loss, Loss)
         _require(self.warmup >= 0, s, "warmup", f"warmup must be 0 or more, not {self.warmup}")
         _require(0.0 <= self.dropout < 1.0, s, "dropout", f"dropout must be in [0, 1), not {self.dropout}")
@@ -422,6 +444,7 @@ class DemoConfig:
             _require(value >= 0, self.STAGE, name, f"{name} must be 0 or more, not {value}")
         _require(self.noise_ratio >= 0, self.STAGE, "noise_ratio",
                  f"noise_ratio must be 0 or more, not {self.noise_ratio}")
+        check_seed(self.seed, self.STAGE)
 
 
 @dataclass(frozen=True)

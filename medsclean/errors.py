@@ -46,3 +46,42 @@ class ConfigError(UsageError, ValueError):
     @property
     def params(self) -> tuple[str, ...]:
         return (self.param,) if isinstance(self.param, str) else tuple(self.param)
+
+
+class WriteError(MedscleanError, OSError):
+    """A file or folder the disk refused to write (no space, too large, no permission); nothing
+    half-written is left behind. Also an OSError, so that code catching the OS's refusal still does."""
+
+
+_WRITE_FIXES = {
+    "ENOSPC": "free some space on its disk or write to another one",
+    "EDQUOT": "free some space within your disk quota or write to another disk",
+    "EFBIG": "the process's file-size limit (`ulimit -f`) or the file system's is lower; raise it or write "
+             "to another disk",
+    "EACCES": "choose a path you may write to, or change its permissions",
+    "EPERM": "choose a path you may write to, or change its permissions",
+    "EROFS": "the file system is read-only; choose a path on another one",
+}
+
+
+def write_error(path, exc: BaseException) -> WriteError:
+    """The one-line error for a failed write of `path`: its reason (the OS's text) and the fix.
+
+    `exc` is an OSError, or an error of a library that writes for us (safetensors' SafetensorError
+    carries the OS error code only in its text: `... File too large (os error 27)`).
+    """
+    import errno
+    import os
+    import re
+
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"\bos error (\d+)|\bcode: (\d+)", str(exc))
+        code = int(found.group(1) or found.group(2)) if found else None
+    reason = os.strerror(code) if code else (getattr(exc, "strerror", None) or str(exc))
+    fix = _WRITE_FIXES.get(errno.errorcode.get(code, ""), "check the disk and the path")
+    return WriteError(f"{path}: {reason}; {fix}")
+
+
+class InUseError(MedscleanError):
+    """Work-folder files a running command uses, which may not be removed now."""

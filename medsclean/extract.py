@@ -32,7 +32,7 @@ from .config import ExtractConfig, resolve_device
 from .data import Dataset
 from .errors import DataError
 from .images import Preprocess, decode_image, normalise, resize_crop
-from .store import Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
+from .store import IMAGE_CACHE, Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
 from .ui import Reporter
 
 STAGE = "features"
@@ -223,12 +223,25 @@ def run_extract(dataset: Dataset, store: Store, cfg: ExtractConfig, *, stage: st
     key = _features_key(rows, fields)
     art = store.cached(stage, key, reporter, force=force)
     if art is not None:
+        if strict and art.manifest["skipped"]:
+            # the same answer as a fresh work folder gives: the artifact was made without --strict
+            raise _strict_error(art.manifest["skipped"][0]["error"])
         return ExtractResult(art, True, len(art.manifest["images"]), len(art.manifest["skipped"]),
                              time.perf_counter() - t0)
     why = _recompute_reason(store, stage, dataset, rows, force)
     if why:
         reporter.info(f"{stage}: recomputing ({why})")
     cache = store.image_cache(encoder_key(cfg, fields))
+    with store.in_use(IMAGE_CACHE, cache.key):  # its new entries are no artifact's until the commit
+        return _extract_into(dataset, store, cfg, stage, key, rows, hashes, cache, force=force, strict=strict,
+                             reporter=reporter, executor=executor, t0=t0)
+
+
+def _extract_into(dataset: Dataset, store: Store, cfg: ExtractConfig, stage: str, key: str, rows: list[dict],
+                  hashes: list[str | None], cache: ImageCache, *, force: bool, strict: bool,
+                  reporter: Reporter, executor, t0: float) -> ExtractResult:
+    """The rest of `run_extract` once the artifact is known to be missing: encode what the image
+    cache lacks, then assemble the artifact."""
     encoder = _LazyEncoder(cfg, resolve_device(cfg.device), cache)
     todo = [i for i, sha in enumerate(hashes) if force or not cache.has(sha)]
     with reporter.task(f"extract {cfg.backbone}", total=len(todo)) as task:
@@ -451,12 +464,16 @@ def _image_changes(previous: dict, rows: list[dict]) -> dict[str, int]:
             "changed": changed}
 
 
-def prune_image_cache(store: Store) -> tuple[int, int]:
+def prune_image_cache(store: Store, keys: Sequence[str] | None = None) -> tuple[int, int]:
     """Delete the image-cache entries that no completed artifact of the work folder refers to.
 
     An artifact refers to the entries named by its manifest's `image_cache_key` and the `sha256`
     of its image rows (`features`, `features-test`, ...). Entries written by a run still in
-    progress in the same work folder are not referred to yet: prune when no run is going.
+    progress are not referred to yet: claim the caches first (`Store.claimed` with
+    `(IMAGE_CACHE, key)`; an extraction holds its cache in use) and prune only those.
+
+    Args:
+        keys: the caches to prune (default: every cache of the work folder).
 
     Returns:
         (files removed, bytes freed).
@@ -464,6 +481,8 @@ def prune_image_cache(store: Store) -> tuple[int, int]:
     referenced = _referenced_entries(store)
     removed = freed = 0
     for cache in store.image_caches():
+        if keys is not None and cache.key not in keys:
+            continue
         n, size = cache.remove_except(referenced.get(cache.key, set()))
         removed, freed = removed + n, freed + size
     return removed, freed

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (DEFAULT_PRESET, DEFAULT_SEED, ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
-                     resolve_device, resolve_preset)
+                     check_seed, resolve_device, resolve_preset)
 from .data import Dataset, discover
 from .extract import ExtractResult, run_extract
 from .store import Store
@@ -102,6 +102,7 @@ def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: i
         data, extract, cluster: `DataConfig` / `ExtractConfig` / `ClusterConfig` field values; None
             values are unset.
     """
+    check_seed(seed)
     extract_given = _given(extract)
     device = resolve_device(extract_given.get("device", ExtractConfig.device))
     chosen = resolve_preset(preset, cuda=device.startswith("cuda"))
@@ -146,11 +147,12 @@ def extract_summary(result: ExtractResult) -> dict:
             "seconds": round(result.seconds, 3), "key": result.artifact.key}
 
 
-def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False) -> dict:
-    """Stage `scores`, after `features`. Returns {"features": ..., "scores": ...} stage results."""
+def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False, features: ExtractResult | None = None) -> dict:
+    """Stage `scores`, after `features` (`features`: that stage's result, when the caller ran it).
+    Returns {"features": ..., "scores": ...} stage results."""
     from .score import run_score
 
-    results = {"features": extract_stage(run)}
+    results = {"features": features or extract_stage(run)}
     art = results["features"].artifact
     results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter,
                                   executor=run.executor)
@@ -160,9 +162,11 @@ def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False) -> dict:
 
 def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force: bool = False) -> dict:
     """Stage `distill`, after `features` and `scores`."""
-    from .training_stages import run_distill
+    from .training_stages import check_model_shape, run_distill
 
-    results = score_stage(run, score_cfg)
+    features = extract_stage(run)
+    check_model_shape(features.artifact.manifest["encoder"], cfg)  # before the scores, not after
+    results = score_stage(run, score_cfg, features=features)
     results["distill"] = run_distill(results["features"].artifact, results["scores"].artifact, run.store(), cfg,
                                      seed=run.seed, device=run.device, force=force, reporter=run.reporter,
                                      **run.training_ranks())
@@ -238,6 +242,9 @@ def recorded_run(key: str | None, images: Path, work: Path, *, device: str | Non
     preset = resolve_preset(record["preset"], cuda=resolved.startswith("cuda"))
     built = Run(data=data, extract=extract, preset=preset, work=store.work, seed=record["seed"], device=resolved,
                 reporter=reporter or RichReporter(quiet=quiet))
+    for stage, k in record["artifacts"].items():
+        if k:
+            store.use(stage, k)
     results = {stage: StageResult(store.load(stage, k), True, 0.0) for stage, k in record["artifacts"].items() if k}
     built.reporter.info(f"eval: run {key} ({options['select']['method']}, cut "
                         f"{results['cut'].artifact.manifest['rule']}, made {record['created']}) with its recorded options")
@@ -252,9 +259,10 @@ def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig,
     """
     from dataclasses import replace
 
-    from .training_stages import iterations_for_budget, seconds_per_step
+    from .training_stages import check_model_shape, iterations_for_budget, seconds_per_step
 
     features = extract_stage(run).artifact
+    check_model_shape(features.manifest["encoder"], distill_cfg)
     step = seconds_per_step(features, distill_cfg, seed=run.seed, device=run.device)
     iters = iterations_for_budget(seconds, step)
     run.reporter.info(f"budget {seconds:g} s: {step:.2f} s per step measured -> {iters} + {iters} iterations "
@@ -314,8 +322,9 @@ def user_list(images_arg: Path, results: dict, *, kept: bool) -> str:
 def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
                    rejected_out: Path | None = None) -> dict:
     """Per-class counts, stage times and output paths; writes the clean list to `out` and the
-    rejected list to `rejected_out` atomically (`-` for stdout is the CLI's business)."""
-    from .store import write_text_atomic
+    rejected list to `rejected_out` (`store.write_text_through`: a file atomically, a device, FIFO
+    or descriptor in place; `-` for stdout is the CLI's business)."""
+    from .store import write_text_through
 
     art = results["cut"].artifact
     images = art.manifest["images"]
@@ -326,16 +335,26 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
         c["kept" if kept else "rejected"] += 1
     for target, wanted in ((out, True), (rejected_out, False)):
         if target is not None:
-            write_text_atomic(Path(target), user_list(images_arg, results, kept=wanted))
+            write_text_through(Path(target), user_list(images_arg, results, kept=wanted))
     selected = results["select"]
-    return {"clean_list": str(Path(out).resolve()) if out is not None else None,
-            "rejected_list": str(Path(rejected_out).resolve()) if rejected_out is not None else None,
+    return {"clean_list": _shown_path(out), "rejected_list": _shown_path(rejected_out),
             "run": art.key, "select_key": selected.artifact.key,
             "trained": not selected.cached and art.manifest["method"] == "meds",
             "recut": selected.cached and not results["cut"].cached,
             "cut_dir": str(art.path), "method": art.manifest["method"], "cut": art.manifest["rule"],
             "classes": per_class, "kept": art.manifest["kept"], "rejected": art.manifest["rejected"],
             "tau": art.manifest["tau"], "stages": stage_times(results)}
+
+
+def _shown_path(path: Path | None) -> str | None:
+    """Where a list went, as the summary names it: a file's real path; a device, FIFO or descriptor
+    link as given (resolving /dev/stdout would name a `pipe:[…]` that is no path)."""
+    from .store import writes_through
+
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return str(path.absolute() if writes_through(path) else path.resolve())
 
 
 def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Path:

@@ -138,24 +138,46 @@ def _cut_text(cut: dict) -> str | None:
 
 
 def remove_runs(store: Store, keys: list[str]) -> dict:
-    """Delete runs and every artifact no remaining run uses; returns {"removed": [...], "bytes": freed}."""
+    """Delete runs and every artifact no remaining run uses; returns {"removed": [...], "bytes": freed}.
+
+    The artifacts to delete and every image cache are first claimed (`Store.claimed`): when a running
+    command reads or writes one of them (a `select` on the same features, an extraction filling the
+    image cache), nothing is removed and the run records are left as they were.
+
+    Raises:
+        InUseError: a running command uses one of them.
+    """
+    from .extract import prune_image_cache
+    from .store import IMAGE_CACHE
+
     doomed = {find_run(store, k, stage="runs")[0] for k in keys}
     keep_refs: set[tuple[str, str]] = set()
     doomed_refs: set[tuple[str, str]] = set()
-    for path, record in _records(store):
-        for key, run in list(record["runs"].items()):
+    for _, record in _records(store):
+        for key, run in record["runs"].items():
             refs = {(s, k) for s, k in run["artifacts"].items() if k}
             (doomed_refs if key in doomed else keep_refs).update(refs)
-        record["runs"] = {k: v for k, v in record["runs"].items() if k not in doomed}
-        if record.get("latest") in doomed:
-            remaining = sorted(record["runs"].items(), key=lambda kv: kv[1]["created"])
-            record["latest"] = remaining[-1][0] if remaining else None
-        if record["runs"]:
-            write_text_atomic(path, to_json(record) + "\n")
-        else:
-            path.unlink()
-    freed = sum(store.remove(stage, key) for stage, key in sorted(doomed_refs - keep_refs))
-    from .extract import prune_image_cache
-
-    files, cache_bytes = prune_image_cache(store)
+    deleted = sorted(doomed_refs - keep_refs)
+    caches = [cache.key for cache in store.image_caches()]
+    with store.claimed([*deleted, *((IMAGE_CACHE, key) for key in caches)]):
+        for path, _ in _records(store):
+            with store.locked(path.stem):
+                _drop_runs(path, doomed)
+        freed = sum(store.remove(stage, key) for stage, key in deleted)
+        files, cache_bytes = prune_image_cache(store, caches)
     return {"removed": sorted(doomed), "bytes": freed + cache_bytes, "image_cache_files": files}
+
+
+def _drop_runs(path: Path, doomed: set[str]) -> None:
+    """Take the runs `doomed` out of the run record at `path` (deleted when none is left)."""
+    record = _read(path)
+    if record is None:
+        return
+    record["runs"] = {k: v for k, v in record["runs"].items() if k not in doomed}
+    if record.get("latest") in doomed:
+        remaining = sorted(record["runs"].items(), key=lambda kv: kv[1]["created"])
+        record["latest"] = remaining[-1][0] if remaining else None
+    if record["runs"]:
+        write_text_atomic(path, to_json(record) + "\n")
+    else:
+        path.unlink()

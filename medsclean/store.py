@@ -24,8 +24,10 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, InUseError, WriteError, write_error
 
 FORMAT = "medsclean-artifact/1"
 MANIFEST = "manifest.json"
@@ -118,16 +120,77 @@ def atomic_path(path: Path) -> Iterator[Path]:
     Readers of `path` see the old or the new file, never a part. The new file gets `file_mode()`,
     whatever created it; on an error the temporary file is removed and `path` is left as it was.
     Missing parent folders are created.
+
+    Raises:
+        WriteError: the disk refused the temporary file, its folder or the rename (no space, file
+            too large, no permission), named by `path`; an OSError about another file the block
+            touched passes through.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc.filename or path.parent, exc) from exc
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None and os.fspath(exc.filename) != str(tmp):
+            raise
+        raise write_error(path, exc) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_DESCRIPTOR_LINK = re.compile(r"/(dev/(fd|stdout|stderr)|proc/[^/]+/fd)(/|$)")
+
+
+def writes_through(path: Path) -> bool:
+    """Whether a file the user named is written in place rather than replaced by a new one.
+
+    True when, symlinks followed, it exists and is not a regular file (a device such as /dev/null,
+    a FIFO, a socket), or when it is reached through a file-descriptor link (/dev/stdout,
+    /dev/fd/N as bash's `>(...)` gives, /proc/<pid>/fd/N), whatever the descriptor is open on:
+    renaming a new file onto such a path would replace the device node or miss the descriptor.
+    """
+    text = os.path.abspath(os.path.expanduser(path))
+    for _ in range(40):  # the kernel's own limit on a chain of symlinks
+        if _DESCRIPTOR_LINK.match(text):
+            return True
+        if not os.path.islink(text):
+            break
+        text = os.path.normpath(os.path.join(os.path.dirname(text), os.readlink(text)))
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode)
+
+
+def write_text_through(path: Path, text: str) -> None:
+    """Write a UTF-8 text file the user named (a clean or rejected list) where the path leads.
+
+    A regular file, or a new one, is replaced atomically; through a symlink, its target is (the
+    link stays a link). A device, FIFO or descriptor link (`writes_through`) is opened and written
+    in place: /dev/null discards the text, a FIFO or `>(wc -l)` receives it (the call waits for a
+    FIFO's reader).
+
+    Raises:
+        WriteError: the write failed (e.g. /dev/full: no space), naming `path`.
+    """
+    path = Path(path).expanduser()
+    if not writes_through(path):
+        write_text_atomic(Path(os.path.realpath(path)), text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -149,10 +212,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def save_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """Save a dict of tensors as one safetensors file, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        except SafetensorError as exc:  # its I/O errors (no space, file too large) are not OSErrors
+            raise write_error(path, exc) from exc
 
 
 def _occupied(folder: Path) -> bool:
@@ -200,12 +267,20 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if not overwrite and _occupied(out):
         raise DataError(f"{out}: already exists and is not an empty folder; choose a new output path "
                         f"or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise write_error(exc.filename or out.parent, exc) from exc
     try:
         os.chmod(tmp, folder_mode())
         yield tmp
         _move_into_place(tmp, out, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is not None or isinstance(exc, WriteError):
+            raise
+        raise write_error(out, exc) from exc  # e.g. a copy that ran out of space: name the folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -364,6 +439,18 @@ class ShardedRows:
 
 LATEST = "LATEST"
 
+_USES: dict[str, Any] = {}  # lock file -> open handle holding its shared lock (`Store.use`)
+_USES_GUARD = threading.Lock()
+
+
+def release_uses() -> None:
+    """Give up every `Store.use` mark this process holds (the end of a command)."""
+    with _USES_GUARD:
+        handles = list(_USES.values())
+        _USES.clear()
+    for handle in handles:
+        handle.close()
+
 
 class Store:
     """A work folder holding artifacts by stage and key: `<work>/<stage>/<key>/`.
@@ -456,7 +543,11 @@ class Store:
         A damaged one is reported on `reporter` in one line, removed, and treated as missing. When
         none is there, the (stage, key) lock is taken before returning None, so that the caller
         computes it alone; a run that waited finds the artifact made meanwhile. With `force`, the
-        lock is taken and None returned: the caller recomputes whatever is there."""
+        lock is taken and None returned: the caller recomputes whatever is there.
+
+        Either way the artifact is marked in use (`use`) for the rest of the command, first, so
+        that `runs --remove` cannot delete it between this check and its reading."""
+        self.use(stage, key)
         if force:
             self._acquire(stage, key, reporter)
             return None
@@ -500,6 +591,75 @@ class Store:
                 reporter.info(f"{stage}: another run is computing the same {stage}; waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
         self._held[(stage, key)] = handle
+
+    def _lock_file(self, name: str) -> Path:
+        folder = self.work / ".locks"
+        folder.mkdir(exist_ok=True)
+        return folder / name
+
+    def use(self, stage: str, key: str) -> None:
+        """Mark the artifact (stage, key) as used by this process until `release_uses()` (the CLI
+        calls it when a command ends) or the process ends: a shared lock on
+        `.locks/<stage>-<key>.use`, which `claimed` (`runs --remove`) must take alone. Waits only
+        while a removal holds it, a moment."""
+        import fcntl
+
+        try:
+            path = self._lock_file(f"{stage}-{key}.use")
+        except OSError:  # a work folder this process may only read: nothing here can remove from it either
+            return
+        with _USES_GUARD:
+            if str(path) in _USES:
+                return
+            try:
+                handle = open(path, "a+")
+            except OSError:
+                return
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            _USES[str(path)] = handle
+
+    @contextlib.contextmanager
+    def in_use(self, stage: str, key: str) -> Iterator[None]:
+        """The shared lock of `use` for the block only (e.g. `(IMAGE_CACHE, key)` while an extraction
+        writes entries that no artifact refers to yet)."""
+        import fcntl
+
+        with open(self._lock_file(f"{stage}-{key}.use"), "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            yield
+
+    @contextlib.contextmanager
+    def claimed(self, things: list[tuple[str, str]]) -> Iterator[None]:
+        """Hold the artifacts `things` ((stage, key) pairs; `(IMAGE_CACHE, key)` for an image cache)
+        alone for the block, to delete them: each one's use lock and its stage lock, exclusively,
+        without waiting. This process's own `use` of them does not count.
+
+        Raises:
+            InUseError: a running command uses or computes one of them; nothing is held then.
+        """
+        import fcntl
+
+        handles = []
+        try:
+            for stage, key in things:
+                for suffix in ("use", "lock"):
+                    path = self._lock_file(f"{stage}-{key}.{suffix}")
+                    with _USES_GUARD:
+                        mine = _USES.pop(str(path), None)
+                    if mine is not None:
+                        mine.close()
+                    handle = open(path, "a+")
+                    handles.append(handle)
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        where = self.work / stage / key
+                        raise InUseError(f"{where}: in use by a running medsclean command; wait for it to end, "
+                                         f"then retry") from None
+            yield
+        finally:
+            for handle in handles:
+                handle.close()
 
     def release(self, stage: str, key: str) -> None:
         """Let other runs compute or read (stage, key) (done by `commit`)."""

@@ -56,6 +56,27 @@ def model_config_for(encoder: dict, cfg: DistillConfig):
                        heads=cfg.heads, dropout=cfg.dropout, token_pool=cfg.token_pool)
 
 
+def check_model_shape(encoder: dict, cfg: DistillConfig) -> None:
+    """Refuse `cfg.heads` when it cannot split the width of the decoder `model_config_for` builds for
+    `encoder` (a features manifest's "encoder"). `DistillConfig` checks a width it is given; an unset
+    width is known only with the encoder: a ViT's decoder takes its heads from the token width, a
+    CNN's is `model.CNN_WIDTH` wide. Call it as soon as the features exist, before scoring.
+
+    Raises:
+        ConfigError: (params heads, width) the heads do not divide that width.
+    """
+    from .config import divisor_near
+    from .errors import ConfigError
+    from .model import CNN_WIDTH
+
+    if cfg.width is not None or encoder["kind"] == "vit":
+        return
+    if CNN_WIDTH % cfg.heads:
+        raise ConfigError(("heads", "width"), f"heads {cfg.heads} must divide {CNN_WIDTH}, the decoder's channels for "
+                          f"a CNN encoder when width is unset; try heads {divisor_near(CNN_WIDTH, cfg.heads)} or set "
+                          f"width", stage="distill")
+
+
 def _checkpointer(partial: Path):
     def save(state: dict, meta: dict) -> None:
         save_tensors(partial / CHECKPOINT, state, metadata={"meta": json.dumps(meta)})

@@ -115,6 +115,11 @@ def test_python_dash_m_medsclean_help():
     (["eval", ".", "--kernel", "4"], "error: --kernel must be odd and positive, not 4"),
     (["extract", ".", "--stages", "16,8"], "error: --stages must be two increasing strides that are powers of 2"),
     (["extract", ".", "--device", "tpu"], "error: --device must be auto, cpu or cuda[:N], not 'tpu'"),
+    (["select", ".", "--seed", "-1"], "error: --seed must be an integer from 0 to 2147483647, not -1"),
+    (["select", ".", "--seed", str(2**64)], f"error: --seed must be an integer from 0 to 2147483647, not {2**64}"),
+    (["make-noisy", ".", "out", "--seed", "-3"], "error: --seed must be an integer from 0 to 2147483647, not -3"),
+    (["select", ".", "--width", "64", "--heads", "3"], "error: --heads 3 must divide --width 64; try --heads 2"),
+    (["select", ".", "--out", "-", "--rejected", "-"], "error: --out and --rejected both write to stdout"),
 ])
 def test_config_errors_name_the_flag_and_exit_2(args, expected):
     res = CliRunner().invoke(app, args)

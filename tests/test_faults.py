@@ -1,9 +1,12 @@
 """Faults a crash, a concurrent run or a careless user can cause, each through the command line:
 damaged work-folder files are reported and recomputed, concurrent runs share a work folder, bad
-paths and values fail in one line, and in-place edits are seen."""
+paths and values fail in one line, in-place edits are seen, lists go where their path leads, a
+refused write is one line, and Ctrl-C names only what was kept."""
 
+import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +132,8 @@ def test_no_wait_fails_at_once_while_another_run_holds_the_stage(data, tmp_path)
     (["--batch-size", "0"], 2, "--batch-size must be at least 1"),
     (["--banks", "0"], 2, "--banks must be at least 1"),
     (["--masks", "/nonexistent"], 2, "--masks"),
+    (["--seed", "-1"], 2, "--seed must be an integer from 0 to 2147483647, not -1"),
+    (["--heads", "3"], 2, "--heads 3 must divide --width 64; try --heads 2"),  # the CPU preset's width
 ])
 def test_bad_paths_and_values_fail_in_one_line_before_any_work(data, tmp_path, args, code, text):
     work = tmp_path / "work"
@@ -161,3 +166,140 @@ def test_an_in_place_edit_with_the_same_size_and_mtime_is_seen(tmp_path):
     _, log = _select(root, work)
     assert "features: recomputing (1 changed since " in log, log
     assert "1 of 12 images extracted, 11 reused" in log
+
+
+MEMORY = ["--method", "memory", "--resize", "64", "--crop", "64", "--num-workers", "0", "--banks", "10"]
+
+
+def _invoke(data, work, *extra):
+    return CliRunner().invoke(app, ["select", str(data), "--work", str(work), *MEMORY, "-q", *extra])
+
+
+def _temp_files(*folders):
+    return [p for folder in folders for p in Path(folder).rglob(".*.tmp-*")]
+
+
+def test_a_list_through_a_symlink_replaces_the_target_and_keeps_the_link(data, tmp_path):
+    work = tmp_path / "work"
+    reference = _invoke(data, work, "--out", "-").stdout
+    target = tmp_path / "lists" / "clean.txt"
+    target.parent.mkdir()
+    target.write_text("an older list\n")
+    link = tmp_path / "clean-link.txt"
+    link.symlink_to(target)
+    res = _invoke(data, work, "--out", str(link))
+    assert res.exit_code == 0, res.output
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == reference and reference
+    assert not _temp_files(tmp_path / "lists", tmp_path)
+
+
+def _memory_device(tmp_path, name, minor):
+    """A node of the kernel's memory devices (major 1: 3 null, 7 full) made in `tmp_path` when this
+    process may (root), so that a regression that renamed a file over it replaces a test file, not
+    the system's /dev/<name>; a process that may not make one may not replace /dev/<name> either."""
+    node = tmp_path / name
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, minor))
+    except PermissionError:
+        return Path("/dev") / name
+    try:
+        open(node, "rb").close()
+    except PermissionError:
+        pytest.skip("device nodes cannot be opened on this file system (nodev) and /dev is writable here")
+    return node
+
+
+def test_lists_are_written_into_devices_and_a_full_one_is_one_line(data, tmp_path):
+    work = tmp_path / "work"
+    null, full = _memory_device(tmp_path, "null", 3), _memory_device(tmp_path, "full", 7)
+    res = _invoke(data, work, "--out", str(null), "--rejected", str(null))
+    assert res.exit_code == 0, res.output
+    res = _invoke(data, work, "--out", str(full))
+    assert res.exit_code == 1
+    assert res.output.strip() == f"error: {full}: No space left on device; free some space on its disk or write " \
+                                 f"to another one"
+    for node in (null, full):
+        assert stat.S_ISCHR(os.stat(node).st_mode), f"{node} is no longer a device"
+    assert not _temp_files(tmp_path)
+
+
+def test_a_refused_list_write_is_one_line_and_keeps_the_old_list(data, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    assert _invoke(data, work).exit_code == 0
+    out = tmp_path / "clean.txt"
+    out.write_text("the old list\n")
+    rename = os.replace
+
+    def refuse(src, dst, *args, **kwargs):  # root may write anywhere: the OS's refusal, as a user meets it
+        if Path(dst) == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    res = _invoke(data, work, "--out", str(out))
+    assert res.exit_code == 1
+    assert res.output.strip() == f"error: {out}: Permission denied; choose a path you may write to, or change " \
+                                 f"its permissions"
+    assert out.read_text() == "the old list\n"
+    assert not _temp_files(tmp_path)
+
+
+def test_strict_fails_on_an_unreadable_image_with_a_warm_cache_as_with_a_fresh_one(tmp_path):
+    root = make_mvtec(tmp_path / "data", n_train=6)
+    (root / "brick" / "train" / "good" / "bad.png").write_bytes(b"not an image")
+    fresh = _invoke(root, tmp_path / "fresh", "--strict")
+    assert fresh.exit_code == 1
+    assert fresh.output.strip().startswith(f"error: {root / 'brick' / 'train' / 'good' / 'bad.png'}: ")
+    assert fresh.output.strip().endswith("or drop --strict") and len(fresh.output.strip().splitlines()) == 1
+    warm = tmp_path / "warm"
+    assert _invoke(root, warm).exit_code == 0  # without --strict: the image is skipped, features cached
+    again = _invoke(root, warm, "--strict")
+    assert again.exit_code == 1
+    assert again.output == fresh.output
+
+
+def test_heads_that_do_not_divide_a_cnn_decoder_fail_once_the_features_exist_before_any_score(data, tmp_path):
+    from medsclean.config import ExtractConfig
+
+    work = tmp_path / "work"
+    res = CliRunner().invoke(app, ["select", str(data), "--work", str(work), "--preset", "paper", "--backbone",
+                                   ExtractConfig.backbone, "--resize", "64", "--crop", "64", "--num-workers", "0",
+                                   "--heads", "5", "-q"])
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --heads 5 must divide 128, the decoder's channels for a CNN encoder when " \
+                                 "--width is unset; try --heads 4 or set --width"
+    assert Store(work).latest_key("features") is not None and not (work / "scores").exists()
+
+
+@pytest.mark.parametrize("left,expected", [
+    ({}, "interrupted: nothing was kept; rerun the same command to start again"),
+    ({"features/LATEST": "0123\n", ".partial/distill-4567/": None},
+     "interrupted: kept in {work}: features; rerun the same command to resume (finished stages are reused)"),
+    ({"features/LATEST": "0123\n", ".partial/distill-4567/checkpoint.safetensors": "x"},
+     "interrupted: kept in {work}: features; checkpoints of distill in .partial; rerun the same command to resume "
+     "(finished stages are reused, training continues from its last checkpoint)"),
+    ({"image-features/89ab/cd/cdef.safetensors": "x"},
+     "interrupted: kept in {work}: encoded images in image-features; rerun the same command to resume (extraction "
+     "skips the images already encoded)"),
+])
+def test_ctrl_c_names_only_what_was_kept(tmp_path, monkeypatch, left, expected):
+    from medsclean import pipeline
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, text in left.items():
+        path = work / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            path.mkdir()
+        else:
+            path.write_text(text)
+
+    def interrupted(run, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "extract_stage", interrupted)
+    res = CliRunner().invoke(app, ["extract", str(tmp_path), "--work", str(work), "--device", "cpu"])
+    assert res.exit_code == 130
+    assert res.output.strip() == expected.format(work=work)

@@ -1,4 +1,6 @@
-"""Process faults of `medsclean extract`, through the CLI in a subprocess (docs/reliability.md).
+"""Process faults, through the CLI in a subprocess (docs/reliability.md): `medsclean extract`
+killed or interrupted, lists written to what a shell hands over (/dev/stdout, a FIFO, `>(...)`),
+`runs --remove` while another command runs, and writes past the file-size limit.
 
 The run is signalled once it has written its first image-cache entries, i.e. while its loader
 workers are decoding. Ctrl-C is sent as a terminal sends it: SIGINT to the whole process group.
@@ -6,9 +8,12 @@ workers are decoding. Ctrl-C is sent as a terminal sends it: SIGINT to the whole
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -155,6 +160,7 @@ def test_ctrl_c_stops_extract_at_once_and_a_rerun_resumes(images, tmp_path):
     assert code == 130, stderr
     assert said is not None and "rerun the same command to resume" in stderr, stderr
     assert said <= STOP_S, f"the interrupted line came {said:.1f} s after Ctrl-C"
+    assert "encoded images in image-features" in stderr and "checkpoint" not in stderr, stderr  # only what is there
     assert stopped <= STOP_S + EXIT_SLACK_S, f"extract took {stopped:.1f} s to stop after Ctrl-C"
 
     done = _entries(work)
@@ -196,3 +202,164 @@ def test_a_worker_busy_with_one_image_is_stopped_after_the_grace_not_the_loaders
     worker.join(timeout=10)
     assert not worker.is_alive()
     assert took < 3.0, f"stopping a busy worker took {took:.1f} s"
+
+
+MEMORY = ["--method", "memory", "--resize", "64", "--crop", "64", "--num-workers", "0", "--banks", "10", "-q"]
+
+
+@pytest.fixture(scope="module")
+def mvtec(tmp_path_factory) -> Path:
+    from .helpers import make_mvtec
+
+    return make_mvtec(tmp_path_factory.mktemp("fault-mvtec") / "data", n_train=8)
+
+
+def _select(data: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "medsclean", "select", str(data), "--work", str(work), *MEMORY, *extra]
+
+
+def _run(command: list[str], **options) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, **options)
+
+
+def test_lists_reach_dev_stdout_a_fifo_a_descriptor_and_a_process_substitution(mvtec, tmp_path):
+    work = tmp_path / "work"
+    first = _run(_select(mvtec, work, "--out", str(tmp_path / "clean.txt"), "--rejected", str(tmp_path / "rej.txt")))
+    assert first.returncode == 0, first.stderr
+    clean, rejected = (tmp_path / "clean.txt").read_text(), (tmp_path / "rej.txt").read_text()
+    assert clean and rejected
+
+    to_stdout = _run(_select(mvtec, work, "--out", "/dev/stdout"))
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert to_stdout.stdout == clean  # the list alone: the table went to stderr, as with --out -
+    assert "medsclean select" in to_stdout.stderr
+
+    fifo = tmp_path / "clean.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end) as pipe:
+        proc = subprocess.Popen(_select(mvtec, work, "--out", str(fifo), "--rejected", f"/dev/fd/{write_end}"),
+                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                pass_fds=(write_end,))
+        os.close(write_end)
+        through_fd = pipe.read()  # to the end: the command has closed its copy
+        err = proc.communicate(timeout=300)[1]
+    reader.join(timeout=60)
+    assert proc.returncode == 0, err
+    assert received == [clean] and through_fd == rejected
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+    counted = _run(["bash", "-c", " ".join(map(_quote, _select(mvtec, work))) + " --out >(wc -l) >/dev/null"])
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout.strip() == str(len(clean.splitlines()))
+
+
+def _quote(word: str) -> str:
+    import shlex
+
+    return shlex.quote(word)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _leftovers(work: Path) -> list[Path]:
+    """Temporary files and staging folders: what a failed write must not leave."""
+    return [*work.rglob(".*.tmp-*"), *work.glob(".staging-*")]
+
+
+def test_a_tensor_write_past_the_file_size_limit_is_one_line_and_leaves_nothing_half_written(mvtec, tmp_path):
+    work = tmp_path / "work"
+    proc = _run(_select(mvtec, work), preexec_fn=_limit_file_size(16 * 1024))  # an image's features are larger
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.fullmatch(rf"error: {re.escape(str(work))}/image-features/\w+/\w\w/\w+\.safetensors: File too large; "
+                        r"the process's file-size limit \(`ulimit -f`\) or the file system's is lower; raise it or "
+                        r"write to another disk", lines[0]), lines[0]
+    assert not _leftovers(work) and not list(work.rglob("*.safetensors"))
+    assert not (work / "features").exists()
+
+
+def test_a_text_write_past_the_file_size_limit_is_one_line_naming_the_file(mvtec, tmp_path):
+    work = tmp_path / "work"
+    assert _run(_select(mvtec, work)).returncode == 0
+    record = next((work / "runs").glob("*.json"))
+    before = record.read_bytes()
+    assert len(before) > 1024
+    proc = _run(_select(mvtec, work), preexec_fn=_limit_file_size(1024))  # every stage cached: the run record
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == f"error: {record}: File too large; the process's file-size limit (`ulimit -f`) " \
+                                  f"or the file system's is lower; raise it or write to another disk"
+    assert record.read_bytes() == before and not _leftovers(work)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S * 2
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (exit {proc.returncode}) before {what}:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            _kill_group(proc)
+            pytest.fail(f"no {what} within {START_TIMEOUT_S * 2:.0f} s")
+        time.sleep(0.05)
+
+
+def _remove(work: Path, key: str):
+    from typer.testing import CliRunner
+
+    from medsclean.cli import app
+
+    return CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", key])
+
+
+def test_runs_remove_refuses_what_a_running_command_reads_or_fills(mvtec, images, tmp_path):
+    work = tmp_path / "work"
+    made = _run(_select(mvtec, work, "--json"))
+    assert made.returncode == 0, made.stderr
+    summary = json.loads(made.stdout)
+    key, features = summary["run"], Path(summary["stages"]["features"]["path"])
+    assert features.is_dir()
+
+    # a select training on the same features: it holds them in use for as long as it runs
+    trainer = subprocess.Popen(_select(mvtec, work, "--method", "meds", "--distill-iters", "100000", "--width", "16",
+                                       "--depth", "2", "--heads", "2"),
+                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(lambda: any((work / ".partial").glob("distill-*")), trainer, "training started")
+        refused = _remove(work, key)
+    finally:
+        _kill_group(trainer)
+        trainer.stderr.close()
+    assert refused.exit_code == 1
+    assert refused.output.strip() == f"error: {features}: in use by a running medsclean command; wait for it to " \
+                                     f"end, then retry"
+    assert features.is_dir() and (work / "runs").is_dir() and key in (next((work / "runs").glob("*.json")).read_text())
+
+    # an extraction filling the image cache with entries no artifact refers to yet
+    cached = _entries(work)
+    extracting = subprocess.Popen(_command(images, work), env=_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: _entries(work) >= cached + ENTRIES_BEFORE_SIGNAL, extracting, "image-cache entries")
+        refused = _remove(work, key)
+    finally:
+        _kill_group(extracting)
+        extracting.stderr.close()
+    assert refused.exit_code == 1
+    assert re.fullmatch(rf"error: {re.escape(str(work))}/image-features/\w+: in use by a running medsclean command; "
+                        r"wait for it to end, then retry", refused.output.strip()), refused.output
+    assert features.is_dir()
+
+    removed = _remove(work, key)  # nobody runs now
+    assert removed.exit_code == 0, removed.output
+    assert not features.exists() and not list((work / "image-features").rglob("*.safetensors"))
