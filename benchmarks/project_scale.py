@@ -30,8 +30,8 @@ DATASETS = {  # name: (classes, images per class)
     "10⁶ images (30 classes × 33.3k)": (30, 33_334),
 }
 PRESETS = {  # name: (patches P, dim D, encoder GFLOP per image)
-    "cpu preset (Lite0, P = 1024, D = 152)": (1024, 152, 0.6),
-    "paper preset (ViT-B/14, P = 1024, D = 768)": (1024, 768, 215.0),
+    "cpu preset (Lite0 at 256 px, P = 32×32 = 1024, D = 152)": (1024, 152, 0.6),
+    "paper preset (ViT-B/14 at 392 px, P = 28×28 = 784, D = 768)": (784, 768, 165.0),
 }
 
 

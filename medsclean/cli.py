@@ -100,7 +100,7 @@ def _error_line(exc: MedscleanError) -> str:
 def _validate(given: Given) -> None:
     """Build every config from the user's values alone (defaults for the rest), so that a bad value
     fails before torch is imported; the real configs add the preset later."""
-    from .config import STAGE_CONFIGS, check_seed, parse_duration
+    from .config import STAGE_CONFIGS, check_seed, check_self_out, parse_duration
 
     for stage, cls in STAGE_CONFIGS.items():
         values = _fields_of(stage, given.stage(stage))
@@ -108,6 +108,7 @@ def _validate(given: Given) -> None:
             cls(**({"images": Path(".")} if stage == "data" else {}), **values)
     if given.get("seed") is not None:
         check_seed(given.seed)
+    check_self_out(given.get("method", "meds"), bool(given.get("include_self")))
     on_stdout = [name for name in ("out", "rejected_out") if _is_stdout(given.get(name))]
     if on_stdout and given.get("as_json"):
         raise ConfigError((on_stdout[0], "json"), f"{on_stdout[0]} {given.get(on_stdout[0])} and json both write to "

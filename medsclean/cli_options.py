@@ -146,8 +146,9 @@ SCORE = _opts(
         "Match an image against its own patches too (as the reference code does)."),
     Opt("engine", choices.Engine, ("score", "engine"),
         "Nearest-neighbour engine: exact (torch), faiss, ivf (approximate FAISS), approx (exact search of a "
-        "per-image patch coreset), or auto (approx only for classes whose exact pass is projected over "
-        "30 minutes; see docs/scaling.md)."),
+        "per-image patch coreset; faster, other scores), or auto (exact or faiss, always the exact scores; a "
+        "class whose exact pass is projected over 30 minutes gets a line with the --engine approx command; see "
+        "docs/scaling.md)."),
     Opt("coreset", float, ("score", "coreset"), "Share of each image's patches the approx engine keeps in "
         "its memories (greedy k-center coreset)."),
     Opt("max_memory", str, ("score", "max_memory"), "Bound on Step 1's working memory per class, e.g. 4GB or 512MiB: "

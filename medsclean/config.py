@@ -192,8 +192,8 @@ class ScoreConfig:
     max_memory: int | str | None = None
 
     def key_fields(self, *, approx: bool | None = None) -> dict:
-        """The fields that change the scores. `approx`: whether the approximate engine scores
-        some class (engine auto decides per class size; None: only when engine is approx)."""
+        """The fields that change the scores. `approx`: whether the approximate engine scores the
+        classes (None: when engine is approx; engine auto never uses it)."""
         fields_ = asdict(self)
         fields_.pop("device")
         fields_.pop("max_memory")  # block sizes change the speed, never the scores
@@ -292,6 +292,20 @@ ITERATIVE_ROUNDS = 3
 """Rounds of the iterative baseline, each dropping `ScoreConfig.refine_drop` of the class."""
 
 
+def check_self_out(method: str, include_self: bool) -> None:
+    """knn and iterative always leave the image itself out: with it, every patch's nearest neighbour
+    is itself at distance 0 and every score is 0.
+
+    Raises:
+        ConfigError: `include_self` with one of them.
+    """
+    if include_self and str(getattr(method, "value", method)) in (Method.KNN, Method.ITERATIVE):
+        raise ConfigError(("include_self", "method"), f"include_self does not apply to method "
+                          f"{getattr(method, 'value', method)}: it always leaves the image itself out (its own "
+                          f"patches would be every patch's nearest neighbour, at distance 0); drop include_self",
+                          stage="select")
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """Step 3 and the final cut.
@@ -327,7 +341,12 @@ class SelectConfig:
         _require(self.p_ramp is None or self.p_ramp >= 0, s, "p_ramp", f"p_ramp must be 0 or more, not {self.p_ramp}")
 
     def step1(self, score: ScoreConfig) -> ScoreConfig:
-        """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN."""
+        """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN.
+
+        Raises:
+            ConfigError: include_self with method knn or iterative (`check_self_out`).
+        """
+        check_self_out(self.method, score.include_self)
         if self.method in (Method.MEDS, Method.MEMORY):
             return score
         return replace(score, banks=1, ratio=1.0, replace=False, min_bank=1,

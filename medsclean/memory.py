@@ -27,7 +27,8 @@ Two engines give the same maps:
   about ``B * ratio`` times the work of ``exact``, but it runs on faiss-gpu when
   torch has no GPU, and ``index="ivf"`` trades exactness for speed on huge classes.
 
-An approximate engine trades exactness for speed on large classes:
+An approximate engine trades exactness for speed on large classes; only the user chooses it
+(``engine="approx"``), ``auto`` never does:
 
 * ``approx``: the exact engine's single pass against a reduced memory: every image keeps a
   greedy k-center coreset (PatchCore's, on a random projection) of ``coreset * P`` of its
@@ -75,8 +76,10 @@ CPU_FLOPS = 50e9
 2-core reference machine (docs/bench-score.md, docs/scaling.md)."""
 GPU_FLOPS = 20e12
 """FLOP rate assumed on a GPU (float32 matmul of a current data-centre GPU; not measured here)."""
-AUTO_EXACT_SECONDS = 1800.0
-"""``engine="auto"`` keeps the exact engine for a class while its projected time is at most this."""
+APPROX_ADVICE_SECONDS = 1800.0
+"""``engine="auto"`` scores every class exactly (exact or faiss, the same scores); a class whose exact pass is
+projected past this many seconds is reported (:attr:`EngineChoice.over_bound`) so that the user can choose
+``--engine approx`` for it. It never changes the engine."""
 CORESET_PROJECTION_DIM = 128
 """Width of the random projection the greedy coreset measures distances in (PatchCore uses 128)."""
 
@@ -780,10 +783,20 @@ def memory_scores_faiss(
 
 
 class EngineChoice(NamedTuple):
-    """The engine ``auto`` picked and why, in one line for the log."""
+    """The engine a class is scored with, why, and its projected exact time.
+
+    Attributes:
+        name: "exact", "faiss" or "approx" (approx only when the user asked for it).
+        reason: one line for the log and the run's record.
+        projected_seconds: the exact pass's projected time on this device (:func:`projected_exact_seconds`).
+        over_bound: ``engine="auto"`` and ``projected_seconds`` passes the advice bound: the class is still
+            scored exactly, and the run says that ``--engine approx`` would be faster.
+    """
 
     name: Literal["exact", "faiss", "approx"]
     reason: str
+    projected_seconds: float = 0.0
+    over_bound: bool = False
 
 
 def exact_flops(n_images: int, n_patches: int, dim: int) -> float:
@@ -805,27 +818,28 @@ def choose_engine(
     faiss_gpu: bool | None = None,
     n_banks: int = ScoreConfig.banks,
     ratio: float = ScoreConfig.ratio,
-    coreset: float = ScoreConfig.coreset,
+    advice_seconds: float = APPROX_ADVICE_SECONDS,
 ) -> EngineChoice:
-    """The engine ``--engine auto`` runs for one class.
+    """The engine ``--engine auto`` runs for one class: always one that gives the exact scores.
 
     The exact engine does the least work (one all-against-all pass instead of about
-    ``B * ratio``), so it wins wherever torch has the fastest device. FAISS is picked
-    only when faiss-gpu sees a GPU that torch was not given. The approximate engine is
-    picked only when the exact pass is projected to take longer than
-    :data:`AUTO_EXACT_SECONDS` (:func:`auto_picks_approx`) and ``coreset`` < 1.
+    ``B * ratio``), so it wins wherever torch has the fastest device. FAISS (flat, exact) is
+    picked only when faiss-gpu sees a GPU that torch was not given. The approximate engine is
+    never picked: when the exact pass is projected past ``advice_seconds`` the choice says so
+    (``over_bound``), for the caller to tell the user.
 
     Args:
-        n_images: N, images in the class (the largest class when one engine serves all).
+        n_images: N, images in the class.
         n_patches: P, patches per image.
         dim: D, feature width.
         device: the torch device the exact engine would run on.
         faiss_gpu: whether faiss-gpu sees a GPU; None asks :func:`medsclean.knn.gpu_count`.
         n_banks: B.
         ratio: bank ratio.
+        advice_seconds: projected exact time past which the choice is marked ``over_bound``.
 
     Returns:
-        (name, reason); unpacks as a pair.
+        The :class:`EngineChoice`.
     """
     device = torch.device(device)
     if faiss_gpu is None:
@@ -833,30 +847,19 @@ def choose_engine(
     one_pass = exact_flops(n_images, n_patches, dim)
     per_bank = bank_flops(n_images, n_patches, dim, n_banks=n_banks, ratio=ratio)
     work = f"exact {one_pass / 1e12:.3g} TFLOP vs per-bank search {per_bank / 1e12:.3g} TFLOP"
-    if auto_picks_approx(n_images, n_patches, dim, device=device, coreset=coreset):
-        return EngineChoice("approx", f"exact {one_pass / 1e12:.3g} TFLOP is projected at "
-                            f"{projected_exact_seconds(n_images, n_patches, dim, device=device) / 60:.0f} min on "
-                            f"{device.type}, over {AUTO_EXACT_SECONDS / 60:.0f} min: coreset {coreset:g} of the patches")
+    seconds = projected_exact_seconds(n_images, n_patches, dim, device=device)
+    over = seconds > advice_seconds
     if device.type != "cpu":
-        return EngineChoice("exact", f"torch on {device}: {work}")
+        return EngineChoice("exact", f"torch on {device}: {work}", seconds, over)
     if faiss_gpu:
-        return EngineChoice("faiss", f"faiss-gpu sees a GPU and torch runs on the CPU ({work})")
-    return EngineChoice("exact", f"CPU only: {work}")
+        return EngineChoice("faiss", f"faiss-gpu sees a GPU and torch runs on the CPU ({work})", seconds, over)
+    return EngineChoice("exact", f"CPU only: {work}", seconds, over)
 
 
 def projected_exact_seconds(n_images: int, n_patches: int, dim: int, *, device: str | torch.device = "cpu") -> float:
     """Projected time of the exact engine on one class: its FLOPs at :data:`CPU_FLOPS` or :data:`GPU_FLOPS`."""
     rate = CPU_FLOPS if torch.device(device).type == "cpu" else GPU_FLOPS
     return exact_flops(n_images, n_patches, dim) / rate
-
-
-def auto_picks_approx(n_images: int, n_patches: int, dim: int, *, device: str | torch.device = "cpu",
-                      coreset: float = ScoreConfig.coreset) -> bool:
-    """Whether ``engine="auto"`` scores a class of N images with the approximate engine: the exact
-    pass is projected over :data:`AUTO_EXACT_SECONDS` and the coreset drops patches."""
-    if coreset_size(n_patches, coreset) >= n_patches:
-        return False
-    return projected_exact_seconds(n_images, n_patches, dim, device=device) > AUTO_EXACT_SECONDS
 
 
 def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top1pct") -> torch.Tensor:
@@ -917,6 +920,7 @@ def score_classes(
     aggregate: Aggregate = "top1pct",
     tables: dict[Hashable, torch.Tensor] | None = None,
     executor: "TaskExecutor | None" = None,
+    advice_seconds: float = APPROX_ADVICE_SECONDS,
     on_engine: Callable[[Hashable, EngineChoice], None] | None = None,
     on_progress: Callable[[Hashable, int, int], None] | None = None,
     on_class: Callable[[Hashable], None] | None = None,
@@ -939,7 +943,7 @@ def score_classes(
         replace: draw banks with replacement (the paper) or without.
         per_class: score each class against its own images, or all images together.
         leave_self_out: never match an image against itself.
-        engine: "exact", "faiss", "approx" or "auto" (:func:`choose_engine`).
+        engine: "exact", "faiss", "approx" or "auto" (:func:`choose_engine`: exact or faiss, never approx).
         seed: non-negative run seed.
         device: torch device of the exact engine.
         faiss_index: "flat" or "ivf" for the FAISS engine.
@@ -959,6 +963,8 @@ def score_classes(
             its table (the same maps, no pass over the features).
         executor: runs the exact engine's (query block x key chunk) tasks elsewhere (Ray workers,
             ``medsclean.distributed``); the maps are identical to those of this process.
+        advice_seconds: under "auto", a class whose exact pass is projected past this is still scored
+            exactly, and its EngineChoice has ``over_bound`` set (:func:`choose_engine`).
         on_engine: called with (class, EngineChoice) before a class is scored.
         on_progress: called with (class, done, total) as a class advances.
         on_class: called with the class label when a class is finished.
@@ -991,7 +997,7 @@ def score_classes(
         generator = class_generator(seed, label)
         local_banks = draw_banks(len(positions), n_banks, ratio, replace=replace, generator=generator,
                                  min_images=min_bank)
-        choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio, coreset)
+        choice = _resolve_engine(engine, len(positions), n_patches, dim, device, n_banks, ratio, advice_seconds)
         if on_engine is not None:
             on_engine(label, choice)
         progress = None if on_progress is None else (lambda done, total, label=label: on_progress(label, done, total))
@@ -1130,11 +1136,10 @@ def refine_memory(
 
 def _resolve_engine(
     engine: EngineName, n_images: int, n_patches: int, dim: int, device, n_banks: int, ratio: float,
-    coreset: float = ScoreConfig.coreset,
+    advice_seconds: float = APPROX_ADVICE_SECONDS,
 ) -> EngineChoice:
+    seconds = projected_exact_seconds(n_images, n_patches, dim, device=device)
     if engine == "auto":
-        return choose_engine(
-            n_images, n_patches, dim, device=device, faiss_gpu=knn.gpu_count() > 0, n_banks=n_banks, ratio=ratio,
-            coreset=coreset,
-        )
-    return EngineChoice(engine, f"--engine {engine}")
+        return choose_engine(n_images, n_patches, dim, device=device, faiss_gpu=knn.gpu_count() > 0,
+                             n_banks=n_banks, ratio=ratio, advice_seconds=advice_seconds)
+    return EngineChoice(engine, f"--engine {engine}", seconds, False)

@@ -392,8 +392,11 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
 
     settings = {"run": cut.key, "images": str(dataset.root), "method": cut.manifest["method"],
                 "cut": cut.manifest["rule"], "backbone": encoder["name"], "seed": run.seed}
-    return write_review(target, title=f"medsclean select: {dataset.root}", rows=rows,
-                        cuts={c: {"tau": t, "rule": cut.manifest["rule"]} for c, t in cut.manifest["tau"].items()},
+    rules = cut.manifest.get("rules", {})  # the rule each class used (mixture may fall back to mad)
+    engines = results["scores"].artifact.manifest.get("engines", {}) if "scores" in results else {}
+    cuts = {c: {"tau": t, "rule": cut.manifest["rule"], "used": rules.get(c),
+                "engine": engines.get(c, engines.get("<all>"))} for c, t in cut.manifest["tau"].items()}
+    return write_review(target, title=f"medsclean select: {dataset.root}", rows=rows, cuts=cuts,
                         picture=picture, metrics_rows=metrics if labelled else (), settings=settings)
 
 

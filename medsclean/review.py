@@ -81,7 +81,11 @@ def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Ma
             (bool), ``rank_in_class`` (1 = most suspicious), optional ``memory_score``, optional
             ``label`` (0 normal, 1 contaminant, None unknown).
         cuts: class -> ``{"tau": float, "rule": str, "kept": int, "size": int}``; tau is the cut
-            on eta (kept iff eta < tau). A class missing here is shown without a cut.
+            on eta (kept iff eta < tau). A class missing here is shown without a cut. Optional:
+            ``"used"``, ``{"rule": str, "why": str}``, the rule the class actually used (the mixture
+            falls back to mad on some classes), and ``"engine"``, ``{"engine": str, "reason": str,
+            "projected_exact_s": float, "over_bound": bool}``, the class's Step-1 engine (the scores
+            artifact's ``engines``); "not recorded" when absent.
         picture: ``picture(i)`` for row i returns (image uint8 (H, W, 3), heat float32 (H, W)
             anomaly map, mask bool (H, W) or None; any other resolution is resized bilinearly,
             nearest for the mask); called once per pictured row, in page order. None: the
@@ -211,11 +215,47 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
+def _used(cls: _Class) -> str:
+    """The rule the class actually used ("mad"), or its configured rule when that was not recorded."""
+    used = cls.cut.get("used") or {}
+    return str(used.get("rule") or cls.cut.get("rule", "no cut"))
+
+
+def _why(cls: _Class) -> str:
+    return str((cls.cut.get("used") or {}).get("why", ""))
+
+
+def _engine(cls: _Class) -> str:
+    """The class's Step-1 engine ("exact"), "not recorded" for runs made before it was."""
+    engine = cls.cut.get("engine") or {}
+    return str(engine.get("engine", "not recorded"))
+
+
+def _engine_note(cls: _Class) -> str:
+    """One sentence on the Step-1 engine: its reason, and the advice when the exact pass was projected long."""
+    engine = cls.cut.get("engine") or {}
+    if not engine:
+        return "Step-1 engine: not recorded (a run made before engines were recorded)."
+    text = f"Step-1 engine: {engine.get('engine')} ({engine.get('reason', '')})"
+    if engine.get("over_bound"):
+        text += (f"; its exact pass was projected at {float(engine.get('projected_exact_s', 0)) / 60:.0f} min, "
+                 f"over the bound: --engine approx would be faster, with approximate scores")
+    return text + "."
+
+
+def _rule_note(cls: _Class) -> str:
+    """Which rule the class used and why, e.g. "Cut: mad (12 images, fewer than ...)"."""
+    configured = str(cls.cut.get("rule", "no cut"))
+    why = _why(cls)
+    text = f"Cut: {_used(cls)}" + (f" ({why})" if why else "")
+    return text + (f"; the run asked for {configured}." if configured != _used(cls) else ".")
+
+
 def _rules(classes: Sequence[_Class]) -> str:
     """The distinct cut rules, each with its classes when they differ: "mixture" or "mad (a), top 0.1 (b)"."""
     by_rule: dict[str, list[str]] = {}
     for c in classes:
-        by_rule.setdefault(str(c.cut.get("rule", "no cut")), []).append(c.name)
+        by_rule.setdefault(_used(c), []).append(c.name)
     if len(by_rule) == 1:
         return next(iter(by_rule))
     return "; ".join(f"{rule} ({', '.join(names)})" for rule, names in by_rule.items())
@@ -240,12 +280,13 @@ def _summary(rows: list[Mapping], classes: Sequence[_Class], labelled: bool) -> 
         tau = _tau(c)
         cells = [f'<td><a href="#{c.anchor}">{escape(c.name)}</a></td>', f'<td class="num">{len(c.ranked)}</td>',
                  f'<td class="num">{len(c.kept)}</td>', f'<td class="num">{len(c.rejected)}</td>',
-                 f"<td>{escape(c.cut.get('rule', 'no cut'))}</td>",
+                 f"<td title=\"{escape(_why(c))}\">{escape(_used(c))}</td>", f"<td>{escape(_engine(c))}</td>",
                  f'<td class="num">{"n/a" if tau is None else escape(f"{tau:.6g}")}</td>']
         if labelled:
             cells += [f'<td class="num">{v}</td>' for v in _label_counts(rows, c.ranked)]
         lines.append(f"<tr>{''.join(cells)}</tr>")
-    heads = ["class", "images", "kept", "rejected", "rule", "τ", *(_LABEL_COUNTS if labelled else ())]
+    heads = ["class", "images", "kept", "rejected", "rule", "Step-1 engine", "τ",
+             *(_LABEL_COUNTS if labelled else ())]
     head = "".join(f"<th>{escape(h)}</th>" for h in heads)
     return (f'<section id="summary"><h2>Summary</h2><p class="summary">{_count(len(rows), "image")} '
             f"in {_count(len(classes), 'class', 'classes')}: <b>{kept} kept</b>, <b>{len(rows) - kept} rejected</b>"
@@ -407,8 +448,10 @@ def _class_section(rows: list[Mapping], cls: _Class, uris: Mapping[int, str], ga
     note = "" if pictures else '<p class="note">No pictures: paths and scores only.</p>'
     parts = [f'<section id="{cls.anchor}" class="class"><h2>{escape(cls.name)}</h2>',
              f'<p class="counts">{_count(len(cls.ranked), "image")}: <b>{len(cls.kept)} kept</b>, '
-             f'<b>{len(cls.rejected)} rejected</b>; rule {escape(cls.cut.get("rule", "no cut"))}, '
+             f'<b>{len(cls.rejected)} rejected</b>; rule {escape(_used(cls))}, '
              f'τ = {"n/a" if tau is None else escape(f"{tau:.6g}")}.</p>',
+             f'<p class="note rule">{escape(_rule_note(cls))}</p>',
+             f'<p class="note engine">{escape(_engine_note(cls))}</p>',
              f"<figure>{_histogram_svg(eta[kept_mask], eta[~kept_mask], tau)}</figure>", note,
              f"<h3>{escape(_shown(len(cls.rejected), gallery_size, 'Rejected, most suspicious first'))}</h3>",
              _gallery(rows, rejected, "rejected", uris, labelled) if rejected else "<p>None rejected.</p>",

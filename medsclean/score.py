@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .config import ScoreConfig
 from .store import Artifact, Store, digest
@@ -27,25 +31,45 @@ class ScoreResult:
 
 
 def scores_key(features: Artifact, cfg: ScoreConfig, *, device: str = "cpu") -> str:
-    """The scores key: the features key and the Step-1 options that change the maps, the approximate
-    engine among them when it scores some class (engine approx, or auto above its class size)."""
-    return digest({"features": features.key, "score": cfg.key_fields(approx=uses_approx(features, cfg, device))})
+    """The scores key: the features key and the Step-1 options that change the maps. Engine auto
+    scores every class exactly, so only engine approx (and ivf) names its engine in the key."""
+    return digest({"features": features.key, "score": cfg.key_fields(approx=cfg.engine == "approx")})
 
 
-def uses_approx(features: Artifact, cfg: ScoreConfig, device: str) -> bool:
-    """Whether the approximate engine scores at least one class of `features` under `cfg`."""
-    if cfg.engine != "auto":
-        return cfg.engine == "approx"
-    encoder = features.manifest.get("encoder") or {}
-    grid, dim = encoder.get("grid"), encoder.get("memory_dim")
-    if not grid or not dim:
-        return False
-    from .memory import auto_picks_approx
+def approx_command(argv: Sequence[str] | None = None) -> str:
+    """The command to rerun with the approximate engine: this command line with `--engine approx`
+    in place of any `--engine` given; outside the `medsclean` program, the library option."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv else ""
+    if program not in ("medsclean", "__main__.py"):
+        return "engine='approx' (medsclean ... --engine approx)"
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--engine":
+            skip = True
+        elif not arg.startswith("--engine="):
+            args.append(arg)
+    return shlex.join(["medsclean", *args, "--engine", "approx"])
 
-    classes = [row["class"] for row in features.manifest["images"]]
-    sizes = [len(classes)] if not cfg.per_class else [classes.count(c) for c in set(classes)]
-    n_patches = int(grid[0]) * int(grid[1])
-    return any(auto_picks_approx(n, n_patches, int(dim), device=device, coreset=cfg.coreset) for n in sizes)
+
+def engine_line(label, n_images: int, choice, device: str, bound_seconds: float, command: str) -> str:
+    """The line `engine auto` prints for a class whose exact pass is projected past the bound."""
+    return (f"scores: class {label!r} ({n_images} images): the exact pass is projected at "
+            f"{_duration(choice.projected_seconds)} on {device}, over the {_duration(bound_seconds)} bound; it is "
+            f"scored exactly ({choice.name}). The approximate engine does about a tenth of the work with other "
+            f"scores (docs/scaling.md): {command}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def ranks_within_class(scores, classes: list[str]) -> list[int]:
@@ -86,17 +110,22 @@ def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **o
 
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
-              reporter: Reporter, executor=None) -> ScoreResult:
+              reporter: Reporter, executor=None, advice_seconds: float | None = None) -> ScoreResult:
     """Compute (or reuse) the Step-1 maps for every extracted image.
 
     `executor`: None, or a function returning the `memory.TaskExecutor` (e.g. Ray workers) that runs
     the exact engine's block tasks, to the same maps; it is called only when the maps are computed.
+    `advice_seconds`: under engine auto, the projected exact time past which a class gets one line
+    naming the `--engine approx` command (default `memory.APPROX_ADVICE_SECONDS`); it is still scored
+    exactly. The manifest's `engines` records every class's engine, reason and projection.
     """
     t0 = time.perf_counter()
     key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
-    from .memory import image_scores
+    from .memory import APPROX_ADVICE_SECONDS, image_scores
+
+    bound = APPROX_ADVICE_SECONDS if advice_seconds is None else advice_seconds
 
     # Only the exact engine runs on an executor: do not start one for the others.
     executor = executor() if executor is not None and cfg.engine in ("auto", "exact") else None
@@ -104,11 +133,20 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
     chosen = []
+    engines: dict[str, dict] = {}
+    sizes: dict[str, int] = {}
+    for name in classes if cfg.per_class else ["<all>"] * len(classes):
+        sizes[name] = sizes.get(name, 0) + 1
 
     def on_engine(name, choice) -> None:
         if cfg.engine == "auto" and not chosen:
             reporter.info(f"scores: engine {choice.name} ({choice.reason})")
+        if choice.over_bound:
+            reporter.warn(engine_line(name, sizes.get(name, 0), choice, device, bound, approx_command()))
         chosen.append(choice.name)
+        engines[str(name)] = {"engine": choice.name, "reason": choice.reason,
+                              "projected_exact_s": round(choice.projected_seconds, 3),
+                              "over_bound": choice.over_bound}
 
     finished: dict = {}  # images done per class, so that the bar advances block by block
 
@@ -119,7 +157,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
 
     with reporter.task("score", total=len(images)) as task:
         maps, banks = step1_maps(memory, classes, cfg, device=device, on_engine=on_engine, on_progress=on_progress,
-                                 executor=executor)
+                                 executor=executor, advice_seconds=bound)
     engine = cfg.engine
     if engine != "ivf" and chosen:
         engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))
@@ -129,7 +167,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     tensors = {"maps": maps.float().contiguous(), "image_scores": per_image.float().contiguous()}
     bank_tensors = {f"banks/{c}": torch.as_tensor(b) for c, b in banks.items()}
     manifest = {"images": images, "grid": features.manifest["encoder"]["grid"], "config": asdict(cfg),
-                "engine": engine, "parents": {"features": features.key}, "root": features.manifest["root"]}
+                "engine": engine, "engines": engines, "parents": {"features": features.key}, "root": features.manifest["root"]}
     art = store.write_stage(STAGE, key, {"scores.safetensors": tensors, "banks.safetensors": bank_tensors},
                             manifest, extra_files={"scores.csv": scores_csv(images, per_image.tolist())})
     return ScoreResult(art, False, time.perf_counter() - t0)

@@ -292,7 +292,8 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
             reporter: Reporter | None = None) -> StageResult:
     """The clean list: the cut `cfg` of the stored final scores η, per class (no training)."""
     t0 = time.perf_counter()
-    key = digest({"select": selected.key, "cut": asdict(cfg)})
+    # the mixture rule's guards (thresholds.mixture_decision) changed its cuts: its old cuts are not reused
+    key = digest({"select": selected.key, "cut": asdict(cfg), **({"mixture": 2} if cfg.rule == "mixture" else {})})
     if (art := store.cached("cut", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
     import torch
@@ -303,7 +304,8 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
     eta = final_scores(scores, classes, cfg.score)
     keep, tau = final_cut(eta, classes, cfg, selected.manifest["config"]["k"])
     rounds = [dict(r) for r in selected.manifest["rounds"]]
-    rounds[-1].update(final_cut_record(keep, tau, classes, cfg))
+    rules = final_cut_rules(eta, classes, cfg, selected.manifest["config"]["k"])
+    rounds[-1].update(final_cut_record(keep, tau, classes, cfg), rules=rules)
     distilled = scores["distilled_score"].double().numpy() if "distilled_score" in scores else None
     text = {"clean.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if k),
             "rejected.txt": "".join(r["path"] + "\n" for r, k in zip(images, keep) if not k),
@@ -311,7 +313,7 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
             "selection.json": to_json({"method": selected.manifest["config"]["method"], "rounds": rounds}) + "\n"}
     files = {"selection.safetensors": {"eta": torch.from_numpy(eta),
                                        "keep": torch.from_numpy(keep.astype(np.uint8))}}
-    manifest = {"images": images, "config": asdict(cfg), "rule": cfg.describe(), "tau": tau,
+    manifest = {"images": images, "config": asdict(cfg), "rule": cfg.describe(), "tau": tau, "rules": rules,
                 "kept": int(keep.sum()), "rejected": int((~keep).sum()), "model": selected.manifest["model"],
                 "method": selected.manifest["config"]["method"], "grid": selected.manifest["grid"],
                 "parents": {**selected.manifest["parents"], "select": selected.key}}
@@ -342,6 +344,20 @@ def final_cut(eta, classes: list[str], cfg: CutConfig, select_k: float) -> tuple
     k = cfg.k if cfg.k is not None else select_k
     params = {"mad": {"k": k}, "mixture": {"k_fallback": k}, "otsu": {}}[cfg.rule]
     return cut_per_class(x, classes, cfg.rule, reject_fraction=cfg.reject_fraction, **params)
+
+
+def final_cut_rules(eta, classes: list[str], cfg: CutConfig, select_k: float) -> dict[str, dict]:
+    """Per class, the rule `final_cut` applied and why ({"rule", "why"}): the mixture falls back to
+    mad on small or one-mode classes (`thresholds.mixture_decision`)."""
+    from .thresholds import rules_used
+
+    if cfg.threshold is not None:
+        return {c: {"rule": f"threshold {cfg.threshold:g}", "why": "a fixed threshold was asked for"}
+                for c in sorted(set(classes))}
+    k = cfg.k if cfg.k is not None else select_k
+    params = {"mad": {"k": k}, "mixture": {"k_fallback": k}, "otsu": {}}[cfg.rule]
+    return rules_used(np.asarray(eta, dtype=np.float64), classes, cfg.rule, reject_fraction=cfg.reject_fraction,
+                      **params)
 
 
 def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str], cfg: CutConfig) -> dict:

@@ -180,3 +180,22 @@ def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
     want_keep, want_tau = select_per_class(eta, classes, cfg.iters, cfg.iters, cfg.k)
     np.testing.assert_array_equal(keep, want_keep)
     assert tau == pytest.approx(want_tau)
+
+
+@pytest.mark.parametrize("method", ["knn", "iterative"])
+def test_knn_and_iterative_refuse_include_self(method, tmp_path):
+    from typer.testing import CliRunner
+
+    from medsclean.cli import app
+
+    with pytest.raises(ConfigError) as error:
+        SelectConfig(method=method).step1(ScoreConfig(include_self=True))
+    assert error.value.params == ("include_self", "method")
+    assert SelectConfig(method="memory").step1(ScoreConfig(include_self=True)).include_self  # the ensemble may
+    work = tmp_path / "work"
+    result = CliRunner().invoke(app, ["select", str(tmp_path), "--method", method, "--include-self", "--work",
+                                      str(work)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --include-self does not apply to --method " + method)
+    assert not work.exists()  # refused before any work

@@ -166,6 +166,15 @@ def check_train_ray(stdout: str, tmp: Path) -> None:
     assert set(rows) == {"local", "ray-2"} and {"per_step_s", "fixed_s", "seconds"} <= set(rows["local"])
 
 
+def check_approx_real(stdout: str, tmp: Path) -> None:
+    rows = table_rows(stdout, "| category | N |")
+    assert rows[0][2:5] == ["P × D", "rejected recall vs exact", "AUROC vs exact rejected"]
+    assert [row[:2] for row in rows[1:]] == [["gravel", "12"], ["gravel", "24"]]
+    assert all(row[7] == "True" for row in rows[1:])  # approx maps >= exact maps, patch by patch
+    results = read_json(tmp / "approx-real.json")["rows"]
+    assert {"rejected_recall_vs_exact", "auroc_vs_exact_rejected", "spearman", "approx_s"} <= set(results[0])
+
+
 def check_project_scale(stdout: str, tmp: Path) -> None:
     rows = table_rows(stdout, "| dataset |")
     assert rows[0][:3] == ["dataset", "features", "GPUs"] and len(rows) == 1 + 2 * 2 * 2
@@ -201,6 +210,7 @@ class Case:
 
 
 CASES = [
+    Case("bench_approx_real.py", check_approx_real, ("--json", "{tmp}/approx-real.json")),
     Case("bench_accuracy.py", check_accuracy, ("--work", "{tmp}/work", "--json", "{tmp}/accuracy.json")),
     Case("bench_cli.py", check_cli),
     Case("bench_extract.py", check_extract),

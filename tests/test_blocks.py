@@ -22,7 +22,7 @@ from tests.test_memory import random_features
     (300, 36, 32, 1, True, 100, 0.1, 4 << 20),
     (150, 16, 32, 3, True, 40, 0.1, 4 << 20),
     (120, 9, 16, 1, False, 20, 0.05, 1 << 20),
-    (40, 4, 8, 2, True, 7, 0.05, 1 << 18),  # single-image banks: the fallback to every other image
+    (40, 4, 8, 2, True, 7, 0.05, 1 << 18),  # small banks, some of a single image (skipped for that image)
 ])
 @pytest.mark.parametrize("chunks", [1, 2, 5])
 def test_blocked_engine_equals_the_one_pass_engine_bit_for_bit(n, patches, dim, k, leave_self_out, banks, ratio,
@@ -34,6 +34,43 @@ def test_blocked_engine_equals_the_one_pass_engine_bit_for_bit(n, patches, dim, 
     blocked = memory_scores_blocked(TensorRows(features), bank_table, k=k, leave_self_out=leave_self_out,
                                     max_block_bytes=block_bytes, key_chunks=chunks)
     assert torch.equal(blocked, one_pass)
+
+
+def _brute_force(features: np.ndarray, banks: np.ndarray, k: int) -> np.ndarray:
+    """Leave-self-out maps from the definitions: per bank, the mean of the k smallest cosine distances
+    to the distinct other members' patches; banks with no other member skipped; an image no bank
+    scores gets the k nearest patches of every other image instead."""
+    n, p, _ = features.shape
+    f = features.astype(np.float64)
+    maps = np.zeros((n, p))
+    for i in range(n):
+        scores = []
+        for bank in banks:
+            others = np.setdiff1d(np.unique(bank), [i])
+            if len(others):
+                distances = 1.0 - f[i] @ f[others].reshape(-1, f.shape[2]).T
+                scores.append(np.sort(distances, axis=1)[:, :k].mean(axis=1))
+        if not scores:
+            distances = 1.0 - f[i] @ np.delete(f, i, axis=0).reshape(-1, f.shape[2]).T
+            scores = [np.sort(distances, axis=1)[:, :k].mean(axis=1)]
+        maps[i] = np.mean(scores, axis=0)
+    return maps
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_images_no_bank_scores_fall_back_to_every_other_image_in_both_engines(k, chunks):
+    """Every bank holds only image 7 (twice, as with replacement): leave-self-out skips them all for
+    image 7, which is then scored against every other image; the others are scored by the banks."""
+    features = torch.as_tensor(random_features(30, 9, 16, seed=5))
+    bank_table = np.full((6, 2), 7, dtype=np.int64)
+    expected = torch.as_tensor(_brute_force(features.numpy(), bank_table, k), dtype=torch.float32)
+    one_pass = memory_scores_exact(features, bank_table, k=k, max_block_bytes=1 << 14)
+    blocked = memory_scores_blocked(TensorRows(features), bank_table, k=k, max_block_bytes=1 << 14, key_chunks=chunks)
+    assert torch.equal(blocked, one_pass)
+    assert torch.allclose(one_pass, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(one_pass[7], one_pass[8])  # image 7's row is the fallback's, finite
+    assert torch.isfinite(one_pass).all()
 
 
 def test_tasks_cover_every_pair_once_and_key_chunks_are_whole_database_blocks():

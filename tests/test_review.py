@@ -374,3 +374,22 @@ def test_page_and_help_say_which_method_to_try_for_which_data(tmp_path):
     assert "Which method:" in page and "--method knn ranked defective images better" in page
     res = CliRunner().invoke(app, ["select", "--help"], terminal_width=300)
     assert "when every defect is unique, --method knn" in " ".join(res.output.split())
+
+
+def test_page_shows_each_class_engine_and_the_rule_it_used(tmp_path):
+    rows = class_rows("big", [3.0, 1.0, 2.0], 2.5) + class_rows("small", [5.0, 4.0], 4.5)
+    engine = {"engine": "exact", "reason": "CPU only: exact 9 TFLOP", "projected_exact_s": 5400.0,
+              "over_bound": True}
+    cuts = {"big": {"tau": 2.5, "rule": "mixture", "engine": engine,
+                    "used": {"rule": "mixture", "why": "two separated components (likelihood ratio 80.0)"}},
+            "small": {"tau": 4.5, "rule": "mixture", "used": {"rule": "mad", "why": "2 images, fewer than 20"}}}
+    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None))
+    summary = page.one("table", "classes").one("tbody").all("tr")
+    assert [[td.text() for td in tr.all("td")[4:6]] for tr in summary] == [["mixture", "exact"],
+                                                                            ["mad", "not recorded"]]
+    big, small = sections(page)
+    assert "over the bound: --engine approx" in big.one("p", "engine").text() and "90 min" in \
+        big.one("p", "engine").text()
+    assert small.one("p", "rule").text() == "Cut: mad (2 images, fewer than 20); the run asked for mixture."
+    assert "not recorded" in small.one("p", "engine").text()
+    assert "mixture (big); mad (small)" in page.text()

@@ -9,8 +9,7 @@ import torch
 from medsclean.config import ScoreConfig, parse_size
 from medsclean.errors import ConfigError, DataError
 from medsclean.memory import (
-    AUTO_EXACT_SECONDS,
-    auto_picks_approx,
+    APPROX_ADVICE_SECONDS,
     block_budget,
     choose_engine,
     coreset_patches,
@@ -133,17 +132,65 @@ def test_block_budget_counts_the_class_tensors():
     assert block_budget(own + 2**23, 100, 64, 32, coreset=0.1) == 2**23 - 4 * 100 * 7 * 32
 
 
-def test_auto_picks_approx_only_above_the_projected_time():
-    assert not auto_picks_approx(200, 784, 768, device="cpu")
-    assert choose_engine(200, 784, 768, device="cpu", faiss_gpu=False).name == "exact"
+def test_auto_never_picks_approx_and_marks_classes_past_the_bound():
+    small = choose_engine(200, 784, 768, device="cpu", faiss_gpu=False)
+    assert small.name == "exact" and not small.over_bound
     big = choose_engine(5000, 784, 152, device="cpu", faiss_gpu=False)
-    assert big.name == "approx" and "min" in big.reason
-    assert projected_exact_seconds(5000, 784, 152) > AUTO_EXACT_SECONDS
-    assert choose_engine(5000, 784, 152, device="cuda:0", faiss_gpu=False).name == "exact"
-    assert not auto_picks_approx(5000, 784, 152, device="cpu", coreset=1.0)
-    # the threshold: the largest class kept exact on the CPU is a monotone cut in N
-    sizes = [n for n in range(100, 3000, 50) if not auto_picks_approx(n, 784, 152)]
-    assert sizes == list(range(100, sizes[-1] + 50, 50))
+    assert projected_exact_seconds(5000, 784, 152) > APPROX_ADVICE_SECONDS
+    assert big.name == "exact" and big.over_bound
+    assert big.projected_seconds == pytest.approx(2.0 * 5000**2 * 784**2 * 152 / 50e9)
+    assert choose_engine(5000, 784, 152, device="cpu", faiss_gpu=True).name == "faiss"
+    assert not choose_engine(5000, 784, 152, device="cpu", faiss_gpu=False, advice_seconds=1e9).over_bound
+
+
+def test_auto_past_a_tiny_bound_gives_the_exact_scores():
+    features = structured_features(40, 16, 8, seed=3)
+    classes = ["small"] * 12 + ["large"] * 28
+    seen = {}
+    auto, _ = score_classes(features, classes, n_banks=6, engine="auto", seed=1, advice_seconds=1e-7,
+                            on_engine=lambda label, choice: seen.setdefault(label, choice))
+    exact, _ = score_classes(features, classes, n_banks=6, engine="exact", seed=1)
+    assert torch.equal(auto, exact)  # bit for bit: the same engine
+    assert {label: (c.name, c.over_bound) for label, c in seen.items()} == \
+        {"small": ("exact", True), "large": ("exact", True)}
+    approx, _ = score_classes(features, classes, n_banks=6, engine="approx", seed=1)
+    assert not torch.equal(approx, exact)  # what auto used to switch to differs
+
+
+def test_run_score_prints_one_line_per_class_past_the_bound_and_records_engines(tmp_path, monkeypatch):
+    from medsclean.config import ExtractConfig
+    from medsclean.data import discover
+    from medsclean.extract import run_extract
+    from medsclean.score import approx_command, run_score
+    from medsclean.store import Store
+    from medsclean.synth import generate_dataset
+    from medsclean.ui import SilentReporter
+
+    generate_dataset(tmp_path / "data", categories=("gravel", "coins"), n_train=6, n_test_good=0,
+                     n_test_defect=0, size=64)
+    store = Store(tmp_path / "work")
+    features = run_extract(discover(tmp_path / "data"), store, ExtractConfig(resize=64, crop=64, num_workers=0),
+                           reporter=SilentReporter()).artifact
+    monkeypatch.setattr("sys.argv", ["/venv/bin/medsclean", "select", "imgs", "--engine", "auto", "--seed", "2"])
+    reporter = SilentReporter()
+    tiny = run_score(features, store, ScoreConfig(banks=5), device="cpu", reporter=reporter,
+                     advice_seconds=1e-9).artifact
+    lines = [m for m in reporter.messages if "over the" in m]
+    assert len(lines) == 2 and all("medsclean select imgs --seed 2 --engine approx" in m for m in lines)
+    assert {c: e["engine"] for c, e in tiny.manifest["engines"].items()} == {"gravel": "exact", "coins": "exact"}
+    assert all(e["over_bound"] and e["projected_exact_s"] > 0 for e in tiny.manifest["engines"].values())
+    exact_store = Store(tmp_path / "work-exact")
+    features_again = run_extract(discover(tmp_path / "data"), exact_store,
+                                 ExtractConfig(resize=64, crop=64, num_workers=0), reporter=SilentReporter()).artifact
+    exact = run_score(features_again, exact_store, ScoreConfig(banks=5, engine="exact"), device="cpu",
+                      reporter=SilentReporter()).artifact
+    assert torch.equal(tiny.tensors("scores.safetensors")["maps"], exact.tensors("scores.safetensors")["maps"])
+    assert tiny.key == exact.key  # auto and exact are one result
+    quiet = SilentReporter()
+    run_score(features, Store(tmp_path / "work-default"), ScoreConfig(banks=5), device="cpu", reporter=quiet)
+    assert not [m for m in quiet.messages if "over the" in m]
+    assert approx_command(["python", "x"]).startswith("engine='approx'")
+    assert approx_command(["medsclean", "score", "d", "--engine=exact"]) == "medsclean score d --engine approx"
 
 
 def test_step1_maps_passes_coreset_and_max_memory():
@@ -177,3 +224,4 @@ def test_key_fields_name_the_approximation_only_when_it_changes_scores():
     assert approx["engine"] == "approx" and approx["coreset"] == ScoreConfig.coreset
     assert ScoreConfig(engine="approx", coreset=1.0).key_fields() == base
     assert ScoreConfig(engine="auto").key_fields(approx=True) == approx
+    assert ScoreConfig(engine="auto").key_fields() == base  # auto always scores exactly

@@ -123,3 +123,32 @@ def test_the_cut_reads_eta_or_its_combination_with_the_memory_score():
     assert CutConfig(threshold=0.5).describe() == "eta < 0.5"
     with pytest.raises(ConfigError, match="score"):
         CutConfig(score="memory")
+
+
+def test_selection_json_says_which_rule_each_class_used(tmp_path):
+    """A class of 8 images is cut by mad under --cut mixture, and the record says why."""
+    import json
+
+    from medsclean.config import CutConfig, ExtractConfig, ScoreConfig, SelectConfig
+    from medsclean.data import discover
+    from medsclean.extract import run_extract
+    from medsclean.score import run_score
+    from medsclean.store import Store
+    from medsclean.synth import generate_dataset
+    from medsclean.thresholds import cut_mad
+    from medsclean.training_stages import run_cut, run_select
+    from medsclean.ui import SilentReporter
+
+    generate_dataset(tmp_path / "data", categories=("gravel",), n_train=8, n_test_good=0, n_test_defect=0, size=64)
+    store, quiet = Store(tmp_path / "work"), SilentReporter()
+    features = run_extract(discover(tmp_path / "data"), store, ExtractConfig(resize=64, crop=64, num_workers=0),
+                           reporter=quiet).artifact
+    scores = run_score(features, store, ScoreConfig(banks=5), device="cpu", reporter=quiet).artifact
+    selected = run_select(features, scores, None, store, SelectConfig(method="memory"), seed=0, device="cpu",
+                          reporter=quiet).artifact
+    cut = run_cut(selected, store, CutConfig(rule="mixture")).artifact
+    record = json.loads(cut.file("selection.json").read_text())["rounds"][-1]["rules"]
+    assert record["gravel"]["rule"] == "mad" and "8 images, fewer than the 20" in record["gravel"]["why"]
+    assert cut.manifest["rules"] == record
+    eta = selected.tensors("eta.safetensors")["eta"].double().numpy()
+    assert cut.manifest["tau"]["gravel"] == cut_mad(eta, SelectConfig().k)

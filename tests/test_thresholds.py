@@ -15,6 +15,8 @@ from medsclean.thresholds import (
     cut_mixture,
     cut_otsu,
     cut_per_class,
+    mixture_decision,
+    rules_used,
 )
 
 
@@ -202,3 +204,85 @@ def test_cut_per_class_raises_on_nan_and_mismatched_labels():
         cut_per_class([1.0, float("nan")], ["a", "a"], "mad")
     with pytest.raises(ValueError):
         cut_per_class([1.0, 2.0], ["a"], "mad")
+
+
+# cut_mixture on clean classes of any size -----------------------------------------------------
+
+CLEAN_SIZES = (5, 8, 10, 15, 20, 30, 40, 60, 100, 150, 200)
+
+
+def over_rejections(classes) -> tuple[int, int, int]:
+    """(draws, draws where cut_mixture rejects more than cut_mad, most extra images in one draw)."""
+    draws = over = worst = 0
+    for x in classes:
+        extra = np.count_nonzero(x >= cut_mixture(x)) - np.count_nonzero(x >= cut_mad(x))
+        draws, over, worst = draws + 1, over + (extra > 0), max(worst, extra)
+    return draws, over, worst
+
+
+@pytest.mark.parametrize("family", ["normal", "lognormal"])
+def test_mixture_never_cuts_clean_gaussian_classes_harder_than_mad(family):
+    """Clean classes, 5-200 images, 80 draws per size (seeds apart from the ones the guards were
+    chosen on): the rule that used to reject more than mad in 1-11 % of draws of 5-40 images."""
+    def draw(n, seed):
+        rng = np.random.default_rng([7, n, seed])
+        return rng.normal(5.0, 1.0, n) if family == "normal" else rng.lognormal(0.0, 0.2, n)
+
+    draws, over, worst = over_rejections(draw(n, s) for n in CLEAN_SIZES for s in range(80))
+    assert over <= 0.005 * draws and worst <= 2, (draws, over, worst)
+
+
+@pytest.fixture(scope="module")
+def real_clean_tables():
+    """Per category, the (N, P, N) nearest cosine distances between the patches of 200 clean images'
+    EfficientNet-Lite0 features (64 px: 8 x 8 patches), the oracle of leave-self-out kNN scores."""
+    import torch
+
+    from medsclean import synth
+    from medsclean.backbone import LITE0_NAME, load_encoder
+    from medsclean.images import normalise
+    from medsclean.memory import nearest_table
+
+    encoder = load_encoder(LITE0_NAME, resize=64, crop=64)
+    tables = {}
+    for category in ("gravel", "coffee"):
+        images = np.stack([synth.make_good(category, 64, synth.image_rng(5, category, "train/good", i))
+                           for i in range(200)])
+        with torch.no_grad():
+            features = torch.cat([encoder(torch.from_numpy(normalise(images[i:i + 50], encoder.preprocess))).memory
+                                  for i in range(0, 200, 50)])
+        tables[category] = nearest_table(features)[..., 0].numpy()  # (N, P, N)
+    return tables
+
+
+def knn_scores(table: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(n,) image scores of a class made of `members`: each patch's distance to the nearest patch
+    of another member, the image's largest (the top 1 % of 64 patches is one)."""
+    sub = table[np.ix_(members, np.arange(table.shape[1]), members)].copy()
+    sub[np.arange(len(members)), :, np.arange(len(members))] = np.inf
+    return sub.min(axis=2).max(axis=1)
+
+
+def test_mixture_never_cuts_clean_real_feature_classes_harder_than_mad(real_clean_tables):
+    rng = np.random.default_rng(11)
+    classes = [knn_scores(table, rng.choice(200, size=n, replace=False))
+               for table in real_clean_tables.values() for n in CLEAN_SIZES for _ in range(30)]
+    draws, over, worst = over_rejections(classes)
+    assert over <= 0.005 * draws and worst <= 2, (draws, over, worst)
+
+
+def test_mixture_decision_says_which_rule_and_why():
+    small = np.random.default_rng(0).gamma(10.0, 0.1, 12)
+    tau, used = mixture_decision(small)
+    assert tau == cut_mad(small) and used["rule"] == "mad" and "12 images" in used["why"]
+    clean = np.random.default_rng(1).normal(5.0, 1.0, 150)
+    assert mixture_decision(clean)[1]["rule"] == "mad"
+    x, anomalous = contaminated("lognormal", 0.2, 0)
+    tau, used = mixture_decision(x)
+    assert used["rule"] == "mixture" and used["likelihood_ratio"] >= 25 and used["separation"] >= 3
+    assert tau == cut_mixture(x)
+    classes = ["a"] * x.size + ["b"] * small.size
+    record = rules_used(np.r_[x, small], classes, "mixture")
+    assert [record["a"]["rule"], record["b"]["rule"]] == ["mixture", "mad"]
+    assert rules_used(x, ["a"] * x.size, "mad") == {"a": {"rule": "mad", "why": "the rule asked for"}}
+    assert rules_used(x, ["a"] * x.size, "mixture", reject_fraction=0.1)["a"]["rule"] == "top 0.1"
