@@ -28,7 +28,7 @@ from torch import Tensor
 from .config import DistillConfig, SelectConfig
 from .errors import DataError, MedscleanError, UsageError
 from .losses import hard_mining_cosine_loss, map_regression_loss, p_schedule
-from .model import ModelConfig, ReconstructionModel
+from .model import ModelConfig, ReconstructionModel, cosine_distance_map, upsample_map
 from .optim import StableAdamW, load_optimizer_state_tensors, optimizer_state_tensors, warm_cosine_lr
 from .selection import alpha, blend_scores, image_scores, select_per_class
 
@@ -110,46 +110,96 @@ def _check_maps(maps: Tensor | np.ndarray, shape: tuple[int, int], what: str) ->
     return values
 
 
+def collective_device(device: str | torch.device) -> torch.device:
+    """The device of the tensors this rank hands to `torch.distributed` collectives.
+
+    NCCL takes CUDA tensors only: with it, the rank's own CUDA device (`device`, its index made
+    explicit). Gloo (and any other backend) gets CPU tensors. Needs an initialised process group.
+
+    Raises:
+        MedscleanError: an NCCL-only group on a rank that does not train on CUDA.
+    """
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and device.type == "cuda":
+        return torch.device("cuda", _cuda_index(device))
+    if backend == "nccl":
+        raise MedscleanError(f"the NCCL process group needs CUDA ranks, but this rank trains on {device}")
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class DataParallel:
     """This process's place among `world` data-parallel trainers (torch.distributed is initialised).
 
-    Every rank draws the same batch of image indices and trains on its share, `batch[rank::world]`;
-    gradients are averaged over the ranks before each update, so all ranks keep identical weights.
-    With a mean loss and shares of equal size the update is the single-process update on the whole
-    batch (without dropout; each rank has its own dropout stream, seeded from the run seed and its
-    rank, so a run is reproducible for a fixed world size).
+    Every rank draws the same batch of image indices and trains on its share, `batch[rank::world]`,
+    through `torch.nn.parallel.DistributedDataParallel`, which averages the gradients over the
+    ranks during the backward pass, so all ranks keep identical weights. Each rank's loss is
+    weighted by its share of the batch times the world size (`share`), so the averaged gradient
+    of a mean loss is the gradient of the mean over the whole batch even when the batch does not
+    divide evenly: the update is the single-process update on the whole batch (without dropout;
+    each rank has its own dropout stream, seeded from the run seed and its rank, so a run is
+    reproducible for a fixed world size). Step 3's hard mining picks its hard points among the
+    rank's share, not the whole batch.
+
+    The only collectives left here are the loss mean and the keep-mask broadcast; they run on
+    tensors of `collective_device(device)`.
+
+    Attributes:
+        rank: this process's rank, 0 .. world - 1.
+        world: the number of ranks.
+        device: where this rank trains ("cpu", or its own "cuda:N").
     """
 
     rank: int
     world: int
+    device: str = "cpu"
 
-    def shard(self, batch: Tensor) -> Tensor:
-        """This rank's share of a batch; a batch smaller than the world is trained whole by every rank."""
-        return batch if len(batch) < self.world else batch[self.rank :: self.world]
+    def share(self, batch: Tensor) -> tuple[Tensor, float]:
+        """This rank's share of a batch and the weight of its loss.
 
-    def average_gradients(self, params: Sequence[Tensor]) -> None:
+        Args:
+            batch: (B,) image indices of the whole batch, the same on every rank.
+
+        Returns:
+            (B_r,) the rank's indices, `batch[rank::world]`, and B_r * world / B, so that the
+            ranks' average of weighted share means is the whole batch's mean. A batch smaller
+            than the world is trained whole by every rank, weight 1.
+        """
+        if len(batch) < self.world:
+            return batch, 1.0
+        mine = batch[self.rank :: self.world]
+        return mine, len(mine) * self.world / len(batch)
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """`model` (already on `device`) in DistributedDataParallel: one device per rank, its index
+        given on CUDA. DDP broadcasts rank 0's weights once (every rank built the same ones from the
+        seed) and averages the gradients in buckets during the backward pass."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [_cuda_index(device)] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def mean(self, value: Tensor) -> float:
+        """The mean over the ranks of a scalar tensor (one all_reduce, on the collective device)."""
         import torch.distributed as dist
 
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
-
-    def mean(self, value: float) -> float:
-        import torch.distributed as dist
-
-        total = torch.tensor([value], dtype=torch.float64)
+        total = value.detach().reshape(1).to(device=collective_device(self.device), dtype=torch.float64)
         dist.all_reduce(total)
-        return float(total.item() / self.world)
+        return float(total.item()) / self.world
 
     def from_rank0(self, array: np.ndarray) -> np.ndarray:
-        """Rank 0's copy of `array` on every rank (the selections must agree even if maps differ by a bit)."""
+        """Rank 0's copy of a bool or numeric array on every rank (the selections must agree even if
+        maps differ by a bit); one broadcast, on the collective device. Returns the array's dtype."""
         import torch.distributed as dist
 
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        values = np.ascontiguousarray(array)
+        carried = values.view(np.uint8) if values.dtype == np.bool_ else values
+        tensor = torch.from_numpy(carried.copy()).to(collective_device(self.device))
         dist.broadcast(tensor, src=0)
-        return tensor.numpy()
+        return tensor.cpu().numpy().view(values.dtype).reshape(values.shape)
 
 
 def _derive_seeds(seed: int) -> tuple[int, int]:
@@ -233,14 +283,11 @@ def _restore(
     return _Progress(meta["step"], state["data.order"].long().clone(), meta["pass_position"], history)
 
 
-def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: float, grad_clip: float,
-              parallel: DataParallel | None = None) -> None:
-    """One update: backward, (average the gradients over the ranks,) clip the global gradient norm,
-    step at learning rate lr."""
+def _optimise(optimizer: StableAdamW, params: list[Tensor], loss: Tensor, lr: float, grad_clip: float) -> None:
+    """One update: backward (in a data-parallel run DistributedDataParallel averages the gradients
+    over the ranks before it returns), clip the global gradient norm, step at learning rate lr."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if parallel is not None:
-        parallel.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -256,7 +303,7 @@ def _run_iterations(
     stage: str,
     seed: int,
     device: torch.device,
-    batch_loss: Callable[[list[Tensor], Tensor, int], Tensor],
+    batch_loss: Callable[[torch.nn.Module, list[Tensor], Tensor, int], Tensor],
     next_pass: Callable[[int], Tensor],
     on_step: StepCallback | None,
     checkpoint: CheckpointCallback | None,
@@ -267,10 +314,12 @@ def _run_iterations(
     """The loop shared by both steps: passes of shuffled batches until `iters` steps, with the
     optimiser, batch size, schedule and checkpoint interval of `optim`.
 
-    batch_loss(batch_groups, batch_indices, step) gives the loss of one batch;
+    batch_loss(net, batch_groups, batch_indices, step) gives the loss of one batch, a mean over its
+    images: net is the module to run forward (the model, or the model in DistributedDataParallel),
+    batch_groups G tensors (B, L, C_g) float32 on the device, batch_indices (B,) into the images;
     next_pass(step) gives the image indices of the next pass (non-empty).
-    parallel: this rank of a data-parallel run (each trains on its share of every batch; the loss
-    recorded is the mean over the ranks).
+    parallel: this rank of a data-parallel run (each trains on its share of every batch, its loss
+    weighted by `DataParallel.share`; the loss recorded is the whole batch's, the sum over the ranks).
     """
     n_images = groups[0].shape[0]
     params = list(model.parameters())
@@ -280,6 +329,7 @@ def _run_iterations(
     from .seeding import torch_generator
 
     shuffler = torch_generator(shuffle_seed)
+    net = model if parallel is None else parallel.wrap(model, device)
     if parallel is not None and parallel.world > 1:
         from .seeding import rng
 
@@ -296,11 +346,12 @@ def _run_iterations(
             batch = _batch(progress.order, progress.position, optim.batch_size)
             progress.position += 1
             model.train()
+            weight = 1.0
             if parallel is not None:
-                batch = parallel.shard(batch)
+                batch, weight = parallel.share(batch)
             batch_groups = [g[batch].to(device=device, dtype=torch.float32) for g in groups]
-            loss = batch_loss(batch_groups, batch, progress.step)
-            loss_value = float(loss.item()) if parallel is None else parallel.mean(float(loss.item()))
+            loss = batch_loss(net, batch_groups, batch, progress.step) * weight
+            loss_value = float(loss.item()) if parallel is None else parallel.mean(loss)
             if not np.isfinite(loss_value):
                 raise MedscleanError(
                     f"{stage}: the loss became {loss_value} at iteration {progress.step}; lower the learning rate"
@@ -308,7 +359,7 @@ def _run_iterations(
             lr = warm_cosine_lr(
                 progress.step, base_lr=optim.lr, final_lr=optim.final_lr, warmup=warmup, total=iters
             )
-            _optimise(optimizer, params, loss, lr, optim.grad_clip, parallel)
+            _optimise(optimizer, params, loss, lr, optim.grad_clip)
             progress.step += 1
             progress.history["loss"].append(loss_value)
             progress.history["lr"].append(lr)
@@ -351,7 +402,7 @@ def distill(
         on_step: called after every step.
         checkpoint: called every cfg.checkpoint_every steps and after the last one.
         resume: a (state, meta) checkpoint of this same run to continue from.
-        parallel: this rank of a data-parallel run (`DataParallel`).
+        parallel: this rank of a data-parallel run (`DataParallel`); `device` must be its device.
 
     Returns:
         History {"loss": [...], "lr": [...]}, one value per step since the start of the run.
@@ -362,8 +413,8 @@ def distill(
     model.to(device)
     everyone = torch.arange(n_images)
 
-    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
-        prediction = model.anomaly_map(batch_groups)
+    def batch_loss(net: torch.nn.Module, batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        prediction = _anomaly_map(net, model.config, batch_groups)
         return map_regression_loss(prediction, target_maps[batch].to(device), cfg.loss)
 
     return _run_iterations(
@@ -372,11 +423,18 @@ def distill(
     )
 
 
+def _anomaly_map(net: torch.nn.Module, config: ModelConfig, groups: list[Tensor]) -> Tensor:
+    """`ReconstructionModel.anomaly_map` through `net`'s forward (DistributedDataParallel syncs the
+    gradients of what runs through its forward only): (B, H*W) maps of G groups (B, L, C_g)."""
+    enc_groups, dec_groups = net(groups)
+    return upsample_map(cosine_distance_map(enc_groups, dec_groups, config.n_prefix), config.token_pool)
+
+
 def _hard_mining_loss(model: ReconstructionModel, cfg: SelectConfig):
     """The Step-3 / Dinomaly batch loss: global cosine with hard mining, p ramping per step."""
 
-    def batch_loss(batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
-        enc_groups, dec_groups = model(batch_groups)
+    def batch_loss(net: torch.nn.Module, batch_groups: list[Tensor], batch: Tensor, step: int) -> Tensor:
+        enc_groups, dec_groups = net(batch_groups)
         p = p_schedule(step, cfg.p_final, cfg.ramp_steps)
         return hard_mining_cosine_loss(enc_groups, dec_groups, model.config.n_prefix, p, cfg.mining_factor)
 

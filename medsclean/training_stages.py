@@ -119,8 +119,9 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     """Train the reconstruction model on the stored features to reproduce the Step-1 maps.
 
     `trainer`: None, or a function returning a data-parallel trainer (`distributed.train`) of `world`
-    ranks, called only when the model is trained: the ranks train together (`training.DataParallel`)
-    and rank 0's weights come back. Such a run starts afresh instead of resuming a checkpoint.
+    ranks, called only when the model is trained: the ranks train together (`training.DataParallel`:
+    DistributedDataParallel, each rank on the device Ray Train gave it) and rank 0's weights come
+    back. Such a run starts afresh instead of resuming a checkpoint.
     """
     t0 = time.perf_counter()
     key = distill_key(features, scores, cfg, seed, world if trainer is not None else 1)
@@ -188,13 +189,6 @@ def _save_rank0(parallel, out: Path, model, extra: dict, tensors: dict | None = 
         save_tensors(out, state, metadata={"extra": json.dumps(extra)})
 
 
-def _rank_device() -> str:
-    """The device of a rank: its own GPU (Ray gives each GPU worker one) or the CPU."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _distill_on_rank(payload: dict, parallel) -> None:
     """One rank of a data-parallel `run_distill`."""
     from .model import ReconstructionModel
@@ -203,7 +197,7 @@ def _distill_on_rank(payload: dict, parallel) -> None:
     groups, encoder = load_groups(payload["features"])
     targets = payload["scores"].tensors("scores.safetensors", ["maps"])["maps"]
     model = ReconstructionModel(model_config_for(encoder, payload["cfg"]), seed=payload["seed"])
-    history = distill(model, groups, targets, payload["cfg"], seed=payload["seed"], device=_rank_device(),
+    history = distill(model, groups, targets, payload["cfg"], seed=payload["seed"], device=parallel.device,
                       parallel=parallel)
     _save_rank0(parallel, payload["out"], model.cpu(), {"history": history})
 
@@ -220,7 +214,7 @@ def _select_on_rank(payload: dict, parallel) -> None:
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
     result = progressive_select(model, groups, classes, base["maps"], payload["cfg"], payload["optim"],
-                                seed=payload["seed"], device=_rank_device(), parallel=parallel)
+                                seed=payload["seed"], device=parallel.device, parallel=parallel)
     _save_rank0(parallel, payload["out"], model.cpu(), {"rounds": result.rounds, "history": result.history},
                 {"keep": torch.from_numpy(result.keep.astype(np.uint8)), "eta": torch.from_numpy(result.eta)})
 

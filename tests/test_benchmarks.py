@@ -111,6 +111,21 @@ def check_extract_ray(stdout: str, tmp: Path) -> None:
     assert set(payload["summary"]) == {"local", "ray"} and payload["images"] == 4
 
 
+def check_gpu(stdout: str, tmp: Path) -> None:
+    rows = table_rows(stdout, "| check | device |")
+    assert rows[0] == ["check", "device", "time (s)", "result"]
+    results = {(row[0], row[1]): row[3] for row in rows[1:]}
+    assert len(results) == 10 and results[("extract", "cpu")].startswith("ok: ")
+    faiss = importlib.util.find_spec("faiss") is not None
+    if not faiss:
+        assert results.pop(("Step 1 faiss-gpu", "cuda")) == "skipped: faiss is not installed"
+    cuda = [result for (_, device), result in results.items() if device == "cuda"]
+    assert all(result.startswith("skipped: no GPU") for result in cuda)  # none failed
+    ran_here = [result for result in cuda if "its code ran on the CPU: ok" in result]
+    assert len(ran_here) == 4 + faiss  # extract, the Step-1 engines, distill + select, the one-rank group
+    assert [row["check"] for row in read_json(tmp / "gpu.json")["rows"]] == [row[0] for row in rows[1:]]
+
+
 def check_metrics(stdout: str, tmp: Path) -> None:
     header = table_rows(stdout, "| quantity |")[0]
     assert header == ["quantity", "medsclean", "reference", "abs. difference", "medsclean s", "reference s", "speed-up"]
@@ -216,6 +231,7 @@ CASES = [
     Case("bench_extract.py", check_extract),
     Case("bench_extract_ray.py", check_extract_ray, ("--json", "{tmp}/extract-ray.json"), ray=True),
     Case("bench_metrics.py", check_metrics),
+    Case("gpu_check.py", check_gpu, ("--json", "{tmp}/gpu.json")),
     Case("bench_scale.py", check_scale, ("--work", "{tmp}/work", "--json", "{tmp}/scale.json")),
     Case("bench_score.py", check_score, ("--json", "{tmp}/score.json"), needs=("faiss",)),
     Case("bench_select_time.py", check_select_time, ("--work", "{tmp}/work")),

@@ -1,8 +1,10 @@
 """`--train-workers N`: distill and select data-parallel on Ray Train (CPU ranks, Gloo).
 
-Oracles: without dropout, two ranks that each train on half of every batch and average their
-gradients make the single-process update on the whole batch (the loss is a mean over images);
-and a fixed world size gives the same weights twice.
+Oracles: without dropout, two ranks that each train on their share of every batch (7 images: 4
+and 3) in DistributedDataParallel, each loss weighted by its share, make the single-process update
+on the whole batch (the loss is a mean over images); and a fixed world size gives the same weights
+twice. The library's side without Ray (and the devices of the collectives) is in
+tests/test_distributed_ddp.py.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ def _weights(artifact):
     return load_model(artifact).state_dict()
 
 
-def test_two_ranks_without_dropout_make_the_whole_batch_update(stages):
+def test_two_ranks_without_dropout_make_the_whole_batch_update_on_an_uneven_batch(stages):
     features, scores, store, trainer = stages
-    cfg = DistillConfig(iters=3, width=16, depth=2, heads=2, batch_size=8, dropout=0.0, checkpoint_every=0)
+    cfg = DistillConfig(iters=3, width=16, depth=2, heads=2, batch_size=7, dropout=0.0, checkpoint_every=0)
     options = dict(seed=3, device="cpu", reporter=SilentReporter())
     one = run_distill(features, scores, store, cfg, **options)
     two = run_distill(features, scores, store, cfg, trainer=lambda: trainer, world=2, **options)
@@ -96,3 +98,31 @@ def test_train_workers_needs_the_ray_executor(monkeypatch):
     with pytest.raises(ConfigError, match="option of executor ray"):
         ClusterConfig(train_workers=2)
     assert ClusterConfig(executor="ray", train_workers=2).train_workers == 2
+
+
+def test_cuda_ranks_beyond_the_gpus_of_a_private_instance_are_refused(stages):
+    """NCCL puts one rank on each GPU: on a private instance with fewer GPUs than ranks Ray Train
+    would wait for GPUs that never come; the run stops at once, naming the options."""
+    from medsclean.distributed.extract import _pool_size
+    from medsclean.distributed.train import DataParallelTrainer
+    from medsclean.errors import DataError
+
+    import ray
+
+    session = stages[3].session
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    trainer = DataParallelTrainer(session, gpus + 1, use_gpu=True, storage=stages[2].work / ".partial" / "ray-train")
+    with pytest.raises(DataError, match=rf"--train-workers {gpus + 1} --device cuda needs {gpus + 1} GPUs"):
+        trainer.run(lambda payload, parallel: None, {})
+    if gpus == 0:  # Ray Data's encoder actors on CUDA: none to place
+        with pytest.raises(DataError, match="the Ray cluster offers no GPU"):
+            _pool_size(ray, session, cuda=True)
+
+
+def test_a_cpu_rank_trains_on_the_cpu_on_one_thread(monkeypatch):
+    from medsclean.distributed.train import _rank
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n))
+    threads = []
+    parallel = _rank(1, 3, use_gpu=False)
+    assert (parallel.rank, parallel.world, parallel.device, threads) == (1, 3, "cpu", [1])

@@ -97,8 +97,11 @@ def _as_tensor(array):
     return torch.from_numpy(np.array(array))  # a writable copy of the object store's read-only buffer
 
 
-def check_shared_work_folder(work: Path) -> None:
+def check_shared_work_folder(work: Path) -> int:
     """Every alive node of the cluster must read a token this process writes into `work`.
+
+    Returns:
+        The number of nodes that read it.
 
     Raises:
         DataError: naming the nodes that do not see it.
@@ -113,15 +116,18 @@ def check_shared_work_folder(work: Path) -> None:
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         reader = ray.remote(num_cpus=0)(_read_probe)
-        refs = {n["NodeManagerAddress"]: reader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(str(probe)) for n in nodes}
-        blind = [host for host, ref in refs.items() if ray.get(ref, timeout=PROBE_TIMEOUT_S) != token]
+        # One probe per node, keyed by node id: several nodes may share a host (and its address).
+        refs = {f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})": reader.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(probe))
+            for n in nodes}
+        blind = [node for node, ref in refs.items() if ray.get(ref, timeout=PROBE_TIMEOUT_S) != token]
     finally:
         probe.unlink(missing_ok=True)
     if blind:
         raise DataError(f"{work}: the work folder is not visible from Ray node(s) {', '.join(sorted(blind))}; "
                         f"put it on storage every node mounts at the same path (e.g. NFS) and pass that path "
                         f"as --work")
+    return len(refs)
 
 
 def _read_probe(path: str) -> str | None:

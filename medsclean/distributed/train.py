@@ -3,8 +3,10 @@
 Ray Train starts N workers (one GPU each with `use_gpu`, else one CPU each), joins them in a torch
 process group (NCCL on GPUs, Gloo on CPUs) and runs a function on every rank; the function is
 `training_stages._distill_on_rank` or `_select_on_rank`, which train with `training.DataParallel`
-and have rank 0 write the weights into the stage's partial folder. The features are read by every
-rank from the work folder, which every node must see.
+(torch's DistributedDataParallel) and have rank 0 write the weights into the stage's partial
+folder. Each rank trains on the device Ray Train gives it (`ray.train.torch.get_device`: its own
+GPU among those of its node, or the CPU). The features are read by every rank from the work
+folder, which every node must see.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import MedscleanError
+from ..errors import DataError, MedscleanError
 from .session import RaySession
 
 
@@ -35,12 +37,22 @@ class DataParallelTrainer:
         self.storage = storage
 
     def run(self, function: Callable[[dict, Any], None], payload: dict) -> None:
-        """`function(payload, DataParallel(rank, workers))` on every rank; returns when all are done.
+        """`function(payload, DataParallel(rank, workers, device))` on every rank; returns when all are done.
 
         Raises:
+            DataError: `use_gpu` on a private instance with fewer GPUs than ranks (NCCL puts one rank
+                on each GPU; Ray Train would wait for GPUs that never come).
             MedscleanError: what a rank raised (a medsclean error as is), or Ray Train's failure.
         """
         import logging
+
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if self.use_gpu and self.session.private and gpus < self.workers:
+            raise DataError(f"--train-workers {self.workers} --device cuda needs {self.workers} GPUs, one per "
+                            f"rank, and this machine has {gpus}: lower --train-workers, or join a cluster "
+                            f"with --ray-address")
 
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
@@ -71,12 +83,27 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import torch
 
+    context = ray.train.get_context()
+    config["function"](config["payload"], _rank(context.get_world_rank(), context.get_world_size(),
+                                                config["use_gpu"]))
+
+
+def _rank(rank: int, world: int, use_gpu: bool):
+    """This worker's `training.DataParallel`: on a GPU worker the CUDA device Ray Train assigned it
+    (made current, so that NCCL and the CUDA RNG use it), else the CPU with torch on one thread
+    (the rank owns one CPU)."""
+    import torch
+
     from ..training import DataParallel
 
-    if not config["use_gpu"]:
-        torch.set_num_threads(1)  # the rank owns one CPU
-    context = ray.train.get_context()
-    config["function"](config["payload"], DataParallel(context.get_world_rank(), context.get_world_size()))
+    if not use_gpu:
+        torch.set_num_threads(1)
+        return DataParallel(rank, world, "cpu")
+    from ray.train.torch import get_device
+
+    device = get_device()
+    torch.cuda.set_device(device)
+    return DataParallel(rank, world, str(device))
 
 
 def _rank_error(exc: BaseException) -> MedscleanError:
