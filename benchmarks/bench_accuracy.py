@@ -1,6 +1,6 @@
 """Detector accuracy on contaminated training sets: MeDS against three baselines, side by side.
 
-For every noise ratio r and seed, the MeDS protocol (`medsclean.noisy.make_noisy`, test set
+For every noise ratio r and seed, the MeDS protocol (`medsclean.demo.noisy.make_noisy`, test set
 unchanged) injects anomalous test images into the training set, and four detectors are
 trained on it and scored on the TEST set (I-AUROC, I-AP, P-AUPRO, P-AP per class, then the
 mean over classes), with the selection's precision/recall on the TRAINING set:
@@ -52,19 +52,19 @@ import torch
 
 import smoke_mode
 from medsclean.config import CPU, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig, resolve_device
-from medsclean.data import ImageRecord, discover
-from medsclean.evaluate import EvalConfig, detector_metrics, postprocess
-from medsclean.extract import run_extract
-from medsclean.memory import image_scores as memory_image_scores
-from medsclean.memory import score_classes
+from medsclean.workdir.data import ImageRecord, discover
+from medsclean.stages.evaluate import EvalConfig, detector_metrics, postprocess
+from medsclean.stages.features import run_extract
+from medsclean.step1.memory import image_scores as memory_image_scores
+from medsclean.step1.memory import score_classes
 from medsclean.metrics import selection_metrics
-from medsclean.model import ReconstructionModel
-from medsclean.noisy import make_noisy
-from medsclean.selection import select_per_class
-from medsclean.store import Store, digest, write_text_atomic
-from medsclean.synth import DEFAULT_CATEGORIES, generate_dataset
-from medsclean.training import compute_maps, distill, progressive_select, train_detector
-from medsclean.training_stages import model_config_for
+from medsclean.model.decoder import ReconstructionModel
+from medsclean.demo.noisy import make_noisy
+from medsclean.selection.progressive import select_per_class
+from medsclean.workdir.store import Store, digest, write_text_atomic
+from medsclean.demo.synth import DEFAULT_CATEGORIES, generate_dataset
+from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
+from medsclean.stages.training import model_config_for
 from medsclean.ui import SilentReporter
 
 METHODS = ("no cleaning", "memory selection", "MeDS", "clean upper bound")
@@ -365,7 +365,7 @@ def prepare_data(args, work: Path) -> tuple[Path, list[str], dict]:
                                                if (d / "train" / "good").is_dir() and (d / "test").is_dir())
         return root, categories, {"root": str(root), "categories": categories}
     categories = args.categories or list(DEFAULT_CATEGORIES)
-    spec = {"generator": "medsclean.synth", "categories": categories, "n_train": args.n_train,
+    spec = {"generator": "medsclean.demo.synth", "categories": categories, "n_train": args.n_train,
             "n_test_good": args.n_test_good, "n_test_defect": args.n_test_defect, "size": args.size,
             "seed": args.data_seed}
     root, stamp = work / "data", work / "data-spec.json"

@@ -1,6 +1,6 @@
 """The approximate engine (`--engine approx`) against the exact one on real encoder features.
 
-Images: good images of one scikit-image photograph per category (medsclean.synth, the demo data)
+Images: good images of one scikit-image photograph per category (medsclean.demo.synth, the demo data)
 with every tenth image given one painted defect (`--rate` 0.1). Features: EfficientNet-Lite0 with
 its packaged ImageNet weights, the CPU preset's encoder, at `--image-size` 256 px (the preset's
 32 x 32 = 1024 patches of width 152). One class per category; for each size N the class is the
@@ -44,7 +44,7 @@ SMOKE = {"categories": ["gravel"], "sizes": [12, 24], "image_size": 64, "banks":
 def class_images(category: str, n_images: int, size: int, rate: float, seed: int):
     """(N, size, size, 3) uint8 images and (N,) bool labels: image i is painted when
     floor((i + 1) * rate) > floor(i * rate), so every prefix holds its share of defects."""
-    from medsclean import synth
+    from medsclean.demo import synth
 
     images, labels = [], []
     for i in range(n_images):
@@ -62,8 +62,8 @@ def encode(images: np.ndarray, size: int, batch: int = 16):
     """(N, P, D) float32 unit memory features of the CPU preset's encoder, and its description."""
     import torch
 
-    from medsclean.backbone import LITE0_NAME, load_encoder
-    from medsclean.images import normalise
+    from medsclean.model.encoder import LITE0_NAME, load_encoder
+    from medsclean.workdir.images import normalise
 
     encoder = load_encoder(LITE0_NAME, resize=size, crop=size)
     parts = []
@@ -91,7 +91,7 @@ def measure(category: str, args) -> list[dict]:
     import torch
     from scipy.stats import spearmanr
 
-    from medsclean.memory import image_scores, nearest_table, score_classes
+    from medsclean.step1.memory import image_scores, nearest_table, score_classes
 
     images, labels = class_images(category, max(args.sizes), args.image_size, args.rate, args.seed)
     t0 = time.perf_counter()

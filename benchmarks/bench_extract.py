@@ -47,8 +47,8 @@ def make_images(folder: Path, n: int, size: int, seed: int) -> None:
 def raw_forward(folder: Path, args) -> dict:
     import torch
 
-    from medsclean.backbone import load_encoder
-    from medsclean.images import decode_image, preprocess_array
+    from medsclean.model.encoder import load_encoder
+    from medsclean.workdir.images import decode_image, preprocess_array
 
     encoder = load_encoder(args.backbone, resize=args.resize, crop=args.crop)
     paths = sorted(folder.glob("*.png"))

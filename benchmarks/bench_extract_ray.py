@@ -46,9 +46,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "2000")  # the CLI's setting (cli.limit_
 def child(args) -> None:
     """One run, in this (fresh) process: print a JSON line."""
     from medsclean.config import ClusterConfig, ExtractConfig
-    from medsclean.data import discover
-    from medsclean.extract import run_extract
-    from medsclean.store import Store
+    from medsclean.workdir.data import discover
+    from medsclean.stages.features import run_extract
+    from medsclean.workdir.store import Store
     from medsclean.ui import SilentReporter
 
     cfg = ExtractConfig(**json.loads(args.cfg))
@@ -78,7 +78,7 @@ def child(args) -> None:
 def choose_encoder(args) -> tuple[dict, str]:
     """ExtractConfig fields of the encoder to time, and a note on it: the default backbone with its
     real weights if they load here offline, else the tiny random-init fallback."""
-    from medsclean.backbone import load_encoder
+    from medsclean.model.encoder import load_encoder
     from medsclean.errors import MedscleanError
 
     fields = {"resize": args.resize, "crop": args.crop, "batch_size": args.batch_size,

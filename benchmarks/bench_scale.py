@@ -78,7 +78,7 @@ def write_shards(args) -> None:
     """Child: the generated class as a features artifact (float16 shards of 500 images), as `extract` writes it."""
     import torch
 
-    from medsclean.store import Store, save_tensors, tensor_specs
+    from medsclean.workdir.store import Store, save_tensors, tensor_specs
 
     features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
     store = Store(Path(args.out))
@@ -99,11 +99,11 @@ def child(args) -> None:
     import torch
 
     from medsclean.config import parse_size
-    from medsclean.memory import image_scores, score_classes
+    from medsclean.step1.memory import image_scores, score_classes
 
     torch.set_num_threads(1 if args.child in ("exact-1thread", "exact-ray") else args.threads)
     if args.shards:  # read from the artifact's shards on disk, class by class or block by block
-        from medsclean.store import Store
+        from medsclean.workdir.store import Store
 
         features = Store(Path(args.shards)).load("features").rows("memory")
         labels = np.load(Path(args.shards) / "labels.npy")
@@ -125,7 +125,7 @@ def child(args) -> None:
         score_classes(warm, ["c"] * n_warm, engine="exact", seed=args.seed, **extra)  # workers up and warm
         startup = time.perf_counter() - t0
     if engine == "approx":
-        import medsclean.memory as memory
+        import medsclean.step1.memory as memory
 
         if method == "random":  # the random-subsample variant, for the coreset choice
             original = memory.coreset_patches
@@ -219,7 +219,7 @@ def run_cases(args, workdir: Path) -> None:
     """Every (N, case) of the command line: a table row each on stdout, and the --json file."""
     from sklearn.metrics import roc_auc_score
 
-    from medsclean.memory import exact_flops
+    from medsclean.step1.memory import exact_flops
 
     n_patches = args.grid * args.grid
     rows = []

@@ -1,8 +1,8 @@
 """Speed and memory of the Step-1 memory-ensemble engines, side by side in one run.
 
 One class of N images with P patches of D random unit features, B banks of ratio rho:
-  exact  - medsclean.memory.memory_scores_exact, all B banks (timed in full);
-  faiss  - medsclean.memory.memory_scores_faiss, flat index, timed on --faiss-banks banks
+  exact  - medsclean.step1.memory.memory_scores_exact, all B banks (timed in full);
+  faiss  - medsclean.step1.memory.memory_scores_faiss, flat index, timed on --faiss-banks banks
            and extrapolated linearly to B (its cost is linear in the bank count);
   naive  - the oracle of tests/memory_oracle.py in float32 (one memory per bank, every image
            searched against it), timed on --naive-banks banks and extrapolated linearly to B;
@@ -38,8 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoke_mode  # noqa: E402
-from medsclean import knn  # noqa: E402
-from medsclean.memory import (  # noqa: E402
+from medsclean.step1 import faiss_index as knn  # noqa: E402
+from medsclean.step1.memory import (  # noqa: E402
     bank_flops,
     bank_size,
     draw_banks,

@@ -2,7 +2,7 @@
 
 Two parts that share neither image source nor defect generator:
 
-  tuning  the demo generator (`medsclean.synth`: scikit-image textures brick, grass, gravel and the
+  tuning  the demo generator (`medsclean.demo.synth`: scikit-image textures brick, grass, gravel and the
           coins photo) plus `benchmarks/tuning_data.py` (a scene of unaligned crops and an aligned
           object with logical defects); every default is chosen on this part;
   report  `benchmarks/suite_data.py` (scikit-image tissue and retina photos, scikit-learn china and
@@ -28,7 +28,7 @@ cleaning: a full-bank kNN detector (PatchCore without coreset, k = 1) on each me
 images, plus MeDS's own fine-tuned model, on the test set (with and without the injected images).
 
 The encoder runs once per part; every class's patch-to-image nearest-distance table is computed
-once (`medsclean.memory.nearest_table`, stored and used as float16 whether fresh or cached) and
+once (`medsclean.step1.memory.nearest_table`, stored and used as float16 whether fresh or cached) and
 each cell's Step-1 scores come from it through the same reduction the exact engine uses, so a
 cell costs only its MeDS training.
 
@@ -60,18 +60,18 @@ import tuning_data  # noqa: E402
 
 from medsclean.config import (CPU, CutConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig,  # noqa: E402
                               SelectConfig, resolve_device)
-from medsclean.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
-from medsclean.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
-from medsclean.extract import run_extract  # noqa: E402
-from medsclean.memory import image_scores, nearest_table  # noqa: E402
+from medsclean.workdir.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
+from medsclean.stages.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
+from medsclean.stages.features import run_extract  # noqa: E402
+from medsclean.step1.memory import image_scores, nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
-from medsclean.model import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
-from medsclean.score import step1_maps  # noqa: E402
+from medsclean.model.decoder import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
+from medsclean.stages.scores import step1_maps  # noqa: E402
 from medsclean.seeding import rng as seeded_rng  # noqa: E402
-from medsclean.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
-from medsclean.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
-from medsclean.training import compute_maps, distill, progressive_select  # noqa: E402
-from medsclean.training_stages import final_cut, final_scores, model_config_for  # noqa: E402
+from medsclean.workdir.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
+from medsclean.demo.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
+from medsclean.model.training import compute_maps, distill, progressive_select  # noqa: E402
+from medsclean.stages.training import final_cut, final_scores, model_config_for  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402
 
 METHODS = ("knn", "iterative", "memory", "meds")

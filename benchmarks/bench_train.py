@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 import smoke_mode
-from medsclean.model import ModelConfig, ReconstructionModel
+from medsclean.model.decoder import ModelConfig, ReconstructionModel
 from medsclean.config import DistillConfig, SelectConfig
-from medsclean.training import compute_maps, distill, progressive_select
+from medsclean.model.training import compute_maps, distill, progressive_select
 
 LITE0_DIMS = (40, 112)
 DECODERS = {
@@ -131,9 +131,9 @@ def projected_minutes(distill_iters, select_iters, distill_s, select_s, eval_ima
 
 def bench_encoder(steps: int, crop: int, width: int, heads: int, depth: int) -> dict:
     """Step-2 steps on stored groups vs the same steps re-running the encoder first."""
-    from medsclean.backbone import load_encoder
-    from medsclean.losses import map_regression_loss
-    from medsclean.optim import StableAdamW
+    from medsclean.model.encoder import load_encoder
+    from medsclean.model.losses import map_regression_loss
+    from medsclean.model.optim import StableAdamW
 
     encoder = load_encoder("tf_efficientnet_lite0", resize=crop, crop=crop)
     gen = torch.Generator().manual_seed(0)
@@ -181,7 +181,7 @@ def bench_encoder(steps: int, crop: int, width: int, heads: int, depth: int) -> 
 
 def _texture_set(n_images: int, size: int, contamination: float, seed: int):
     """Images of three textures; a share of each class carries one painted defect."""
-    from medsclean.synth import DEFECTS, make_defect, make_good
+    from medsclean.demo.synth import DEFECTS, make_defect, make_good
 
     categories = ("brick", "grass", "gravel")
     rng = np.random.default_rng(seed)
@@ -217,10 +217,10 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     """Contaminated-image ranking AUROC after Step 1, Step 2 and Step 3 with a CPU preset."""
     from PIL import Image
 
-    from medsclean.backbone import load_encoder
-    from medsclean.images import preprocess_array
-    from medsclean.memory import score_classes
-    from medsclean.selection import image_scores
+    from medsclean.model.encoder import load_encoder
+    from medsclean.workdir.images import preprocess_array
+    from medsclean.step1.memory import score_classes
+    from medsclean.selection.progressive import image_scores
 
     width, heads, depth = preset
     images, classes, defective = _texture_set(n_images, crop, contamination, seed)

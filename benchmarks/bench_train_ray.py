@@ -50,7 +50,7 @@ def make_stages(args, root: Path):
 
 def time_distill(run, features, scores, base, iters: int, extra: dict) -> float:
     """Seconds of one `run_distill` of `iters` iterations (trained afresh)."""
-    from medsclean.training_stages import run_distill
+    from medsclean.stages.training import run_distill
     from medsclean.ui import SilentReporter
 
     t0 = time.perf_counter()

@@ -139,19 +139,19 @@ class Check:
 
     def features(self, name: str):
         """(N, P, D) float16 memory features and the class of each image, of work folder `name`."""
-        from medsclean.store import Store
+        from medsclean.workdir.store import Store
 
         art = Store(self.work / name).load("features")
         return art.sharded_tensors(["memory"])["memory"]
 
     def classes(self, name: str) -> list[str]:
-        from medsclean.store import Store
+        from medsclean.workdir.store import Store
 
         return [row["class"] for row in Store(self.work / name).load("features").manifest["images"]]
 
     def step1(self, engine: str, device: str) -> str:
-        from medsclean import knn
-        from medsclean.memory import score_classes
+        from medsclean.step1 import faiss_index as knn
+        from medsclean.step1.memory import score_classes
 
         if engine == "faiss" and importlib.util.find_spec("faiss") is None:
             raise Skip("faiss is not installed")
@@ -184,7 +184,7 @@ class Check:
         done = _command("select", *(encoder or self.encoder), *(options or self.model), "--device", device,
                         "--json", "--quiet", "--out", str(self.work / f"{name}-clean.txt"), *self.work_for(name),
                         timeout=600)
-        from medsclean.store import Store
+        from medsclean.workdir.store import Store
 
         eta = Store(self.work / name).load("select").tensors("eta.safetensors")["eta"]
         if not bool(np.isfinite(eta.numpy()).all()):
@@ -199,8 +199,8 @@ class Check:
         import torch.distributed as dist
 
         from medsclean.config import DistillConfig, SelectConfig
-        from medsclean.model import ModelConfig, ReconstructionModel
-        from medsclean.training import DataParallel, compute_maps, distill, progressive_select
+        from medsclean.model.decoder import ModelConfig, ReconstructionModel
+        from medsclean.model.training import DataParallel, compute_maps, distill, progressive_select
 
         device = "cuda:0" if self.gpus else "cpu"
         gen = torch.Generator().manual_seed(0)
@@ -240,7 +240,7 @@ class Check:
 
     def ray_score(self) -> str:
         self.need_ray()
-        from medsclean.store import Store, load_tensors
+        from medsclean.workdir.store import Store, load_tensors
 
         _command("score", *self.encoder, *self.score_opts, "--device", self.cuda, "--quiet",
                  *self.work_for(f"{self.cuda}-local"))

@@ -138,7 +138,7 @@ def defect_kind_table(results: dict) -> str:
 def _final_candidates(row: dict, classes: list[str]) -> dict[str, np.ndarray]:
     """The scores a MeDS run could end on, from its saved row: Step 3's eta, the distilled model's,
     the memory ensemble's, and the combinations `--final-score eta+memory` makes."""
-    from medsclean.selection import combine_class_scores
+    from medsclean.selection.progressive import combine_class_scores
 
     eta, memory = np.array(row["eta"]), np.array(row["memory_eta"])
     out = {"eta (paper)": eta, "memory": memory, "eta+memory": combine_class_scores([eta, memory], classes)}

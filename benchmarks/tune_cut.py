@@ -1,7 +1,7 @@
 """Compare final-cut rules on the scores a suite run saved, without rerunning any method.
 
 Reads the JSON of `bench_suite.py --json` (each cell keeps every method's final scores and the
-contamination labels) and applies each rule of `medsclean.thresholds` per class, as `select`
+contamination labels) and applies each rule of `medsclean.selection.cut_rules` per class, as `select`
 does, printing pooled rejected-set recall / precision per ratio and method.
 
     .venv/bin/python benchmarks/tune_cut.py /tmp/suite/tune.json --methods meds,memory
@@ -24,7 +24,7 @@ import numpy as np
 
 import smoke_mode
 from medsclean.metrics import selection_metrics
-from medsclean.thresholds import cut_per_class
+from medsclean.selection.cut_rules import cut_per_class
 
 RULES = {"mad k=3": ("mad", {"k": 3.0}), "mad k=2": ("mad", {"k": 2.0}), "mad k=1": ("mad", {"k": 1.0}),
          "mixture": ("mixture", {}), "otsu": ("otsu", {})}

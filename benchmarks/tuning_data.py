@@ -1,6 +1,6 @@
 """Two more tuning-part classes: a scene and an aligned object (generator "tuning_data/1").
 
-The tuning part's demo generator (`medsclean.synth`) has stationary textures and one object;
+The tuning part's demo generator (`medsclean.demo.synth`) has stationary textures and one object;
 this module adds the two other kinds of class a user may have, from scikit-image photos that
 ship inside its wheel (no download) and that no other benchmark class uses:
 
@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medsclean import synth
+from medsclean.demo import synth
 from medsclean.seeding import rng as seeded_rng
-from medsclean.store import atomic_directory, write_json_atomic
+from medsclean.workdir.store import atomic_directory, write_json_atomic
 
 GENERATOR = "tuning_data/1"
 SUMMARY_NAME = "tuning-data.json"

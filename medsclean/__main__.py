@@ -1,5 +1,5 @@
 """`python -m medsclean`: the same command line as the `medsclean` script."""
 
-from .cli import main
+from medsclean.cli import main
 
 main()

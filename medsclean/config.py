@@ -20,9 +20,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
-from .choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss, Method,
+from medsclean.choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss, Method,
                       PresetName, Split)
-from .errors import ConfigError
+from medsclean.errors import ConfigError
 
 
 def _faiss_installed() -> bool:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .config import EvalConfig
+from medsclean.config import EvalConfig
 
 __all__ = [
     "UndefinedMetricWarning",

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import (DEFAULT_PRESET, DEFAULT_SEED, ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
+from medsclean.config import (DEFAULT_PRESET, DEFAULT_SEED, ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
                      check_seed, resolve_device, resolve_preset)
-from .data import Dataset, discover
-from .extract import ExtractResult, run_extract
-from .store import Store
-from .ui import Reporter, RichReporter
+from medsclean.workdir.data import Dataset, discover
+from medsclean.stages.features import ExtractResult, run_extract
+from medsclean.workdir.store import Store
+from medsclean.ui import Reporter, RichReporter
 
 
 METRICS_SCHEMA = "medsclean.metrics/1"
@@ -43,7 +43,7 @@ class Run:
         """The Ray session of `--executor ray` (started on first use), or None to run here."""
         if self.cluster.executor != "ray":
             return None
-        from . import distributed
+        from medsclean import distributed
 
         return distributed.connect(self.cluster, self.work, self.reporter)
 
@@ -54,7 +54,7 @@ class Run:
             return {}
 
         def trainer():
-            from .distributed.train import DataParallelTrainer
+            from medsclean.distributed.train import DataParallelTrainer
 
             return DataParallelTrainer(self.executor(), self.cluster.train_workers,
                                        use_gpu=self.device.startswith("cuda"),
@@ -150,7 +150,7 @@ def extract_summary(result: ExtractResult) -> dict:
 def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False, features: ExtractResult | None = None) -> dict:
     """Stage `scores`, after `features` (`features`: that stage's result, when the caller ran it).
     Returns {"features": ..., "scores": ...} stage results."""
-    from .score import run_score
+    from medsclean.stages.scores import run_score
 
     results = {"features": features or extract_stage(run)}
     art = results["features"].artifact
@@ -162,7 +162,7 @@ def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False, features: Ex
 
 def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force: bool = False) -> dict:
     """Stage `distill`, after `features` and `scores`."""
-    from .training_stages import check_model_shape, run_distill
+    from medsclean.stages.training import check_model_shape, run_distill
 
     features = extract_stage(run)
     check_model_shape(features.artifact.manifest["encoder"], cfg)  # before the scores, not after
@@ -178,7 +178,7 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
                  cut_cfg: CutConfig, *, force: bool = False) -> dict:
     """Stages `select` (the final scores η) and `cut` (the clean list), after every stage they need
     (`distill` only for method meds). A changed cut reuses the stored η: no retraining."""
-    from .training_stages import run_cut, run_select
+    from medsclean.stages.training import run_cut, run_select
 
     if cfg.method == "meds":
         results = distill_stage(run, score_cfg, distill_cfg)
@@ -200,7 +200,7 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
 
 
 def _record(run: Run, results: dict, configs: dict) -> None:
-    from .runs import record_run
+    from medsclean.workdir.runs import record_run
 
     chain = {stage: (results[stage].artifact.key if stage in results else None)
              for stage in ("features", "scores", "distill", "select", "cut")}
@@ -211,8 +211,8 @@ def recorded_run(key: str | None, images: Path, work: Path, *, device: str | Non
                  reporter: Reporter | None = None) -> tuple[Run, dict] | None:
     """The run `key` (a prefix is enough; by default the latest run of `images`) rebuilt with the options
     recorded when it was made, and its artifacts as stage results; None when `images` has no run yet."""
-    from .runs import find_run, latest_run
-    from .training_stages import StageResult
+    from medsclean.workdir.runs import find_run, latest_run
+    from medsclean.stages.training import StageResult
 
     store = Store(work, images_root=images)
     if key is None:
@@ -221,14 +221,14 @@ def recorded_run(key: str | None, images: Path, work: Path, *, device: str | Non
             return None
         key, record = found
         if record is None:
-            from .errors import DataError
+            from medsclean.errors import DataError
 
             raise DataError(f"{images}: its latest run {key} lost artifacts in {store.work}; rerun `medsclean "
                             f"select`, or pass --run with another key from `medsclean runs`")
     else:
         key, record, root = find_run(store, key)
         if Path(root).resolve() != Path(images).expanduser().resolve():
-            from .errors import ConfigError
+            from medsclean.errors import ConfigError
 
             raise ConfigError("run", f"run {key} was made from {root}, not {images}")
     options = record["options"]
@@ -259,7 +259,7 @@ def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig,
     """
     from dataclasses import replace
 
-    from .training_stages import check_model_shape, iterations_for_budget, seconds_per_step
+    from medsclean.stages.training import check_model_shape, iterations_for_budget, seconds_per_step
 
     features = extract_stage(run).artifact
     check_model_shape(features.manifest["encoder"], distill_cfg)
@@ -279,7 +279,7 @@ def _log_stage(run: Run, name: str, result) -> None:
 def _changed_since_last_run(run: Run, stage: str, art) -> str | None:
     """What differs from the same stage of the image folder's latest recorded run: the options that
     changed (old → new) and the inputs that changed; None when there is no earlier run to compare."""
-    from .runs import latest_run
+    from medsclean.workdir.runs import latest_run
 
     store = run.store()
     found = latest_run(store, run.data.images)
@@ -324,7 +324,7 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
     """Per-class counts, stage times and output paths; writes the clean list to `out` and the
     rejected list to `rejected_out` (`store.write_text_through`: a file atomically, a device, FIFO
     or descriptor in place; `-` for stdout is the CLI's business)."""
-    from .store import write_text_through
+    from medsclean.workdir.store import write_text_through
 
     art = results["cut"].artifact
     images = art.manifest["images"]
@@ -349,7 +349,7 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
 def _shown_path(path: Path | None) -> str | None:
     """Where a list went, as the summary names it: a file's real path; a device, FIFO or descriptor
     link as given (resolving /dev/stdout would name a `pipe:[…]` that is no path)."""
-    from .store import writes_through
+    from medsclean.workdir.store import writes_through
 
     if path is None:
         return None
@@ -361,9 +361,9 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
     """The review page of a selection: per class the score histogram with the cut, the rejected and
     the borderline kept images with their anomaly maps. Written into `report_dir`, by default into
     the run's cut folder (reused there when it exists); returns the page's path."""
-    from . import evaluate as ev
-    from .review import write_review
-    from .score import ranks_within_class
+    from medsclean.stages import evaluate as ev
+    from medsclean.pages.review import write_review
+    from medsclean.stages.scores import ranks_within_class
 
     cut = results["cut"].artifact
     target = Path(report_dir) if report_dir is not None else cut.path / "review"
@@ -401,8 +401,8 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
 
 
 def select_export(run: Run, results: dict, images_arg: Path, out: Path, *, copy: bool) -> dict:
-    """`--export DIR`: the kept and rejected images as an MVTec-layout tree (see `medsclean.export`)."""
-    from .export import export_tree
+    """`--export DIR`: the kept and rejected images as an MVTec-layout tree (see `medsclean.workdir.export`)."""
+    from medsclean.workdir.export import export_tree
 
     cut = results["cut"].artifact
     rows = cut.manifest["images"]
@@ -447,12 +447,12 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report.
     """
 
-    from . import evaluate as ev
-    from .store import write_json_atomic, write_text_atomic
+    from medsclean.stages import evaluate as ev
+    from medsclean.workdir.store import write_json_atomic, write_text_atomic
 
     if results is not None:
         if eval_cfg.model == "distill" and "distill" not in results:
-            from .errors import ConfigError
+            from medsclean.errors import ConfigError
 
             raise ConfigError("model", f"model {eval_cfg.model}: this run has no distilled model (method "
                               f"{results['select'].artifact.manifest['config']['method']}); use select or memory")
@@ -482,7 +482,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
         train_maps = _train_maps(run, train_ds, results, eval_cfg, grid, preprocess)
         sections["cleaning"] = ev.cleaning_metrics(train_ds, results["cut"].artifact, train_maps, eval_cfg)
     if not sections:
-        from .errors import DataError
+        from medsclean.errors import DataError
 
         raise DataError(f"{train_ds.root}: nothing to evaluate: no labelled test split (MVTec layout with test/ and "
                         f"ground_truth/) and no known contaminants in the training set (medsclean make-noisy)")
@@ -501,7 +501,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
 
 def _run_identity(run: Run, results: dict) -> dict:
     """What metrics.json needs to say which run it measured."""
-    from .store import versions
+    from medsclean.workdir.store import versions
 
     encoder = results["features"].artifact.manifest["encoder"]
     return {"key": results["cut"].artifact.key if "cut" in results else None,
@@ -512,8 +512,8 @@ def _run_identity(run: Run, results: dict) -> dict:
 
 def _test_dataset(run: Run, train_ds: Dataset, test_dir: Path | None, test_masks: Path | None) -> Dataset | None:
     """The labelled test set: `--test DIR --test-masks DIR`, else the MVTec root's test split, else none."""
-    from .data import mvtec_categories
-    from .errors import ConfigError
+    from medsclean.workdir.data import mvtec_categories
+    from medsclean.errors import ConfigError
 
     if test_dir is not None:
         if test_masks is None:
@@ -531,8 +531,8 @@ def _records_in_order(dataset: Dataset, art) -> list:
 
 
 def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, preprocess):
-    from . import evaluate as ev
-    from .training_stages import load_groups
+    from medsclean.stages import evaluate as ev
+    from medsclean.stages.training import load_groups
 
     records = _records_in_order(test_ds, test_art)
     memory_selection = cfg.model == "select" and results["select"].artifact.manifest["model"] is None
@@ -548,7 +548,7 @@ def _test_maps(run: Run, test_ds: Dataset, test_art, results: dict, cfg, grid, p
 
 def _train_maps(run: Run, train_ds: Dataset, results: dict, cfg, grid, preprocess):
     """Training-image maps of the selection's model (method meds) or the Step-1 maps (method memory)."""
-    from . import evaluate as ev
+    from medsclean.stages import evaluate as ev
 
     records = _records_in_order(train_ds, results["select"].artifact)
     return ev.postprocess(records, _train_tokens(run, results), grid, preprocess, cfg)
@@ -556,8 +556,8 @@ def _train_maps(run: Run, train_ds: Dataset, results: dict, cfg, grid, preproces
 
 def _train_tokens(run: Run, results: dict):
     """(N, P) token maps of the training images: the fine-tuned model's, or Step 1's without a model."""
-    from . import evaluate as ev
-    from .training_stages import load_groups
+    from medsclean.stages import evaluate as ev
+    from medsclean.stages.training import load_groups
 
     select_art = results["select"].artifact
     if select_art.manifest["model"] is None:

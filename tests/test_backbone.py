@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.ndimage import uniform_filter
 
-from medsclean import backbone
+from medsclean.model import encoder as backbone
 from medsclean._compat import ensure_torchvision_importable
-from medsclean.backbone import (LITE0_NAME, PACKAGED_WEIGHTS, EncoderOutput, file_sha256, load_encoder,
+from medsclean.model.encoder import (LITE0_NAME, PACKAGED_WEIGHTS, EncoderOutput, file_sha256, load_encoder,
                                 load_packaged_classifier, packaged_state_dict,
                                 read_state_dict, reconstruction_blocks)
 from medsclean.errors import UsageError, WeightsError
-from medsclean.images import Preprocess, preprocess_array
+from medsclean.workdir.images import Preprocess, preprocess_array
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -10,7 +10,7 @@ import torch
 
 from medsclean.config import CPU, PAPER, CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
 from medsclean.errors import ConfigError
-from medsclean.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
+from medsclean.step1.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
                               refine_memory, score_classes, scores_from_table)
 
 from .memory_oracle import naive_memory_scores
@@ -142,7 +142,7 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
     from typer.testing import CliRunner
 
     from medsclean.cli import app
-    from medsclean.store import Store
+    from medsclean.workdir.store import Store
 
     from .helpers import make_mvtec
 
@@ -169,8 +169,8 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
 
 def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
     """With cut "mad", the final clean set is exactly Step 3's own re-selection at t = T."""
-    from medsclean.selection import select_per_class
-    from medsclean.training_stages import final_cut
+    from medsclean.selection.progressive import select_per_class
+    from medsclean.stages.training import final_cut
 
     rng = np.random.default_rng(7)
     eta = np.concatenate([rng.gamma(9, 0.1, 60), rng.gamma(9, 0.1, 40) + rng.uniform(0, 2, 40)])

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.memory import draw_banks, memory_scores_exact, plan_exact_blocks, score_classes
-from medsclean.memory_blocks import (TensorRows, block_tasks, key_chunk_images, memory_scores_blocked,
+from medsclean.step1.memory import draw_banks, memory_scores_exact, plan_exact_blocks, score_classes
+from medsclean.step1.blocks import (TensorRows, block_tasks, key_chunk_images, memory_scores_blocked,
                                      partial_bank_distances, BlockJob, merge_partials)
-from medsclean.store import Store
+from medsclean.workdir.store import Store
 from tests.test_memory import random_features
 
 
@@ -87,7 +87,7 @@ def test_tasks_cover_every_pair_once_and_key_chunks_are_whole_database_blocks():
 def test_the_min_reduction_does_not_depend_on_the_order_of_the_parts():
     features = torch.as_tensor(random_features(60, 9, 16, seed=4))
     bank_table = draw_banks(60, 12, 0.2, replace=True, generator=np.random.default_rng(0))
-    from medsclean.memory import _padded_members
+    from medsclean.step1.memory import _padded_members
 
     plan = plan_exact_blocks(60, 9, n_banks=12, bank_width=12, block_images=60, max_block_bytes=1 << 16)
     job = BlockJob(TensorRows(features), _padded_members(bank_table, pad_index=60), 2, True, plan)
@@ -107,7 +107,7 @@ def _write_features(tmp_path, features: torch.Tensor, shard_size: int):
     n = features.shape[0]
     shards, specs = [], {}
     with store.staged("features") as staging:
-        from medsclean.store import save_tensors, tensor_specs
+        from medsclean.workdir.store import save_tensors, tensor_specs
 
         for s in range(0, n, shard_size):
             e = min(n, s + shard_size)

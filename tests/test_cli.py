@@ -12,7 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from medsclean import cli, cli_options
+from medsclean import cli
+from medsclean.cli import options as cli_options
 from medsclean.cli import app
 from medsclean.config import STAGE_CONFIGS
 

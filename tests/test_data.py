@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean.data import discover, image_id
+from medsclean.workdir.data import discover, image_id
 from medsclean.errors import DataError, UsageError
-from medsclean.images import Preprocess, decode_image, preprocess_array, read_mask
+from medsclean.workdir.images import Preprocess, decode_image, preprocess_array, read_mask
 
 from .helpers import crops, make_mvtec, save_png, texture
 
@@ -151,14 +151,14 @@ def test_missing_or_empty_root(tmp_path):
 
 
 def test_mask_extensions_are_the_image_extensions():
-    from medsclean.data import MASK_EXTENSIONS
-    from medsclean.images import IMAGE_EXTENSIONS
+    from medsclean.workdir.data import MASK_EXTENSIONS
+    from medsclean.workdir.images import IMAGE_EXTENSIONS
 
     assert sorted(MASK_EXTENSIONS) == sorted(IMAGE_EXTENSIONS)
 
 
 def test_mask_lookup_mirrors_the_image_path_in_any_image_format(tmp_path):
-    from medsclean.data import find_mask
+    from medsclean.workdir.data import find_mask
 
     cat = tmp_path / "pcb"
     m = np.zeros((8, 8), np.uint8)

@@ -6,15 +6,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medsclean import training_stages
+from medsclean.stages import training as training_stages
 from medsclean.cli import app
 from medsclean.config import DistillConfig, ExtractConfig, ScoreConfig
-from medsclean.data import discover
-from medsclean.extract import run_extract
-from medsclean.noisy import make_noisy
-from medsclean.score import run_score
-from medsclean.store import Store
-from medsclean.synth import generate_dataset
+from medsclean.workdir.data import discover
+from medsclean.stages.features import run_extract
+from medsclean.demo.noisy import make_noisy
+from medsclean.stages.scores import run_score
+from medsclean.workdir.store import Store
+from medsclean.demo.synth import generate_dataset
 from medsclean.ui import SilentReporter
 
 

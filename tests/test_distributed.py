@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from medsclean.cli import app
 from medsclean.config import ClusterConfig
 from medsclean.errors import ConfigError
-from medsclean.memory import score_classes
-from medsclean.store import Store, load_tensors
+from medsclean.step1.memory import score_classes
+from medsclean.workdir.store import Store, load_tensors
 
 from .helpers import crops, require_ray, save_png, texture
 from .test_memory import random_features

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.store import Store, load_tensors
+from medsclean.workdir.store import Store, load_tensors
 
 from .helpers import crops, require_ray, save_png, texture
 

@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from medsclean.config import DistillConfig, SelectConfig
 from medsclean.errors import MedscleanError
-from medsclean.losses import map_regression_loss
-from medsclean.model import ModelConfig, ReconstructionModel
-from medsclean.training import DataParallel, collective_device, compute_maps, distill, progressive_select
+from medsclean.model.losses import map_regression_loss
+from medsclean.model.decoder import ModelConfig, ReconstructionModel
+from medsclean.model.training import DataParallel, collective_device, compute_maps, distill, progressive_select
 
 N_IMAGES, TOKENS, WIDTH = 20, 1 + 16, 16
 UNEVEN = DistillConfig(iters=4, batch_size=7, dropout=0.0, warmup=1, checkpoint_every=0, lr=5e-3)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from medsclean.config import ClusterConfig, ExtractConfig
-from medsclean.data import discover
+from medsclean.workdir.data import discover
 from medsclean.errors import DataError
-from medsclean.extract import run_extract
-from medsclean.store import Store
+from medsclean.stages.features import run_extract
+from medsclean.workdir.store import Store
 from medsclean.ui import SilentReporter
 
 from .helpers import crops, require_ray, save_png, texture

@@ -17,8 +17,8 @@ import torch
 
 from medsclean import pipeline
 from medsclean.config import ClusterConfig, DistillConfig, SelectConfig
-from medsclean.store import Store
-from medsclean.training_stages import load_model, run_distill, run_select
+from medsclean.workdir.store import Store
+from medsclean.stages.training import load_model, run_distill, run_select
 from medsclean.ui import SilentReporter
 
 from .helpers import crops, require_ray, save_png, texture

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from medsclean import extract as extract_mod
+from medsclean.stages import features as extract_mod
 from medsclean.cli import app
 from medsclean.config import ExtractConfig
-from medsclean.data import discover
-from medsclean.extract import run_extract
-from medsclean.store import Store, load_tensors
+from medsclean.workdir.data import discover
+from medsclean.stages.features import run_extract
+from medsclean.workdir.store import Store, load_tensors
 from medsclean.ui import SilentReporter
 
 from .helpers import crops, save_png, texture
@@ -114,7 +114,7 @@ class _CountingEncoder:
 @pytest.fixture()
 def encoded(monkeypatch):
     """Counts of encoder loads, batches and images encoded by `run_extract` (reset with `.clear()`)."""
-    from medsclean import backbone
+    from medsclean.model import encoder as backbone
 
     real_load = backbone.load_encoder
     log = {}

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medsclean.cli import app
-from medsclean.store import Store
+from medsclean.workdir.store import Store
 
 from .helpers import make_mvtec
 

@@ -187,7 +187,7 @@ class _Slow:
 def test_a_worker_busy_with_one_image_is_stopped_after_the_grace_not_the_loaders_5_s():
     from torch.utils.data import DataLoader
 
-    from medsclean.extract import _init_worker, _stop_workers
+    from medsclean.stages.features import _init_worker, _stop_workers
 
     loader = DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=partial(_init_worker, os.getpid()))
     batches = iter(loader)

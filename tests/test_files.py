@@ -1,4 +1,4 @@
-"""Atomic writing (medsclean.store): modes under the umask, strict JSON, folders that appear whole."""
+"""Atomic writing (medsclean.workdir.store): modes under the umask, strict JSON, folders that appear whole."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean import store
+from medsclean.workdir import store
 from medsclean.errors import DataError
-from medsclean.report import overlay_png
-from medsclean.store import Store
+from medsclean.pages.report import overlay_png
+from medsclean.workdir.store import Store
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean import knn
+from medsclean.step1 import faiss_index as knn
 from medsclean.errors import DataError, UsageError
-from medsclean.memory import (
+from medsclean.step1.memory import (
     ALL_CLASSES,
     bank_size,
     choose_engine,
@@ -215,7 +215,7 @@ def test_class_banks_do_not_depend_on_other_classes():
 
 def test_class_banks_are_the_same_in_every_process():
     script = (
-        "import numpy as np; from medsclean.memory import class_generator, draw_banks;"
+        "import numpy as np; from medsclean.step1.memory import class_generator, draw_banks;"
         "print(draw_banks(50, 3, 0.1, generator=class_generator(7, 'metal_nut')).tolist())"
     )
     outputs = set()
@@ -291,7 +291,7 @@ def test_knn_gpu_request_without_gpu_is_a_usage_error():
 
 
 def test_importing_the_engines_does_not_import_faiss():
-    script = "import sys, medsclean.memory; print('faiss' in sys.modules)"
+    script = "import sys, medsclean.step1.memory; print('faiss' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from medsclean.errors import UsageError
-from medsclean.model import LinearAttention, ModelConfig, ReconstructionModel, decoder_chunks
+from medsclean.model.decoder import LinearAttention, ModelConfig, ReconstructionModel, decoder_chunks
 
 
 
@@ -189,7 +189,7 @@ def test_config_rejects_ambiguous_or_impossible_shapes():
 
 
 def test_token_pool_averages_windows_and_resizes_the_map_back():
-    from medsclean.model import pool_tokens, upsample_map
+    from medsclean.model.decoder import pool_tokens, upsample_map
 
     # A 4x4 grid of 2 channels plus one prefix token: pooling 2x2 averages each window by hand.
     grid = torch.arange(32, dtype=torch.float32).reshape(1, 16, 2)
@@ -217,7 +217,7 @@ def test_pooled_model_reconstructs_the_pooled_groups_and_maps_the_full_grid():
     maps = model.anomaly_map(groups)
     assert maps.shape == (3, 64)
     # Each 2x2 window of the full map interpolates the pooled map: its window means are close to it.
-    from medsclean.model import cosine_distance_map, pool_tokens
+    from medsclean.model.decoder import cosine_distance_map, pool_tokens
 
     coarse = cosine_distance_map(enc, dec, 0)
     window_means = pool_tokens(maps.unsqueeze(-1), 0, 2).squeeze(-1)

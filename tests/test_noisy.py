@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean import data, noisy
+from medsclean.workdir import data
+from medsclean.demo import noisy
 from medsclean.errors import DataError, UsageError
 
 # category -> (good training images, {defect: anomalous test images})

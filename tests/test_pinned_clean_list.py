@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medsclean.cli import app
-from medsclean.noisy import make_noisy
-from medsclean.synth import generate_dataset
+from medsclean.demo.noisy import make_noisy
+from medsclean.demo.synth import generate_dataset
 
 PINNED_REJECTED = {
     "meds": ["brick/train/good/48d1d5d86776.png", "brick/train/good/5a2981e7efdb.png",

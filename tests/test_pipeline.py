@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from medsclean.cli import app
 from medsclean.metrics import image_auroc_score
-from medsclean.noisy import make_noisy
-from medsclean.synth import generate_dataset
+from medsclean.demo.noisy import make_noisy
+from medsclean.demo.synth import generate_dataset
 
 runner = CliRunner()
 FAST = ["--resize", "128", "--crop", "128", "--num-workers", "0", "--batch-size", "16", "--banks", "20"]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from medsclean.errors import DataError
-from medsclean.report import colormap_lut, overlay_png, render_overlay, write_html_report
+from medsclean.pages.report import colormap_lut, overlay_png, render_overlay, write_html_report
 
 WEIRD_PATH = 'lot 7/<b>crack</b> & "ünïcødé" 图像.png'
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean.review import PANEL_HEIGHT, write_review
+from medsclean.pages.review import PANEL_HEIGHT, write_review
 
 from .test_report import require_chromium, run_chromium, screenshot_pixels
 

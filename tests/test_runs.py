@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from medsclean.cli import app
-from medsclean.noisy import make_noisy
-from medsclean.store import Store
-from medsclean.synth import generate_dataset
+from medsclean.demo.noisy import make_noisy
+from medsclean.workdir.store import Store
+from medsclean.demo.synth import generate_dataset
 
 from .helpers import make_mvtec
 
@@ -54,7 +54,7 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     assert (Store(work).load("cut", first["run"])) is not None  # the later runs replaced nothing
 
     listing = json.loads(CliRunner().invoke(app, ["runs", "--work", str(work), "--json"]).stdout)
-    assert listing["schema"] == "medsclean.runs/1"
+    assert listing["schema"] == "medsclean.workdir.runs/1"
     rows = {r["run"]: r for r in listing["runs"]}
     assert set(rows) == {first["run"], second["run"], third["run"]}
     assert rows[third["run"]]["latest"] and not rows[first["run"]]["latest"] and rows[second["run"]]["latest"]

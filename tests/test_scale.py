@@ -8,7 +8,7 @@ import torch
 
 from medsclean.config import ScoreConfig, parse_size
 from medsclean.errors import ConfigError, DataError
-from medsclean.memory import (
+from medsclean.step1.memory import (
     APPROX_ADVICE_SECONDS,
     block_budget,
     choose_engine,
@@ -22,7 +22,7 @@ from medsclean.memory import (
     streaming_layout,
     working_set_bytes,
 )
-from medsclean.score import step1_maps
+from medsclean.stages.scores import step1_maps
 from tests.test_memory import random_features, structured_features
 
 
@@ -159,11 +159,11 @@ def test_auto_past_a_tiny_bound_gives_the_exact_scores():
 
 def test_run_score_prints_one_line_per_class_past_the_bound_and_records_engines(tmp_path, monkeypatch):
     from medsclean.config import ExtractConfig
-    from medsclean.data import discover
-    from medsclean.extract import run_extract
-    from medsclean.score import approx_command, run_score
-    from medsclean.store import Store
-    from medsclean.synth import generate_dataset
+    from medsclean.workdir.data import discover
+    from medsclean.stages.features import run_extract
+    from medsclean.stages.scores import approx_command, run_score
+    from medsclean.workdir.store import Store
+    from medsclean.demo.synth import generate_dataset
     from medsclean.ui import SilentReporter
 
     generate_dataset(tmp_path / "data", categories=("gravel", "coins"), n_train=6, n_test_good=0,

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean import memory, noisy, seeding, synth
+from medsclean import seeding
+from medsclean.step1 import memory
+from medsclean.demo import noisy
+from medsclean.demo import synth
 
 
 def _same(a: np.random.Generator, b: np.random.Generator) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsclean.errors import MedscleanError
-from medsclean.selection import (
+from medsclean.selection.progressive import (
     alpha,
     blend_scores,
     image_scores,
@@ -85,7 +85,7 @@ def test_image_scores_are_top_one_percent_means(n_patches, k):
 
 
 def test_combine_class_scores_hand_computed():
-    from medsclean.selection import combine_class_scores
+    from medsclean.selection.progressive import combine_class_scores
 
     # Class a: medians 2 and 10 -> ratios (0.5, 1, 4) and (1, 1, 0.25); geometric means 0.707, 1, 1.
     # Class b: two images, medians 3 and 1.5 -> ratios (2/3, 4/3) and (2/3, 4/3).
@@ -106,8 +106,8 @@ def test_the_cut_reads_eta_or_its_combination_with_the_memory_score():
 
     from medsclean.config import CutConfig
     from medsclean.errors import ConfigError
-    from medsclean.selection import combine_class_scores
-    from medsclean.training_stages import final_scores
+    from medsclean.selection.progressive import combine_class_scores
+    from medsclean.stages.training import final_scores
 
     stored = {"eta": torch.tensor([0.2, 0.4, 0.9, 0.3], dtype=torch.float64),
               "memory_score": torch.tensor([0.5, 0.1, 0.6, 0.3])}
@@ -130,13 +130,13 @@ def test_selection_json_says_which_rule_each_class_used(tmp_path):
     import json
 
     from medsclean.config import CutConfig, ExtractConfig, ScoreConfig, SelectConfig
-    from medsclean.data import discover
-    from medsclean.extract import run_extract
-    from medsclean.score import run_score
-    from medsclean.store import Store
-    from medsclean.synth import generate_dataset
-    from medsclean.thresholds import cut_mad
-    from medsclean.training_stages import run_cut, run_select
+    from medsclean.workdir.data import discover
+    from medsclean.stages.features import run_extract
+    from medsclean.stages.scores import run_score
+    from medsclean.workdir.store import Store
+    from medsclean.demo.synth import generate_dataset
+    from medsclean.selection.cut_rules import cut_mad
+    from medsclean.stages.training import run_cut, run_select
     from medsclean.ui import SilentReporter
 
     generate_dataset(tmp_path / "data", categories=("gravel",), n_train=8, n_test_good=0, n_test_defect=0, size=64)

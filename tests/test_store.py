@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from medsclean import store as store_mod
+from medsclean.workdir import store as store_mod
 from medsclean.errors import DataError, UsageError
-from medsclean.store import Store, digest, load_tensors
+from medsclean.workdir.store import Store, digest, load_tensors
 
 
 def test_round_trip_and_cache_key(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean import synth
+from medsclean.demo import synth
 from medsclean.errors import DataError, UsageError
 
 

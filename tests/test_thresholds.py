@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medsclean.errors import MedscleanError
-from medsclean.thresholds import (
+from medsclean.selection.cut_rules import (
     RULES,
     _fit_two_gaussians,
     choose_cut,
@@ -238,10 +238,10 @@ def real_clean_tables():
     EfficientNet-Lite0 features (64 px: 8 x 8 patches), the oracle of leave-self-out kNN scores."""
     import torch
 
-    from medsclean import synth
-    from medsclean.backbone import LITE0_NAME, load_encoder
-    from medsclean.images import normalise
-    from medsclean.memory import nearest_table
+    from medsclean.demo import synth
+    from medsclean.model.encoder import LITE0_NAME, load_encoder
+    from medsclean.workdir.images import normalise
+    from medsclean.step1.memory import nearest_table
 
     encoder = load_encoder(LITE0_NAME, resize=64, crop=64)
     tables = {}

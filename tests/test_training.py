@@ -11,12 +11,12 @@ import safetensors.torch
 import torch
 
 from medsclean.errors import DataError, UsageError
-from medsclean.losses import hard_mining_cosine_loss, hard_mining_weights, map_regression_loss, p_schedule
-from medsclean.model import ModelConfig, ReconstructionModel
-from medsclean.optim import StableAdamW, warm_cosine_lr
-from medsclean.selection import image_scores
+from medsclean.model.losses import hard_mining_cosine_loss, hard_mining_weights, map_regression_loss, p_schedule
+from medsclean.model.decoder import ModelConfig, ReconstructionModel
+from medsclean.model.optim import StableAdamW, warm_cosine_lr
+from medsclean.selection.progressive import image_scores
 from medsclean.config import DistillConfig, SelectConfig
-from medsclean.training import compute_maps, distill, progressive_select, train_detector
+from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -8,6 +8,6 @@
 Importing this package does not import ray; `session.connect` does.
 """
 
-from .session import RaySession, connect, shutdown
+from medsclean.distributed.session import RaySession, connect, shutdown
 
 __all__ = ["RaySession", "connect", "shutdown"]

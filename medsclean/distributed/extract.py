@@ -23,13 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..config import ExtractConfig
-from ..data import Dataset
-from ..errors import DataError, MedscleanError, UsageError, WeightsError
-from ..extract import _encode_batch, _ImageFolderDataset, _LazyEncoder, _load_encoder, _strict_error
-from ..images import Preprocess
-from ..store import ImageCache
-from .session import RaySession
+from medsclean.config import ExtractConfig
+from medsclean.workdir.data import Dataset
+from medsclean.errors import DataError, MedscleanError, UsageError, WeightsError
+from medsclean.stages.features import _encode_batch, _ImageFolderDataset, _LazyEncoder, _load_encoder, _strict_error
+from medsclean.workdir.images import Preprocess
+from medsclean.workdir.store import ImageCache
+from medsclean.distributed.session import RaySession
 
 DECODE_CPUS = 0.25
 """CPUs a decode task reserves. On CPU the encoder actors hold the rest of each worker's CPU (the

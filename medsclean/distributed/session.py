@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ClusterConfig
-from ..errors import DataError
+from medsclean.config import ClusterConfig
+from medsclean.errors import DataError
 
 IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: keeps workers busy, bounds the object store
 PROBE_TIMEOUT_S = 60.0

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, MedscleanError
-from .session import RaySession
+from medsclean.errors import DataError, MedscleanError
+from medsclean.distributed.session import RaySession
 
 
 class DataParallelTrainer:
@@ -94,7 +94,7 @@ def _rank(rank: int, world: int, use_gpu: bool):
     (the rank owns one CPU)."""
     import torch
 
-    from ..training import DataParallel
+    from medsclean.model.training import DataParallel
 
     if not use_gpu:
         torch.set_num_threads(1)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, UsageError, WeightsError
-from .images import Preprocess
+from medsclean.errors import ConfigError, UsageError, WeightsError
+from medsclean.workdir.images import Preprocess
 
 
 class PackagedWeights(NamedTuple):
@@ -86,7 +86,7 @@ class EncoderOutput(NamedTuple):
 
 
 def _timm():
-    from ._compat import ensure_torchvision_importable
+    from medsclean._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import timm

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .choices import ClassFrom, Layout, Split
-from .errors import ConfigError, DataError
-from .images import IMAGE_EXTENSIONS
-from .store import write_json_atomic
+from medsclean.choices import ClassFrom, Layout, Split
+from medsclean.errors import ConfigError, DataError
+from medsclean.workdir.images import IMAGE_EXTENSIONS
+from medsclean.workdir.store import write_json_atomic
 
 LAYOUTS = Layout.values()
 SPLITS = Split.values()

@@ -12,15 +12,15 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import DemoConfig
-from .ui import Reporter
+from medsclean.config import DemoConfig
+from medsclean.ui import Reporter
 
 
 def prepare_demo_data(work: Path, cfg: DemoConfig, reporter: Reporter) -> Path:
     """Generate and contaminate the demo dataset under `work/demo`, reusing an identical earlier one."""
-    from .noisy import make_noisy
-    from .store import write_json_atomic
-    from .synth import generate_dataset
+    from medsclean.demo.noisy import make_noisy
+    from medsclean.workdir.store import write_json_atomic
+    from medsclean.demo.synth import generate_dataset
 
     base = Path(work) / "demo"
     stamp = base / "demo-config.json"

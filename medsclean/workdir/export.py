@@ -16,10 +16,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ConfigError
-from .store import atomic_directory, to_json, write_text_atomic
+from medsclean.errors import ConfigError
+from medsclean.workdir.store import atomic_directory, to_json, write_text_atomic
 
-EXPORT_SCHEMA = "medsclean.export/1"
+EXPORT_SCHEMA = "medsclean.workdir.export/1"
 MANIFEST = "medsclean-export.json"
 
 

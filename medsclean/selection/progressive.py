@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import MedscleanError
+from medsclean.errors import MedscleanError
 
 TOP_FRACTION = 0.01
 

@@ -15,8 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .store import Store, folder_bytes, to_json, write_text_atomic
+from medsclean.errors import ConfigError
+from medsclean.workdir.store import Store, folder_bytes, to_json, write_text_atomic
 
 POINTER_SCHEMA = "medsclean.run-record/1"
 CHAIN = ("features", "scores", "distill", "select", "cut")
@@ -147,8 +147,8 @@ def remove_runs(store: Store, keys: list[str]) -> dict:
     Raises:
         InUseError: a running command uses one of them.
     """
-    from .extract import prune_image_cache
-    from .store import IMAGE_CACHE
+    from medsclean.stages.features import prune_image_cache
+    from medsclean.workdir.store import IMAGE_CACHE
 
     doomed = {find_run(store, k, stage="runs")[0] for k in keys}
     keep_refs: set[tuple[str, str]] = set()

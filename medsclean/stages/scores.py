@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import ScoreConfig
-from .store import Artifact, Store, digest
-from .ui import Reporter
+from medsclean.config import ScoreConfig
+from medsclean.workdir.store import Artifact, Store, digest
+from medsclean.ui import Reporter
 
 STAGE = "scores"
 
@@ -98,7 +98,7 @@ def scores_csv(images: list[dict], scores) -> str:
 def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **options):
     """(N, P) Step-1 maps and the banks per class for `cfg`; `options` go to `memory.score_classes`
     (callbacks, precomputed `tables`)."""
-    from .memory import score_classes
+    from medsclean.step1.memory import score_classes
 
     engine, index = ("faiss", "ivf") if cfg.engine == "ivf" else (cfg.engine, "flat")
     return score_classes(
@@ -123,7 +123,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
-    from .memory import APPROX_ADVICE_SECONDS, image_scores
+    from medsclean.step1.memory import APPROX_ADVICE_SECONDS, image_scores
 
     bound = APPROX_ADVICE_SECONDS if advice_seconds is None else advice_seconds
 

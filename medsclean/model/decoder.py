@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DistillConfig
-from .errors import UsageError
-from .seeding import torch_generator
+from medsclean.config import DistillConfig
+from medsclean.errors import UsageError
+from medsclean.seeding import torch_generator
 
 _INIT_STD = 0.01
 _INIT_CLIP = 0.03

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import SelectConfig
-from .errors import ConfigError
+from medsclean.config import SelectConfig
+from medsclean.errors import ConfigError
 
 LOSS_SCALE = 10.0
 LOSS_KINDS = ("mse", "l1")

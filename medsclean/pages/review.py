@@ -4,7 +4,7 @@ One self-contained ``report.html`` (no script, no external resource), with or wi
 a summary of the counts and cut rules, then one section per class with a histogram of the final
 score eta and the cut tau, the rejected images (most suspicious first), the kept images nearest
 the cut ("borderline kept"), and every score in a collapsible table. Pictures are anomaly-map
-triptychs (:func:`medsclean.report.render_overlay`) embedded as JPEG ``data:`` URIs straight from
+triptychs (:func:`medsclean.pages.report.render_overlay`) embedded as JPEG ``data:`` URIs straight from
 memory, all coloured on one heat range so they compare across the page. With labels, the page
 also shows the metrics table and marks every pictured image contaminant or normal.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import METHOD_ADVICE
-from .report import escape, html_page, html_table, picture_data_uri, render_overlay, settings_rows
-from .store import write_text_atomic
+from medsclean.config import METHOD_ADVICE
+from medsclean.pages.report import escape, html_page, html_table, picture_data_uri, render_overlay, settings_rows
+from medsclean.workdir.store import write_text_atomic
 
 __all__ = ["write_review", "Picture"]
 

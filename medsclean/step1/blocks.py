@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .memory import (CPU_BLOCK_BYTES, ExactPlan, _check_banks, _check_k, _mean_of_k_smallest, _nearest_similarities,
+from medsclean.step1.memory import (CPU_BLOCK_BYTES, ExactPlan, _check_banks, _check_k, _mean_of_k_smallest, _nearest_similarities,
                      _padded_members, _report, plan_exact_blocks, ProgressCallback)
 
 

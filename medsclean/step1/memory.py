@@ -48,9 +48,10 @@ from typing import Callable, Hashable, Literal, NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
-from . import knn, seeding
-from .config import ScoreConfig
-from .errors import ConfigError, DataError
+from medsclean import seeding
+from medsclean.step1 import faiss_index as knn
+from medsclean.config import ScoreConfig
+from medsclean.errors import ConfigError, DataError
 
 Aggregate = Literal["top1pct", "max"]
 EngineName = Literal["auto", "exact", "faiss", "approx"]
@@ -738,8 +739,8 @@ def memory_scores_faiss(
         leave_self_out: never match an image against itself (see the module docstring).
         use_gpu: faiss-gpu on/off; None uses it when available.
         index: "flat" (exact) or "ivf" (approximate).
-        nlist: IVF lists per bank index (default :func:`medsclean.knn.default_nlist`).
-        nprobe: IVF lists visited per query (default :func:`medsclean.knn.default_nprobe`).
+        nlist: IVF lists per bank index (default :func:`medsclean.step1.faiss_index.default_nlist`).
+        nprobe: IVF lists visited per query (default :func:`medsclean.step1.faiss_index.default_nprobe`).
         seed: seed of the IVF k-means.
         on_block: called with (banks done, B) after every bank.
 
@@ -833,7 +834,7 @@ def choose_engine(
         n_patches: P, patches per image.
         dim: D, feature width.
         device: the torch device the exact engine would run on.
-        faiss_gpu: whether faiss-gpu sees a GPU; None asks :func:`medsclean.knn.gpu_count`.
+        faiss_gpu: whether faiss-gpu sees a GPU; None asks :func:`medsclean.step1.faiss_index.gpu_count`.
         n_banks: B.
         ratio: bank ratio.
         advice_seconds: projected exact time past which the choice is marked ``over_bound``.
@@ -873,7 +874,7 @@ def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: Aggregate = "top
     Returns:
         (N,) float32 image scores; NaN for a map holding NaN.
     """
-    from .maps import TOP1PCT, topk_mean_score
+    from medsclean.maps import TOP1PCT, topk_mean_score
 
     maps = torch.as_tensor(maps).float()
     if maps.ndim != 2:
@@ -1061,7 +1062,7 @@ class TaskExecutor(Protocol):
 
 
 def _memory_blocks():
-    from . import memory_blocks  # it imports this module's engine internals
+    from medsclean.step1 import blocks as memory_blocks  # it imports this module's engine internals
 
     return memory_blocks
 

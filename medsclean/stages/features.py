@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExtractConfig, resolve_device
-from .data import Dataset
-from .errors import DataError
-from .images import Preprocess, decode_image, normalise, resize_crop
-from .store import IMAGE_CACHE, Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
-from .ui import Reporter
+from medsclean.config import ExtractConfig, resolve_device
+from medsclean.workdir.data import Dataset
+from medsclean.errors import DataError
+from medsclean.workdir.images import Preprocess, decode_image, normalise, resize_crop
+from medsclean.workdir.store import IMAGE_CACHE, Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
+from medsclean.ui import Reporter
 
 STAGE = "features"
 ENTRY_FORMAT = "medsclean-image-features/1"
@@ -189,7 +189,7 @@ def _load_encoder(cfg: ExtractConfig, device: str):
     entries of one key all come from the same weights."""
     import torch
 
-    from .backbone import load_encoder
+    from medsclean.model.encoder import load_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(RANDOM_INIT_SEED)
@@ -249,7 +249,7 @@ def _extract_into(dataset: Dataset, store: Store, cfg: ExtractConfig, stage: str
         if session is None or not todo:
             errors = _extract_missing(encoder, dataset, hashes, todo, cache, cfg, strict, task)
         else:
-            from .distributed.extract import extract_missing
+            from medsclean.distributed.extract import extract_missing
 
             errors = extract_missing(session, encoder, dataset, hashes, todo, cache, cfg, strict, task)
     n_extracted = len(todo) - len(errors)

@@ -9,7 +9,7 @@ of its category and source path, so neither the name nor the sort order reveals 
 are absolute symlinks to the source (or copies with `copy=True`); the source is never written.
 
 The layout rules (image files, categories, masks, the manifest's name and format) are those of
-`medsclean.data`; this module holds only the contamination protocol.
+`medsclean.workdir.data`; this module holds only the contamination protocol.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import seeding
-from .data import (MASK_SUFFIX, NOISY_FORMAT, find_mask, list_images, mvtec_categories,
+from medsclean import seeding
+from medsclean.workdir.data import (MASK_SUFFIX, NOISY_FORMAT, find_mask, list_images, mvtec_categories,
                    write_noisy_manifest)
-from .errors import ConfigError, DataError, UsageError
-from .store import atomic_directory
+from medsclean.errors import ConfigError, DataError, UsageError
+from medsclean.workdir.store import atomic_directory
 
 TRAIN_MASK_DIR = "ground_truth_train"
 

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import DistillConfig, SelectConfig
-from .errors import DataError, MedscleanError, UsageError
-from .losses import hard_mining_cosine_loss, map_regression_loss, p_schedule
-from .model import ModelConfig, ReconstructionModel, cosine_distance_map, upsample_map
-from .optim import StableAdamW, load_optimizer_state_tensors, optimizer_state_tensors, warm_cosine_lr
-from .selection import alpha, blend_scores, image_scores, select_per_class
+from medsclean.config import DistillConfig, SelectConfig
+from medsclean.errors import DataError, MedscleanError, UsageError
+from medsclean.model.losses import hard_mining_cosine_loss, map_regression_loss, p_schedule
+from medsclean.model.decoder import ModelConfig, ReconstructionModel, cosine_distance_map, upsample_map
+from medsclean.model.optim import StableAdamW, load_optimizer_state_tensors, optimizer_state_tensors, warm_cosine_lr
+from medsclean.selection.progressive import alpha, blend_scores, image_scores, select_per_class
 
 StepCallback = Callable[[int, dict], None]
 """on_step(step, record): step = iterations done (1..iters); record = {"loss", "lr"}."""
@@ -216,7 +216,7 @@ def _private_rng(device: torch.device, seed: int):
     """Fork the global CPU (and this CUDA device's) RNG and seed it; the caller's streams are restored after."""
     devices = [_cuda_index(device)] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        from .seeding import seed_torch
+        from medsclean.seeding import seed_torch
 
         seed_torch(seed, devices[0] if devices else None)
         yield
@@ -326,12 +326,12 @@ def _run_iterations(
     warmup = optim.warmup_for(iters)
     optimizer = StableAdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, eps=optim.eps)
     shuffle_seed, dropout_seed = _derive_seeds(seed)
-    from .seeding import torch_generator
+    from medsclean.seeding import torch_generator
 
     shuffler = torch_generator(shuffle_seed)
     net = model if parallel is None else parallel.wrap(model, device)
     if parallel is not None and parallel.world > 1:
-        from .seeding import rng
+        from medsclean.seeding import rng
 
         dropout_seed = int(rng(dropout_seed, "rank", parallel.rank).integers(2**62))
     with _private_rng(device, dropout_seed):

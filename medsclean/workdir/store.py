@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, DataError, InUseError, WriteError, write_error
+from medsclean.errors import ConfigError, DataError, InUseError, WriteError, write_error
 
 FORMAT = "medsclean-artifact/1"
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ def digest(obj: Any) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes an artifact."""
-    from . import __version__
+    from medsclean import __version__
 
     out = {"medsclean": __version__, "python": platform.python_version()}
     for mod in ("torch", "timm", "numpy", "safetensors", "faiss"):
@@ -457,7 +457,7 @@ class Store:
 
     Artifacts of different datasets and option sets live side by side; a later run never
     replaces an earlier one's. `<work>/<stage>/LATEST` names the stage's most recent artifact
-    (for tools and tests); `medsclean.runs` keeps the per-dataset pointers. A work folder of the
+    (for tools and tests); `medsclean.workdir.runs` keeps the per-dataset pointers. A work folder of the
     0.1.0 layout (one artifact per stage folder) is moved into this layout when opened.
     """
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from .errors import UsageError
+from medsclean.errors import UsageError
 
 IndexKind = Literal["flat", "ivf"]
 

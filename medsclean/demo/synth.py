@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import draw as skdraw
 
-from . import seeding
-from .errors import UsageError
-from .store import atomic_directory, write_json_atomic
+from medsclean import seeding
+from medsclean.errors import UsageError
+from medsclean.workdir.store import atomic_directory, write_json_atomic
 
 SYNTH_FORMAT = "medsclean-synth/1"
 SUMMARY_NAME = "medsclean-synth.json"

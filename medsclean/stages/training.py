@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CutConfig, DistillConfig, SelectConfig
-from .store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, to_json
-from .ui import Reporter
+from medsclean.config import CutConfig, DistillConfig, SelectConfig
+from medsclean.workdir.store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, to_json
+from medsclean.ui import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
 MIN_CLASS_SIZE = 5
@@ -44,7 +44,7 @@ def load_groups(features: Artifact) -> tuple[list, dict]:
 def model_config_for(encoder: dict, cfg: DistillConfig):
     """Decoder shape for an encoder: ViTs keep the token width with heads of 64 channels (12 for
     ViT-B, as the encoder); CNN stages are projected to `cfg.width`."""
-    from .model import CNN_WIDTH, ModelConfig
+    from medsclean.model.decoder import CNN_WIDTH, ModelConfig
 
     dims = tuple(encoder["group_dims"])
     if encoder["kind"] == "vit" and cfg.width is None:
@@ -65,9 +65,9 @@ def check_model_shape(encoder: dict, cfg: DistillConfig) -> None:
     Raises:
         ConfigError: (params heads, width) the heads do not divide that width.
     """
-    from .config import divisor_near
-    from .errors import ConfigError
-    from .model import CNN_WIDTH
+    from medsclean.config import divisor_near
+    from medsclean.errors import ConfigError
+    from medsclean.model.decoder import CNN_WIDTH
 
     if cfg.width is not None or encoder["kind"] == "vit":
         return
@@ -127,9 +127,9 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     key = distill_key(features, scores, cfg, seed, world if trainer is not None else 1)
     if (art := store.cached("distill", key, reporter, force=force)) is not None:
         return StageResult(art, True, time.perf_counter() - t0)
-    from .model import ReconstructionModel
-    from .selection import image_scores
-    from .training import compute_maps, distill
+    from medsclean.model.decoder import ReconstructionModel
+    from medsclean.selection.progressive import image_scores
+    from medsclean.model.training import compute_maps, distill
 
     groups, encoder = load_groups(features)
     targets = scores.tensors("scores.safetensors", ["maps"])["maps"]
@@ -191,8 +191,8 @@ def _save_rank0(parallel, out: Path, model, extra: dict, tensors: dict | None = 
 
 def _distill_on_rank(payload: dict, parallel) -> None:
     """One rank of a data-parallel `run_distill`."""
-    from .model import ReconstructionModel
-    from .training import distill
+    from medsclean.model.decoder import ReconstructionModel
+    from medsclean.model.training import distill
 
     groups, encoder = load_groups(payload["features"])
     targets = payload["scores"].tensors("scores.safetensors", ["maps"])["maps"]
@@ -206,7 +206,7 @@ def _select_on_rank(payload: dict, parallel) -> None:
     """One rank of a data-parallel Step 3 (`_fine_tune`)."""
     import torch
 
-    from .training import progressive_select
+    from medsclean.model.training import progressive_select
 
     features, distilled = payload["features"], payload["distilled"]
     groups, _ = load_groups(features)
@@ -227,7 +227,7 @@ def _drop_partial(partial: Path) -> None:
 
 def load_model(art: Artifact):
     """The reconstruction model stored in a distill or select artifact, strictly loaded, eval mode."""
-    from .model import ModelConfig, ReconstructionModel
+    from medsclean.model.decoder import ModelConfig, ReconstructionModel
 
     model = ReconstructionModel(ModelConfig.from_dict(art.manifest["model"]), seed=0)
     model.load_state_dict(art.tensors("model.safetensors"), strict=True)
@@ -318,8 +318,8 @@ def run_cut(selected: Artifact, store: Store, cfg: CutConfig, *, force: bool = F
 def final_scores(scores: dict, classes: list[str], score: str) -> np.ndarray:
     """(N,) float64 scores the cut reads: the stored η, or its combination with the Step-1 image
     score (`CutConfig.score`). `scores`: the select stage's eta.safetensors tensors."""
-    from .choices import FinalScore
-    from .selection import combine_class_scores
+    from medsclean.choices import FinalScore
+    from medsclean.selection.progressive import combine_class_scores
 
     eta = scores["eta"].double().numpy()
     if score == FinalScore.ETA:
@@ -330,7 +330,7 @@ def final_scores(scores: dict, classes: list[str], score: str) -> np.ndarray:
 def final_cut(eta, classes: list[str], cfg: CutConfig, select_k: float) -> tuple[np.ndarray, dict[str, float]]:
     """The clean set: per class, the images whose final score is below the cut (`cfg.rule` with
     margin `cfg.k`, else Step 3's `select_k`; or the top `cfg.reject_fraction`; or `cfg.threshold`)."""
-    from .thresholds import cut_per_class
+    from medsclean.selection.cut_rules import cut_per_class
 
     x = np.asarray(eta, dtype=np.float64)
     if cfg.threshold is not None:
@@ -343,7 +343,7 @@ def final_cut(eta, classes: list[str], cfg: CutConfig, select_k: float) -> tuple
 def final_cut_rules(eta, classes: list[str], cfg: CutConfig, select_k: float) -> dict[str, dict]:
     """Per class, the rule `final_cut` applied and why ({"rule", "why"}): the mixture falls back to
     mad on small or one-mode classes (`thresholds.mixture_decision`)."""
-    from .thresholds import rules_used
+    from medsclean.selection.cut_rules import rules_used
 
     if cfg.threshold is not None:
         return {c: {"rule": f"threshold {cfg.threshold:g}", "why": "a fixed threshold was asked for"}
@@ -362,7 +362,7 @@ def final_cut_record(keep: np.ndarray, tau: dict[str, float], classes: list[str]
 
 def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: SelectConfig, key: str, *, seed: int,
                device: str, reporter: Reporter, trainer=None):
-    from .training import progressive_select
+    from medsclean.model.training import progressive_select
 
     model = load_model(distilled).train()
     base = distilled.tensors("maps.safetensors")
@@ -388,7 +388,7 @@ def _fine_tune(features: Artifact, distilled: Artifact, store: Store, cfg: Selec
 
 def selection_csv(images: list[dict], memory_scores, distilled_scores, eta, keep) -> str:
     """One row per image in input order; rank_in_class 1 = most suspicious (highest final η)."""
-    from .score import ranks_within_class
+    from medsclean.stages.scores import ranks_within_class
 
     classes = [row["class"] for row in images]
     ranks = ranks_within_class(eta, classes)
@@ -415,8 +415,8 @@ def seconds_per_step(features: Artifact, cfg: DistillConfig, *, seed: int, devic
 
     import torch
 
-    from .model import ReconstructionModel
-    from .training import distill
+    from medsclean.model.decoder import ReconstructionModel
+    from medsclean.model.training import distill
 
     groups, encoder = load_groups(features)
     n = min(len(groups[0]), 2 * cfg.batch_size)

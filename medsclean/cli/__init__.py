@@ -14,10 +14,10 @@ from typing import Any
 
 import typer
 
-from . import cli_options as opts
-from .cli_options import Given, argument, build_command
-from .config import DEFAULT_PRESET, DEFAULT_SEED
-from .errors import ConfigError, MedscleanError
+from medsclean.cli import options as opts
+from medsclean.cli.options import Given, argument, build_command
+from medsclean.config import DEFAULT_PRESET, DEFAULT_SEED
+from medsclean.errors import ConfigError, MedscleanError
 
 app = typer.Typer(
     name="medsclean",
@@ -45,7 +45,7 @@ STAGE_GROUPS = {
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from medsclean import __version__
 
         typer.echo(f"medsclean {__version__}")
         raise typer.Exit()
@@ -100,7 +100,7 @@ def _error_line(exc: MedscleanError) -> str:
 def _validate(given: Given) -> None:
     """Build every config from the user's values alone (defaults for the rest), so that a bad value
     fails before torch is imported; the real configs add the preset later."""
-    from .config import STAGE_CONFIGS, check_seed, check_self_out, parse_duration
+    from medsclean.config import STAGE_CONFIGS, check_seed, check_self_out, parse_duration
 
     for stage, cls in STAGE_CONFIGS.items():
         values = _fields_of(stage, given.stage(stage))
@@ -146,13 +146,13 @@ def _writable_ancestor(path: Path) -> Path:
 
 def _check_paths(given: Given) -> None:
     """Every path the user passed, checked before any work: one-line errors naming the flag."""
-    from .errors import DataError
+    from medsclean.errors import DataError
 
     for name in ("images", "root"):
         value = given.get(name)
         if value is not None and not Path(value).is_dir():
             raise DataError(f"{value}: no such folder; pass the folder that holds your images")
-    from .store import writes_through
+    from medsclean.workdir.store import writes_through
 
     for param, name in (("out", "out"), ("rejected_out", "rejected_out")):
         value = given.get(name)
@@ -193,8 +193,8 @@ def _require_writable(param: str, value, folder: Path, *, must_exist: bool) -> N
 def _interrupted(work: Path | None) -> str:
     """What an interrupted run leaves behind and how to go on, naming only what is there: finished
     stages, training checkpoints, encoded images of the image cache."""
-    from .store import IMAGE_CACHE
-    from .training_stages import CHECKPOINT
+    from medsclean.workdir.store import IMAGE_CACHE
+    from medsclean.stages.training import CHECKPOINT
 
     kept, resume = [], []
     if work is not None and work.is_dir():
@@ -224,7 +224,7 @@ def _execute(body, given: Given) -> None:
         typer.echo(_error_line(exc), err=True)
         raise typer.Exit(code=exc.exit_code) from None
     except OSError as exc:  # the disk or the system refused: one line, no traceback
-        from .errors import write_error
+        from medsclean.errors import write_error
 
         typer.echo(f"error: {write_error(exc.filename, exc) if exc.filename else exc.strerror or exc}", err=True)
         raise typer.Exit(code=1) from None
@@ -235,8 +235,8 @@ def _execute(body, given: Given) -> None:
     finally:
         if "medsclean.distributed.session" in sys.modules:  # a Ray instance this command started stops here
             sys.modules["medsclean.distributed.session"].shutdown()
-        if "medsclean.store" in sys.modules:  # the artifacts this command used may be removed from now on
-            sys.modules["medsclean.store"].release_uses()
+        if "medsclean.workdir.store" in sys.modules:  # the artifacts this command used may be removed from now on
+            sys.modules["medsclean.workdir.store"].release_uses()
 
 
 def command(name: str, *arguments):
@@ -255,7 +255,7 @@ def command(name: str, *arguments):
 def _emit(name: str, payload: dict, as_json: bool | None, text: str) -> None:
     """The command's result on stdout: strict JSON with a schema version, or `text`."""
     if as_json:
-        from .store import to_json
+        from medsclean.workdir.store import to_json
 
         typer.echo(to_json({"schema": f"medsclean.{name}/1", **payload}))
     elif text:
@@ -263,7 +263,7 @@ def _emit(name: str, payload: dict, as_json: bool | None, text: str) -> None:
 
 
 def _run(given: Given, images: Path):
-    from . import pipeline
+    from medsclean import pipeline
 
     return pipeline.build_run(images, _work(given),
                               preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
@@ -274,8 +274,8 @@ def _run(given: Given, images: Path):
 def _configs(run, given: Given) -> dict[str, Any]:
     """The score, distill and select configs of a run: preset overlay, then the user's values;
     with --budget the iteration counts are measured and chosen."""
-    from . import pipeline
-    from .config import parse_duration
+    from medsclean import pipeline
+    from medsclean.config import parse_duration
 
     select = run.select_config(**given.stage("select"))
     cfgs = {"score": run.score_config(**given.stage("score")), "distill": run.distill_config(**given.stage("distill")),
@@ -293,7 +293,7 @@ def _configs(run, given: Given) -> dict[str, Any]:
 @command("extract", IMAGES)
 def extract(given: Given) -> None:
     """Run the frozen backbone over the images and cache their features."""
-    from . import pipeline
+    from medsclean import pipeline
 
     run = _run(given, given.images)
     result = pipeline.extract_stage(run, force=bool(given.force))
@@ -303,7 +303,7 @@ def extract(given: Given) -> None:
 @command("score", IMAGES)
 def score(given: Given) -> None:
     """Step 1: score every patch against an ensemble of random memories (higher = more anomalous)."""
-    from . import pipeline
+    from medsclean import pipeline
 
     run = _run(given, given.images)
     results = pipeline.score_stage(run, run.score_config(**given.stage("score")), force=bool(given.force))
@@ -315,7 +315,7 @@ def score(given: Given) -> None:
 @command("distill", IMAGES)
 def distill(given: Given) -> None:
     """Step 2: distil the memory scores into a reconstruction model trained on stored features."""
-    from . import pipeline
+    from medsclean import pipeline
 
     run = _run(given, given.images)
     results = pipeline.distill_stage(run, run.score_config(**given.stage("score")),
@@ -329,7 +329,7 @@ def distill(given: Given) -> None:
 @command("select", IMAGES)
 def select(given: Given) -> None:
     """Step 3: select the clean images (running any missing stage first) and write the clean list."""
-    from . import pipeline
+    from medsclean import pipeline
 
     run = _run(given, given.images)
     cfgs = _configs(run, given)
@@ -370,7 +370,7 @@ def evaluate(given: Given) -> None:
 
     Evaluates the latest run of IMAGES (or --run KEY) with the options it was made with; with
     stage options and no --run, runs or reuses the stages those options describe."""
-    from . import pipeline
+    from medsclean import pipeline
 
     places = given.stage("eval")
     chosen = _stage_options_given(given)
@@ -401,8 +401,8 @@ def _work(given: Given) -> Path:
 @command("runs")
 def runs(given: Given) -> None:
     """List the runs kept in the work folder (dataset, method, cut, date, size) or remove some."""
-    from .runs import list_runs, remove_runs
-    from .store import Store
+    from medsclean.workdir.runs import list_runs, remove_runs
+    from medsclean.workdir.store import Store
 
     store = Store(_work(given))
     if given.get("remove"):
@@ -422,10 +422,10 @@ def demo(given: Given) -> None:
     """Generate a contaminated demo dataset from real images, clean it with MeDS, and evaluate."""
     from dataclasses import replace
 
-    from . import pipeline
-    from .config import DemoConfig
-    from .demo import prepare_demo_data
-    from .ui import RichReporter
+    from medsclean import pipeline
+    from medsclean.config import DemoConfig
+    from medsclean.demo.prepare import prepare_demo_data
+    from medsclean.ui import RichReporter
 
     cfg = replace(DemoConfig(**given.stage("demo")), seed=given.get("seed", DemoConfig.seed),
                   **({"noise_ratio": given.noise_ratio} if given.get("noise_ratio") is not None else {}))
@@ -445,8 +445,8 @@ MAKE_NOISY_ARGS = (argument("root", "MVTec-layout dataset root (never modified).
 @command("make-noisy", *MAKE_NOISY_ARGS)
 def make_noisy(given: Given) -> None:
     """Build a contaminated training set: inject anomalous test images into train (MeDS/SoftPatch protocol)."""
-    from .config import NoiseConfig
-    from .noisy import make_noisy as build
+    from medsclean.config import NoiseConfig
+    from medsclean.demo.noisy import make_noisy as build
 
     cfg = NoiseConfig(**given.stage("noise"))
     seed = given.get("seed", DEFAULT_SEED)
@@ -466,14 +466,14 @@ def make_noisy(given: Given) -> None:
 def _fields_of(stage: str, values: dict) -> dict:
     from dataclasses import fields
 
-    from .config import STAGE_CONFIGS
+    from medsclean.config import STAGE_CONFIGS
 
     known = {f.name for f in fields(STAGE_CONFIGS[stage])}
     return {k: v for k, v in values.items() if k in known}
 
 
 def _emit_metrics(name: str, payload: dict, as_json: bool | None) -> None:
-    from . import pipeline
+    from medsclean import pipeline
 
     if as_json:
         _emit(name, payload, True, "")

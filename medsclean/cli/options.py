@@ -18,8 +18,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from . import choices
-from .config import (CPU, METHOD_ADVICE, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig,
+from medsclean import choices
+from medsclean.config import (CPU, METHOD_ADVICE, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig,
                      DistillConfig, NoiseConfig)
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EvalConfig
-from .data import Dataset, ImageRecord
-from .errors import DataError
-from .images import read_mask
-from .store import Artifact
+from medsclean.config import EvalConfig
+from medsclean.workdir.data import Dataset, ImageRecord
+from medsclean.errors import DataError
+from medsclean.workdir.images import read_mask
+from medsclean.workdir.store import Artifact
 
 IMAGE_KEYS = ("image_auroc", "image_ap")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro")
@@ -42,8 +42,8 @@ class MapSet:
 
 def token_maps_from_model(art: Artifact, groups: list, *, device: str) -> np.ndarray:
     """(N, H·W) maps of a stored reconstruction model on stored groups."""
-    from .training import compute_maps
-    from .training_stages import load_model
+    from medsclean.model.training import compute_maps
+    from medsclean.stages.training import load_model
 
     return compute_maps(load_model(art), groups, device=device).numpy()
 
@@ -57,7 +57,7 @@ def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memo
     """
     import torch
 
-    from .memory import memory_scores_exact
+    from medsclean.step1.memory import memory_scores_exact
 
     train_memory = train_features.sharded_tensors(["index", "memory"])["memory"]
     train_classes = [row["class"] for row in train_features.manifest["images"]]
@@ -85,7 +85,7 @@ def postprocess(records: list[ImageRecord], token_maps: np.ndarray, grid: tuple[
     """Token maps → evaluation maps and image scores; masks cropped and resized the same way."""
     import torch
 
-    from .maps import crop_masks, postprocess_maps, resize_masks, topk_mean_score
+    from medsclean.maps import crop_masks, postprocess_maps, resize_masks, topk_mean_score
 
     maps = postprocess_maps(torch.from_numpy(token_maps).reshape(-1, *grid), crop=preprocess["crop"],
                             size=cfg.size, sigma=cfg.sigma, kernel=cfg.kernel)
@@ -113,7 +113,7 @@ def _nanmean(values: list[float]) -> float:
 
 def detector_metrics(maps: MapSet, cfg: EvalConfig) -> list[dict]:
     """Per-class I-AUROC, I-AP, P-AUROC, P-AP, P-AUPRO, then their mean over classes."""
-    from .metrics import image_ap_score, image_auroc_score, pixel_metrics
+    from medsclean.metrics import image_ap_score, image_auroc_score, pixel_metrics
 
     rows = []
     classes = np.array([r.cls for r in maps.records])
@@ -146,7 +146,7 @@ def _mean_row(rows: list[dict], keys: tuple[str, ...]) -> dict:
 
 def cleaning_metrics(dataset: Dataset, selection: Artifact, train_maps: MapSet | None, cfg: EvalConfig) -> list[dict]:
     """Per-class selection metrics of a cleaned training set whose contaminants are known."""
-    from .metrics import pixel_metrics, selection_metrics
+    from medsclean.metrics import pixel_metrics, selection_metrics
 
     by_path = {r.rel_path: r for r in dataset.records}
     images = selection.manifest["images"]
@@ -210,7 +210,7 @@ def display_image(record: ImageRecord, preprocess: dict, size: int) -> np.ndarra
     """The image as the model saw it (resize, centre crop), at the evaluation size: uint8 (size, size, 3)."""
     from PIL import Image
 
-    from .images import decode_image
+    from medsclean.workdir.images import decode_image
 
     img = decode_image(record.path).resize((preprocess["resize"], preprocess["resize"]), Image.Resampling.BILINEAR)
     off = (preprocess["resize"] - preprocess["crop"]) // 2
@@ -226,7 +226,7 @@ def build_report(report_dir: Path, selection: Artifact | None, train_maps: MapSe
     and the histograms show kept against rejected images with each class's threshold τ;
     otherwise it ranks the test images by their image score.
     """
-    from .report import overlay_png, write_html_report
+    from medsclean.pages.report import overlay_png, write_html_report
 
     report_dir = Path(report_dir)
     (report_dir / "overlays").mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import brentq
 
-from .errors import MedscleanError
-from .selection import median_absolute_deviation
+from medsclean.errors import MedscleanError
+from medsclean.selection.progressive import median_absolute_deviation
 
 RULES = ("mixture", "mad", "otsu")
 

@@ -1,0 +1,1 @@
+"""The self-contained HTML pages: the review page of a run and the evaluation report."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: each takes its config and the store and returns its artifact."""
