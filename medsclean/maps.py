@@ -117,19 +117,24 @@ def resize_masks(masks: torch.Tensor | np.ndarray, *, size: int, threshold: floa
     return resized > threshold
 
 
-def topk_mean_score(maps: torch.Tensor | np.ndarray, *, ratio: float = TOP1PCT) -> torch.Tensor:
+def topk_mean_score(maps: torch.Tensor | np.ndarray, *, ratio: float = TOP1PCT,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Image scores: the mean of the ``max(1, int(ratio * P))`` largest values of each map.
+
+    The one image-score function of the package: Step 1's image scores, Step 3's selection scores
+    (in float64, `dtype=torch.float64`) and the evaluation's image scores all come from here.
 
     Args:
         maps: (N, ...) float maps; everything after the first dimension is one image's P values.
         ratio: fraction of values averaged, in [0, 1]; 0 gives the maximum.
+        dtype: the precision the values are averaged in, and of the result.
 
     Returns:
-        float32 tensor (N,).
+        tensor (N,) of `dtype`.
     """
     maps = torch.as_tensor(maps)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
-    flat = maps.reshape(maps.shape[0], -1).to(torch.float32)
+    flat = maps.reshape(maps.shape[0], -1).to(dtype)
     k = max(1, int(ratio * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1)

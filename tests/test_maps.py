@@ -93,3 +93,15 @@ def test_topk_mean_score_hand_cases():
     assert float(topk_mean_score(paper_grid)[0]) == pytest.approx(780.0)
     shuffled = paper_grid.flatten()[torch.randperm(784, generator=torch.Generator().manual_seed(0))]
     assert float(topk_mean_score(shuffled.reshape(1, 784))[0]) == pytest.approx(780.0)
+
+
+def test_topk_mean_score_in_float64_equals_a_numpy_partition_mean():
+    """Step 3 scores images in float64: the same top-k values averaged in double precision."""
+    rng = np.random.default_rng(0)
+    maps = rng.random((7, 1000), dtype=np.float32) ** 3
+    for ratio in (0.01, 0.05, 0.0):
+        k = max(1, int(ratio * maps.shape[1]))
+        expected = np.sort(maps.astype(np.float64), axis=1)[:, -k:].mean(axis=1)
+        got = topk_mean_score(maps, ratio=ratio, dtype=torch.float64)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-15, atol=0)

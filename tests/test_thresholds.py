@@ -9,7 +9,6 @@ from medsclean.errors import MedscleanError
 from medsclean.selection.cut_rules import (
     RULES,
     _fit_two_gaussians,
-    choose_cut,
     cut_fraction,
     cut_mad,
     cut_mixture,
@@ -163,14 +162,15 @@ def test_non_finite_scores_raise(cut):
             cut(np.array([1.0, 2.0, 3.0, 4.0, bad, 5.0]))
 
 
-def test_choose_cut_dispatches_and_names_the_parameter():
+def test_cut_per_class_dispatches_each_rule_by_name():
     x, _ = contaminated("gamma", 0.1, 0)
-    assert choose_cut(x, "mad", k=2.0) == cut_mad(x, k=2.0)
-    assert choose_cut(x, "otsu") == cut_otsu(x)
-    assert choose_cut(x, "mixture", log=False) == cut_mixture(x, log=False)
+    one_class = ["a"] * x.size
+    assert cut_per_class(x, one_class, "mad", k=2.0)[1]["a"] == cut_mad(x, k=2.0)
+    assert cut_per_class(x, one_class, "otsu")[1]["a"] == cut_otsu(x)
+    assert cut_per_class(x, one_class, "mixture", log=False)[1]["a"] == cut_mixture(x, log=False)
     assert set(RULES) == {"mixture", "mad", "otsu"}
     with pytest.raises(ValueError, match="rule"):
-        choose_cut(x, "kmeans")
+        cut_per_class(x, one_class, "kmeans")
 
 
 # cut_per_class ------------------------------------------------------------------------------

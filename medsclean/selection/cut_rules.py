@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike
 from scipy.optimize import brentq
 
 from medsclean.errors import MedscleanError
-from medsclean.selection.progressive import median_absolute_deviation
+from medsclean.selection.progressive import threshold
 
 RULES = ("mixture", "mad", "otsu")
 
@@ -56,7 +56,7 @@ def cut_mad(scores: ArrayLike, k: float = 3.0) -> float:
     Floored just above the median, so MAD = 0 (e.g. all scores equal) keeps the median's ties.
     """
     x = _validated(scores)
-    return _floored(np.median(x) + k * median_absolute_deviation(x), x)
+    return _floored(threshold(x, 1, 1, k), x)  # Step 3's rule at its last iteration, t = T
 
 
 def cut_fraction(scores: ArrayLike, fraction: float) -> float:
@@ -274,11 +274,6 @@ def _rule(rule: str) -> Callable[..., float]:
     if rule not in _CUTS:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, not {rule!r}")
     return _CUTS[rule]
-
-
-def choose_cut(scores: ArrayLike, rule: str, **params: float | bool) -> float:
-    """tau of scores (n,) by the named rule (one of RULES), params passed on to it."""
-    return _rule(rule)(scores, **params)
 
 
 def cut_per_class(
