@@ -64,7 +64,7 @@ def raw_forward(folder: Path, args) -> dict:
 
 
 def cli_extract(folder: Path, work: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "medsclean.cli", "extract", str(folder), "--work", str(work), "--json",
+    cmd = [sys.executable, "-m", "medsclean", "extract", str(folder), "--work", str(work), "--json",
            "--backbone", args.backbone, "--resize", str(args.resize), "--crop", str(args.crop),
            "--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers), "--force", "-q"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
