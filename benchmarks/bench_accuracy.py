@@ -51,7 +51,9 @@ import numpy as np
 import torch
 
 import smoke_mode
-from medsclean.config import CPU, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig, resolve_device
+from medsclean.config import DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.presets import CPU
+from medsclean.values import resolve_device
 from medsclean.workdir.data import ImageRecord, discover
 from medsclean.stages.evaluate import EvalConfig, detector_metrics, postprocess
 from medsclean.stages.features import run_extract
@@ -61,7 +63,9 @@ from medsclean.metrics import selection_metrics
 from medsclean.model.decoder import ReconstructionModel
 from medsclean.demo.noisy import make_noisy
 from medsclean.selection.progressive import select_per_class
-from medsclean.workdir.store import Store, digest, write_text_atomic
+from medsclean.workdir.artifacts import digest
+from medsclean.workdir.atomic import write_text_atomic
+from medsclean.workdir.store import Store
 from medsclean.demo.synth import DEFAULT_CATEGORIES, generate_dataset
 from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
 from medsclean.stages.training import model_config_for

@@ -78,7 +78,8 @@ def write_shards(args) -> None:
     """Child: the generated class as a features artifact (float16 shards of 500 images), as `extract` writes it."""
     import torch
 
-    from medsclean.workdir.store import Store, save_tensors, tensor_specs
+    from medsclean.workdir.artifacts import save_tensors, tensor_specs
+    from medsclean.workdir.store import Store
 
     features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
     store = Store(Path(args.out))
@@ -98,7 +99,7 @@ def write_shards(args) -> None:
 def child(args) -> None:
     import torch
 
-    from medsclean.config import parse_size
+    from medsclean.values import parse_size
     from medsclean.step1.memory import image_scores, score_classes
 
     torch.set_num_threads(1 if args.child in ("exact-1thread", "exact-ray") else args.threads)

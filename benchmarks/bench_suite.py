@@ -58,8 +58,9 @@ import suite_data  # noqa: E402
 import suite_tables  # noqa: E402
 import tuning_data  # noqa: E402
 
-from medsclean.config import (CPU, CutConfig, DistillConfig, ExtractConfig, Preset, ScoreConfig,  # noqa: E402
-                              SelectConfig, resolve_device)
+from medsclean.config import CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.presets import CPU, Preset
+from medsclean.values import resolve_device
 from medsclean.workdir.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.stages.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
 from medsclean.stages.features import run_extract  # noqa: E402
@@ -68,7 +69,9 @@ from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model.decoder import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
 from medsclean.stages.scores import step1_maps  # noqa: E402
 from medsclean.seeding import rng as seeded_rng  # noqa: E402
-from medsclean.workdir.store import Store, digest, load_tensors, save_tensors, write_text_atomic  # noqa: E402
+from medsclean.workdir.artifacts import digest, load_tensors, save_tensors
+from medsclean.workdir.atomic import write_text_atomic
+from medsclean.workdir.store import Store  # noqa: E402
 from medsclean.demo.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
 from medsclean.model.training import compute_maps, distill, progressive_select  # noqa: E402
 from medsclean.stages.training import final_cut, final_scores, model_config_for  # noqa: E402

@@ -240,7 +240,8 @@ class Check:
 
     def ray_score(self) -> str:
         self.need_ray()
-        from medsclean.workdir.store import Store, load_tensors
+        from medsclean.workdir.artifacts import load_tensors
+        from medsclean.workdir.store import Store
 
         _command("score", *self.encoder, *self.score_opts, "--device", self.cuda, "--quiet",
                  *self.work_for(f"{self.cuda}-local"))

@@ -34,7 +34,7 @@ from scipy.spatial import cKDTree
 
 from medsclean.seeding import rng as seeded_rng
 from medsclean.seeding import stable_id
-from medsclean.workdir.store import atomic_directory, write_json_atomic
+from medsclean.workdir.atomic import atomic_directory, write_json_atomic
 
 GENERATOR = "suite_data/1"
 CATEGORIES = ("tissue", "retina", "china", "flower", "motorcycle", "rocket")

@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from medsclean.demo import synth
 from medsclean.seeding import rng as seeded_rng
-from medsclean.workdir.store import atomic_directory, write_json_atomic
+from medsclean.workdir.atomic import atomic_directory, write_json_atomic
 
 GENERATOR = "tuning_data/1"
 SUMMARY_NAME = "tuning-data.json"

@@ -1,11 +1,12 @@
-"""One frozen config per stage: its defaults, its validation, and the presets that overlay it.
+"""One frozen config per stage: its defaults and its validation.
 
 Each stage config is the single home of its defaults (the paper's values where the paper gives
-one); a `Preset` is an overlay of field values on those configs, and nothing else restates a
-default. Configs name their own parameters in errors (`ConfigError.param`); the CLI maps them to
-flags. A stage's cache key is the digest of the fields that change its result (`key_fields`);
-options that only change speed (device, batch size of the encoder, workers) are left out so that
-reruns on another machine reuse the cache.
+one); a preset (`medsclean.presets`) is an overlay of field values on those configs, and nothing
+else restates a default; the checks and parsers the configs share live in `medsclean.values`.
+Configs name their own parameters in errors (`ConfigError.param`); the CLI maps them to flags.
+A stage's cache key is the digest of the fields that change its result (`key_fields`); options
+that only change speed (device, batch size of the encoder, workers) are left out so that reruns
+on another machine reuse the cache.
 
 This module must stay light (no numpy, no torch): the CLI validates options with it before
 anything heavy is imported.
@@ -15,48 +16,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar
 
-from medsclean.choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss, Method,
-                      PresetName, Split)
+from medsclean.choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss,
+                               Method, Split)
 from medsclean.errors import ConfigError
-
-
-def _faiss_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("faiss") is not None
-
-
-def _require(ok: bool, stage: str, param: str | tuple[str, ...], message: str) -> None:
-    if not ok:
-        raise ConfigError(param, message, stage=stage)
-
-
-def _one_of(stage: str, param: str, value: Any, choice: type) -> None:
-    _require(value in choice.values(), stage, param,
-             f"{param} must be one of {', '.join(choice.values())}, not {value!r}")
-
-
-MAX_SEED = 2**31 - 1
-"""The largest seed: every generator a seed reaches takes it (faiss's k-means seed is a C int; NumPy
-and torch take more)."""
-
-
-def check_seed(seed: Any, stage: str = "run") -> None:
-    """ConfigError (param "seed") unless `seed` is an integer from 0 to `MAX_SEED`."""
-    import numbers
-
-    _require(isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED, stage,
-             "seed", f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
-
-
-def divisor_near(number: int, target: int) -> int:
-    """The divisor of `number` closest to `target` (the smaller one on a tie): a head count to suggest."""
-    return min((d for d in range(1, number + 1) if number % d == 0), key=lambda d: (abs(d - target), d))
+from medsclean.values import (DEVICE_PATTERN, check_seed, divisor_near, installed, one_of, parse_size,
+                              require)
 
 
 @dataclass(frozen=True)
@@ -73,12 +41,9 @@ class DataConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        _one_of(self.STAGE, "layout", self.layout, Layout)
-        _one_of(self.STAGE, "split", self.split, Split)
-        _one_of(self.STAGE, "class_from", self.class_from, ClassFrom)
-
-
-DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+        one_of(self.STAGE, "layout", self.layout, Layout)
+        one_of(self.STAGE, "split", self.split, Split)
+        one_of(self.STAGE, "class_from", self.class_from, ClassFrom)
 
 
 CNN_STAGES = (8, 16)
@@ -112,16 +77,16 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         s = self.STAGE
         object.__setattr__(self, "stages", _stride_pair(self.stages, s))
-        _require(not (self.weights is not None and self.random_init), s, ("weights", "random_init"),
-                 "weights and random_init contradict each other; pass only one")
+        require(not (self.weights is not None and self.random_init), s, ("weights", "random_init"),
+                "weights and random_init contradict each other; pass only one")
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, s, name, f"{name} must be at least 1 pixel, not {value}")
-        _require(self.batch_size >= 1, s, "batch_size", f"batch_size must be at least 1, not {self.batch_size}")
-        _require(self.num_workers >= 0, s, "num_workers", f"num_workers must be 0 or more, not {self.num_workers}")
-        _require(self.shard_size >= 1, s, "shard_size", f"shard_size must be at least 1, not {self.shard_size}")
-        _require(re.fullmatch(DEVICE_PATTERN, self.device) is not None, s, "device",
-                 f"device must be auto, cpu or cuda[:N], not {self.device!r}")
+            require(value is None or value >= 1, s, name, f"{name} must be at least 1 pixel, not {value}")
+        require(self.batch_size >= 1, s, "batch_size", f"batch_size must be at least 1, not {self.batch_size}")
+        require(self.num_workers >= 0, s, "num_workers", f"num_workers must be 0 or more, not {self.num_workers}")
+        require(self.shard_size >= 1, s, "shard_size", f"shard_size must be at least 1, not {self.shard_size}")
+        require(re.fullmatch(DEVICE_PATTERN, self.device) is not None, s, "device",
+                f"device must be auto, cpu or cuda[:N], not {self.device!r}")
 
     def key_fields(self) -> dict:
         fields_ = {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
@@ -139,34 +104,13 @@ def _stride_pair(value: tuple[int, int] | str, stage: str) -> tuple[int, int]:
     except (TypeError, ValueError):
         pair = ()
     ok = len(pair) == 2 and all(v >= 2 and v & (v - 1) == 0 for v in pair) and pair[0] < pair[1]
-    _require(ok, stage, "stages", f"stages must be two increasing strides that are powers of 2, such as "
-             f"{CNN_STAGES[0]},{CNN_STAGES[1]}, not {value!r}")
+    require(ok, stage, "stages", f"stages must be two increasing strides that are powers of 2, such as "
+            f"{CNN_STAGES[0]},{CNN_STAGES[1]}, not {value!r}")
     return pair  # type: ignore[return-value]
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-               "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MIN_MAX_MEMORY = 64 * 10**6
 """Smallest `ScoreConfig.max_memory`: below it the torch runtime alone does not fit."""
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes of a size: an int, or a string like "4GB", "512MiB", "1.5G", "2000000" (GB = 10^9, GiB = 2^30).
-
-    Raises:
-        ValueError: not a size.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"a size must be 0 or more, not {value}")
-        return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise ValueError(f"not a size: {value!r} (e.g. 4GB, 512MiB, or bytes)")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -213,28 +157,28 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        _require(self.banks >= 1, s, "banks", f"banks must be at least 1, not {self.banks}")
-        _require(0.0 < self.ratio <= 1.0, s, "ratio", f"ratio must be in (0, 1], not {self.ratio}")
-        _require(self.k >= 1, s, "k", f"k must be at least 1, not {self.k}")
-        _one_of(s, "aggregate", self.aggregate, Aggregate)
-        _one_of(s, "engine", self.engine, Engine)
-        _require(self.engine not in (Engine.FAISS, Engine.IVF) or _faiss_installed(), s, "engine",
-                 f"engine {self.engine} needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12 on a "
-                 f"CUDA machine, in its place), or use engine exact")
-        _require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
+        require(self.banks >= 1, s, "banks", f"banks must be at least 1, not {self.banks}")
+        require(0.0 < self.ratio <= 1.0, s, "ratio", f"ratio must be in (0, 1], not {self.ratio}")
+        require(self.k >= 1, s, "k", f"k must be at least 1, not {self.k}")
+        one_of(s, "aggregate", self.aggregate, Aggregate)
+        one_of(s, "engine", self.engine, Engine)
+        require(self.engine not in (Engine.FAISS, Engine.IVF) or installed("faiss"), s, "engine",
+                f"engine {self.engine} needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12 on a "
+                f"CUDA machine, in its place), or use engine exact")
+        require(self.min_bank >= 1, s, "min_bank", f"min_bank must be at least 1, not {self.min_bank}")
         check_seed(self.seed, s)
-        _require(0.0 < self.coreset <= 1.0, s, "coreset", f"coreset must be in (0, 1], not {self.coreset}")
+        require(0.0 < self.coreset <= 1.0, s, "coreset", f"coreset must be in (0, 1], not {self.coreset}")
         if self.max_memory is not None:
             try:
                 size = parse_size(self.max_memory)
             except ValueError as error:
                 raise ConfigError("max_memory", str(error), stage=s) from None
-            _require(size >= MIN_MAX_MEMORY, s, "max_memory",
+            require(size >= MIN_MAX_MEMORY, s, "max_memory",
                      f"max_memory must be at least 64MB, not {self.max_memory}")
-        _require(self.refine_rounds >= 0 and 0.0 < self.refine_drop < 1.0
-                 and self.refine_rounds * self.refine_drop < 1.0, s, ("refine_rounds", "refine_drop"),
-                 f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "
-                 f"not {self.refine_rounds} rounds of {self.refine_drop}")
+        require(self.refine_rounds >= 0 and 0.0 < self.refine_drop < 1.0
+                and self.refine_rounds * self.refine_drop < 1.0, s, ("refine_rounds", "refine_drop"),
+                f"iterative refinement needs rounds >= 0 and 0 < drop < 1 with rounds * drop < 1, "
+                f"not {self.refine_rounds} rounds of {self.refine_drop}")
 
 
 @dataclass(frozen=True)
@@ -272,16 +216,16 @@ class DistillConfig:
         s = self.STAGE
         for name in ("iters", "depth", "heads", "batch_size", "token_pool"):
             value = getattr(self, name)
-            _require(value >= 1, s, name, f"{name} must be at least 1, not {value}")
-        _require(self.width is None or self.width >= 1, s, "width", f"width must be at least 1, not {self.width}")
-        _require(self.width is None or self.width % self.heads == 0, s, ("heads", "width"),
-                 f"heads {self.heads} must divide width {self.width}; try heads "
-                 f"{divisor_near(self.width or 1, self.heads)}")
-        _one_of(s, "loss", self.loss, Loss)
-        _require(self.warmup >= 0, s, "warmup", f"warmup must be 0 or more, not {self.warmup}")
-        _require(0.0 <= self.dropout < 1.0, s, "dropout", f"dropout must be in [0, 1), not {self.dropout}")
-        _require(self.checkpoint_every >= 0, s, "checkpoint_every",
-                 f"checkpoint_every must be 0 (only at the end) or more, not {self.checkpoint_every}")
+            require(value >= 1, s, name, f"{name} must be at least 1, not {value}")
+        require(self.width is None or self.width >= 1, s, "width", f"width must be at least 1, not {self.width}")
+        require(self.width is None or self.width % self.heads == 0, s, ("heads", "width"),
+                f"heads {self.heads} must divide width {self.width}; try heads "
+                f"{divisor_near(self.width or 1, self.heads)}")
+        one_of(s, "loss", self.loss, Loss)
+        require(self.warmup >= 0, s, "warmup", f"warmup must be 0 or more, not {self.warmup}")
+        require(0.0 <= self.dropout < 1.0, s, "dropout", f"dropout must be in [0, 1), not {self.dropout}")
+        require(self.checkpoint_every >= 0, s, "checkpoint_every",
+                f"checkpoint_every must be 0 (only at the end) or more, not {self.checkpoint_every}")
 
     def warmup_for(self, iters: int) -> int:
         """Warm-up steps of a run of `iters` steps."""
@@ -306,6 +250,11 @@ def check_self_out(method: str, include_self: bool) -> None:
                           stage="select")
 
 
+MAD_MARGIN = 3.0
+"""k of the MAD rule median + k·MAD (Step 3's re-selection and the final `mad` cut): the one
+default of the margin, `SelectConfig.k`'s."""
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """Step 3 and the final cut.
@@ -322,7 +271,7 @@ class SelectConfig:
 
     method: str = "meds"
     iters: int = 10_000
-    k: float = 3.0
+    k: float = MAD_MARGIN
     p_final: float = 0.5
     p_ramp: int | None = None
     mining_factor: float = 0.1
@@ -334,11 +283,11 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        _one_of(s, "method", self.method, Method)
-        _require(self.iters >= 1, s, "iters", f"iters must be at least 1, not {self.iters}")
-        _require(self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
-        _require(0.0 <= self.p_final <= 1.0, s, "p_final", f"p_final must lie in [0, 1], not {self.p_final}")
-        _require(self.p_ramp is None or self.p_ramp >= 0, s, "p_ramp", f"p_ramp must be 0 or more, not {self.p_ramp}")
+        one_of(s, "method", self.method, Method)
+        require(self.iters >= 1, s, "iters", f"iters must be at least 1, not {self.iters}")
+        require(self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
+        require(0.0 <= self.p_final <= 1.0, s, "p_final", f"p_final must lie in [0, 1], not {self.p_final}")
+        require(self.p_ramp is None or self.p_ramp >= 0, s, "p_ramp", f"p_ramp must be 0 or more, not {self.p_ramp}")
 
     def step1(self, score: ScoreConfig) -> ScoreConfig:
         """The Step-1 scores this method reads: the ensemble as given, or one full bank for kNN.
@@ -378,15 +327,15 @@ class CutConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        _one_of(s, "rule", self.rule, Cut)
-        _one_of(s, "score", self.score, FinalScore)
-        _require(self.k is None or self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
-        _require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
-                 f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
-        _require(self.reject_fraction is None or self.threshold is None, s, ("reject_fraction", "threshold"),
-                 "reject_fraction and threshold contradict each other; pass only one")
-        _require(self.threshold is None or math.isfinite(self.threshold), s, "threshold",
-                 f"threshold must be a finite number, not {self.threshold}")
+        one_of(s, "rule", self.rule, Cut)
+        one_of(s, "score", self.score, FinalScore)
+        require(self.k is None or self.k >= 0, s, "k", f"k must be 0 or more, not {self.k}")
+        require(self.reject_fraction is None or 0.0 <= self.reject_fraction < 1.0, s, "reject_fraction",
+                f"reject_fraction must lie in [0, 1), not {self.reject_fraction}")
+        require(self.reject_fraction is None or self.threshold is None, s, ("reject_fraction", "threshold"),
+                "reject_fraction and threshold contradict each other; pass only one")
+        require(self.threshold is None or math.isfinite(self.threshold), s, "threshold",
+                f"threshold must be a finite number, not {self.threshold}")
 
     def describe(self) -> str:
         """The rule as shown to users: "mixture", "mad", "otsu", "top 0.1" or "eta < 0.42"; with the
@@ -416,13 +365,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        _one_of(s, "model", self.model, EvalModel)
-        _require(self.size >= 1, s, "size", f"size must be at least 1 pixel, not {self.size}")
-        _require(self.sigma >= 0, s, "sigma", f"sigma must be 0 (no blur) or more, not {self.sigma}")
-        _require(self.kernel >= 1 and self.kernel % 2 == 1, s, "kernel", f"kernel must be odd and positive, not {self.kernel}")
-        _require(0.0 <= self.top_ratio <= 1.0, s, "top_ratio", f"top_ratio must lie in [0, 1], not {self.top_ratio}")
-        _require(0.0 < self.fpr_limit <= 1.0, s, "fpr_limit", f"fpr_limit must lie in (0, 1], not {self.fpr_limit}")
-        _require(self.report_top >= 0, s, "report_top", f"report_top must be 0 or more, not {self.report_top}")
+        one_of(s, "model", self.model, EvalModel)
+        require(self.size >= 1, s, "size", f"size must be at least 1 pixel, not {self.size}")
+        require(self.sigma >= 0, s, "sigma", f"sigma must be 0 (no blur) or more, not {self.sigma}")
+        require(self.kernel >= 1 and self.kernel % 2 == 1, s, "kernel", f"kernel must be odd and positive, not {self.kernel}")
+        require(0.0 <= self.top_ratio <= 1.0, s, "top_ratio", f"top_ratio must lie in [0, 1], not {self.top_ratio}")
+        require(0.0 < self.fpr_limit <= 1.0, s, "fpr_limit", f"fpr_limit must lie in (0, 1], not {self.fpr_limit}")
+        require(self.report_top >= 0, s, "report_top", f"report_top must be 0 or more, not {self.report_top}")
 
     def protocol(self) -> dict:
         """The settings that define the metrics (everything but which model is measured)."""
@@ -439,8 +388,8 @@ class NoiseConfig:
     overlap: bool = True
 
     def __post_init__(self) -> None:
-        _require(math.isfinite(self.ratio) and self.ratio >= 0, self.STAGE, "ratio",
-                 f"ratio must be a finite number >= 0 (e.g. 0.1), not {self.ratio!r}")
+        require(math.isfinite(self.ratio) and self.ratio >= 0, self.STAGE, "ratio",
+                f"ratio must be a finite number >= 0 (e.g. 0.1), not {self.ratio!r}")
 
 
 @dataclass(frozen=True)
@@ -460,9 +409,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         for name in ("n_train", "n_test_good", "n_test_defect"):
             value = getattr(self, name)
-            _require(value >= 0, self.STAGE, name, f"{name} must be 0 or more, not {value}")
-        _require(self.noise_ratio >= 0, self.STAGE, "noise_ratio",
-                 f"noise_ratio must be 0 or more, not {self.noise_ratio}")
+            require(value >= 0, self.STAGE, name, f"{name} must be 0 or more, not {value}")
+        require(self.noise_ratio >= 0, self.STAGE, "noise_ratio",
+                f"noise_ratio must be 0 or more, not {self.noise_ratio}")
         check_seed(self.seed, self.STAGE)
 
 
@@ -488,108 +437,19 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        _one_of(s, "executor", self.executor, Executor)
-        _require(self.train_workers >= 1, s, "train_workers",
-                 f"train_workers must be at least 1, not {self.train_workers}")
-        _require(self.executor == Executor.RAY or self.train_workers == 1, s, "train_workers",
-                 "train_workers above 1 is an option of executor ray; add --executor ray or drop train_workers")
+        one_of(s, "executor", self.executor, Executor)
+        require(self.train_workers >= 1, s, "train_workers",
+                f"train_workers must be at least 1, not {self.train_workers}")
+        require(self.executor == Executor.RAY or self.train_workers == 1, s, "train_workers",
+                "train_workers above 1 is an option of executor ray; add --executor ray or drop train_workers")
         for name in ("address", "workers"):
-            _require(self.executor == Executor.RAY or getattr(self, name) is None, s, name,
+            require(self.executor == Executor.RAY or getattr(self, name) is None, s, name,
                      f"{name} is an option of executor ray; add --executor ray or drop {name}")
-        _require(self.workers is None or self.workers >= 1, s, "workers",
-                 f"workers must be at least 1, not {self.workers}")
-        _require(self.executor != Executor.RAY or _ray_installed(), s, "executor",
-                 "executor ray needs the ray package: pip install 'medsclean[ray]'")
-
-
-def _ray_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ray") is not None
+        require(self.workers is None or self.workers >= 1, s, "workers",
+                f"workers must be at least 1, not {self.workers}")
+        require(self.executor != Executor.RAY or installed("ray"), s, "executor",
+                "executor ray needs the ray package: pip install 'medsclean[ray]'")
 
 
 STAGE_CONFIGS = {c.STAGE: c for c in (DataConfig, ExtractConfig, ScoreConfig, DistillConfig, SelectConfig,
                                       CutConfig, EvalConfig, NoiseConfig, DemoConfig, ClusterConfig)}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Values laid over the stage configs' defaults: `overlays[stage][field] = value`."""
-
-    name: str
-    overlays: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for stage, values in self.overlays.items():
-            known = {f.name for f in fields(STAGE_CONFIGS[stage])}
-            unknown = set(values) - known
-            if unknown:
-                raise ValueError(f"preset {self.name}: {stage} has no field {sorted(unknown)[0]!r}")
-        object.__setattr__(self, "overlays", MappingProxyType({k: MappingProxyType(dict(v))
-                                                               for k, v in self.overlays.items()}))
-
-    def build(self, cls: type, **given: Any):
-        """`cls` with this preset's overlay, then `given` on top; a None in `given` means unset."""
-        values = {**self.overlays.get(cls.STAGE, {}), **{k: v for k, v in given.items() if v is not None}}
-        return cls(**values)
-
-    def value(self, cls: type, name: str) -> Any:
-        """The value a field takes under this preset when the user sets nothing."""
-        overlay = self.overlays.get(cls.STAGE, {})
-        return overlay[name] if name in overlay else next(f.default for f in fields(cls) if f.name == name)
-
-
-PAPER = Preset(name="paper", overlays={"extract": {"backbone": "vit_base_patch14_reg4_dinov2"}})
-"""The paper's settings: its backbone; every other paper value is a stage config's default."""
-
-# Chosen by measurement on a 2-core CPU, on the tuning part of benchmarks/bench_suite.py only
-# (docs/bench-accuracy.md): Lite0 on the whole 256 px image (a defect at the border stays visible;
-# 32×32 grid); a 64-wide, 4-block decoder on the 2×2-pooled token grid (16×16: a quarter of the
-# tokens, so 600 + 600 steps cost less than 300 + 300 on the full grid and rank better); a peak
-# learning rate of 8e-3 (best of 1e-3 ... 8e-3 for so few steps; the paper's 2e-3 is for 10k); the
-# mixture cut (best mean F1 of the rejected set for memory and MeDS scores).
-CPU = Preset(name="cpu", overlays={
-    "distill": {"iters": 600, "width": 64, "depth": 4, "heads": 4, "token_pool": 2, "lr": 8e-3},
-    "select": {"iters": 600},
-    "cut": {"rule": "mixture"},
-})
-
-PRESETS = {"paper": PAPER, "cpu": CPU}
-
-METHOD_ADVICE = ("meds (the default) is the method that holds up when a defect can occur more than once "
-                 "(repeated defects, held-out photos: 0.85 ranking AUROC vs 0.61 for knn); when every defect "
-                 "is unique, --method knn ranked defective images better on held-out textures and scenes "
-                 "(0.90 vs 0.84 overall; all methods tie on aligned objects). See docs/bench-accuracy.md.")
-"""Which method to try for which data, as measured by the project's benchmark; shown by `--help` and
-on the review page."""
-DEFAULT_PRESET = PresetName.AUTO.value
-DEFAULT_SEED = ScoreConfig.seed
-
-
-def resolve_preset(name: str, *, cuda: bool) -> Preset:
-    """`auto` is the paper preset on a GPU and the CPU preset otherwise."""
-    _one_of("run", "preset", name, PresetName)
-    if name == PresetName.AUTO:
-        return PAPER if cuda else CPU
-    return PRESETS[name]
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "90s", "10m", "1.5h" or a bare number of seconds; ConfigError(param "budget") otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    _require(bool(match) and float(match.group(1)) > 0, "select", "budget",
-             f"budget must be a positive duration such as 90s, 10m or 1h, not {text!r}")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-
-
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when a GPU is visible, else cpu; an unavailable cuda is a usage error."""
-    _require(re.fullmatch(DEVICE_PATTERN, device) is not None, "extract", "device",
-             f"device must be auto, cpu or cuda[:N], not {device!r}")
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    _require(not device.startswith("cuda") or torch.cuda.is_available(), "extract", "device",
-             f"device {device}: no CUDA device is visible; use cpu or auto")
-    return device

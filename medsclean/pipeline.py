@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsclean.config import (DEFAULT_PRESET, DEFAULT_SEED, ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, Preset, ScoreConfig, SelectConfig,
-                     check_seed, resolve_device, resolve_preset)
+from medsclean.config import (ClusterConfig, CutConfig, DataConfig, DistillConfig, EvalConfig, ExtractConfig, ScoreConfig, SelectConfig)
+from medsclean.presets import DEFAULT_PRESET, DEFAULT_SEED, Preset, resolve_preset
+from medsclean.values import check_seed, resolve_device
 from medsclean.workdir.data import Dataset, discover
 from medsclean.stages.features import ExtractResult, run_extract
 from medsclean.workdir.store import Store
@@ -324,7 +325,7 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
     """Per-class counts, stage times and output paths; writes the clean list to `out` and the
     rejected list to `rejected_out` (`store.write_text_through`: a file atomically, a device, FIFO
     or descriptor in place; `-` for stdout is the CLI's business)."""
-    from medsclean.workdir.store import write_text_through
+    from medsclean.workdir.atomic import write_text_through
 
     art = results["cut"].artifact
     images = art.manifest["images"]
@@ -349,7 +350,7 @@ def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
 def _shown_path(path: Path | None) -> str | None:
     """Where a list went, as the summary names it: a file's real path; a device, FIFO or descriptor
     link as given (resolving /dev/stdout would name a `pipe:[…]` that is no path)."""
-    from medsclean.workdir.store import writes_through
+    from medsclean.workdir.atomic import writes_through
 
     if path is None:
         return None
@@ -448,7 +449,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
     """
 
     from medsclean.stages import evaluate as ev
-    from medsclean.workdir.store import write_json_atomic, write_text_atomic
+    from medsclean.workdir.atomic import write_json_atomic, write_text_atomic
 
     if results is not None:
         if eval_cfg.model == "distill" and "distill" not in results:
@@ -501,7 +502,7 @@ def eval_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, sel
 
 def _run_identity(run: Run, results: dict) -> dict:
     """What metrics.json needs to say which run it measured."""
-    from medsclean.workdir.store import versions
+    from medsclean.workdir.artifacts import versions
 
     encoder = results["features"].artifact.manifest["encoder"]
     return {"key": results["cut"].artifact.key if "cut" in results else None,

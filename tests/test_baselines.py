@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.config import CPU, PAPER, CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.config import CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
+from medsclean.presets import CPU, PAPER
 from medsclean.errors import ConfigError
 from medsclean.step1.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
                               refine_memory, score_classes, scores_from_table)

@@ -107,7 +107,7 @@ def _write_features(tmp_path, features: torch.Tensor, shard_size: int):
     n = features.shape[0]
     shards, specs = [], {}
     with store.staged("features") as staging:
-        from medsclean.workdir.store import save_tensors, tensor_specs
+        from medsclean.workdir.artifacts import save_tensors, tensor_specs
 
         for s in range(0, n, shard_size):
             e = min(n, s + shard_size)

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medsclean.cli import app
-from medsclean.config import parse_duration
+from medsclean.values import parse_duration
 from medsclean.errors import UsageError
 from medsclean.stages.training import SELECT_OVERHEAD, iterations_for_budget
 

@@ -21,7 +21,8 @@ from medsclean.cli import app
 from medsclean.config import ClusterConfig
 from medsclean.errors import ConfigError
 from medsclean.step1.memory import score_classes
-from medsclean.workdir.store import Store, load_tensors
+from medsclean.workdir.artifacts import load_tensors
+from medsclean.workdir.store import Store
 
 from .helpers import crops, require_ray, save_png, texture
 from .test_memory import random_features

@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.workdir.store import Store, load_tensors
+from medsclean.workdir.artifacts import load_tensors
+from medsclean.workdir.store import Store
 
 from .helpers import crops, require_ray, save_png, texture
 

@@ -16,7 +16,8 @@ from medsclean.cli import app
 from medsclean.config import ExtractConfig
 from medsclean.workdir.data import discover
 from medsclean.stages.features import run_extract
-from medsclean.workdir.store import Store, load_tensors
+from medsclean.workdir.artifacts import load_tensors
+from medsclean.workdir.store import Store
 from medsclean.ui import SilentReporter
 
 from .helpers import crops, save_png, texture

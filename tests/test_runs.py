@@ -54,7 +54,7 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     assert (Store(work).load("cut", first["run"])) is not None  # the later runs replaced nothing
 
     listing = json.loads(CliRunner().invoke(app, ["runs", "--work", str(work), "--json"]).stdout)
-    assert listing["schema"] == "medsclean.workdir.runs/1"
+    assert listing["schema"] == "medsclean.runs/1"
     rows = {r["run"]: r for r in listing["runs"]}
     assert set(rows) == {first["run"], second["run"], third["run"]}
     assert rows[third["run"]]["latest"] and not rows[first["run"]]["latest"] and rows[second["run"]]["latest"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.config import ScoreConfig, parse_size
+from medsclean.config import ScoreConfig
+from medsclean.values import parse_size
 from medsclean.errors import ConfigError, DataError
 from medsclean.step1.memory import (
     APPROX_ADVICE_SECONDS,

@@ -5,7 +5,8 @@ import torch
 
 from medsclean.workdir import store as store_mod
 from medsclean.errors import DataError, UsageError
-from medsclean.workdir.store import Store, digest, load_tensors
+from medsclean.workdir.artifacts import digest, load_tensors
+from medsclean.workdir.store import Store
 
 
 def test_round_trip_and_cache_key(tmp_path):

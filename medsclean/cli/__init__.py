@@ -16,7 +16,7 @@ import typer
 
 from medsclean.cli import options as opts
 from medsclean.cli.options import Given, argument, build_command
-from medsclean.config import DEFAULT_PRESET, DEFAULT_SEED
+from medsclean.presets import DEFAULT_PRESET, DEFAULT_SEED
 from medsclean.errors import ConfigError, MedscleanError
 
 app = typer.Typer(
@@ -100,7 +100,8 @@ def _error_line(exc: MedscleanError) -> str:
 def _validate(given: Given) -> None:
     """Build every config from the user's values alone (defaults for the rest), so that a bad value
     fails before torch is imported; the real configs add the preset later."""
-    from medsclean.config import STAGE_CONFIGS, check_seed, check_self_out, parse_duration
+    from medsclean.config import STAGE_CONFIGS, check_self_out
+    from medsclean.values import check_seed, parse_duration
 
     for stage, cls in STAGE_CONFIGS.items():
         values = _fields_of(stage, given.stage(stage))
@@ -152,7 +153,7 @@ def _check_paths(given: Given) -> None:
         value = given.get(name)
         if value is not None and not Path(value).is_dir():
             raise DataError(f"{value}: no such folder; pass the folder that holds your images")
-    from medsclean.workdir.store import writes_through
+    from medsclean.workdir.atomic import writes_through
 
     for param, name in (("out", "out"), ("rejected_out", "rejected_out")):
         value = given.get(name)
@@ -193,7 +194,7 @@ def _require_writable(param: str, value, folder: Path, *, must_exist: bool) -> N
 def _interrupted(work: Path | None) -> str:
     """What an interrupted run leaves behind and how to go on, naming only what is there: finished
     stages, training checkpoints, encoded images of the image cache."""
-    from medsclean.workdir.store import IMAGE_CACHE
+    from medsclean.workdir.image_cache import IMAGE_CACHE
     from medsclean.stages.training import CHECKPOINT
 
     kept, resume = [], []
@@ -255,7 +256,7 @@ def command(name: str, *arguments):
 def _emit(name: str, payload: dict, as_json: bool | None, text: str) -> None:
     """The command's result on stdout: strict JSON with a schema version, or `text`."""
     if as_json:
-        from medsclean.workdir.store import to_json
+        from medsclean.workdir.atomic import to_json
 
         typer.echo(to_json({"schema": f"medsclean.{name}/1", **payload}))
     elif text:
@@ -275,7 +276,7 @@ def _configs(run, given: Given) -> dict[str, Any]:
     """The score, distill and select configs of a run: preset overlay, then the user's values;
     with --budget the iteration counts are measured and chosen."""
     from medsclean import pipeline
-    from medsclean.config import parse_duration
+    from medsclean.values import parse_duration
 
     select = run.select_config(**given.stage("select"))
     cfgs = {"score": run.score_config(**given.stage("score")), "distill": run.distill_config(**given.stage("distill")),

@@ -19,8 +19,8 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from medsclean import choices
-from medsclean.config import (CPU, METHOD_ADVICE, PAPER, PRESETS, STAGE_CONFIGS, DEFAULT_PRESET, DEFAULT_SEED, DemoConfig,
-                     DistillConfig, NoiseConfig)
+from medsclean.config import STAGE_CONFIGS, DemoConfig, DistillConfig, NoiseConfig
+from medsclean.presets import CPU, METHOD_ADVICE, PAPER, PRESETS, DEFAULT_PRESET, DEFAULT_SEED
 
 
 @dataclass(frozen=True)

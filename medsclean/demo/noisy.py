@@ -28,7 +28,7 @@ from medsclean import seeding
 from medsclean.workdir.data import (MASK_SUFFIX, NOISY_FORMAT, find_mask, list_images, mvtec_categories,
                    write_noisy_manifest)
 from medsclean.errors import ConfigError, DataError, UsageError
-from medsclean.workdir.store import atomic_directory
+from medsclean.workdir.atomic import atomic_directory
 
 TRAIN_MASK_DIR = "ground_truth_train"
 

@@ -19,7 +19,7 @@ from medsclean.ui import Reporter
 def prepare_demo_data(work: Path, cfg: DemoConfig, reporter: Reporter) -> Path:
     """Generate and contaminate the demo dataset under `work/demo`, reusing an identical earlier one."""
     from medsclean.demo.noisy import make_noisy
-    from medsclean.workdir.store import write_json_atomic
+    from medsclean.workdir.atomic import write_json_atomic
     from medsclean.demo.synth import generate_dataset
 
     base = Path(work) / "demo"

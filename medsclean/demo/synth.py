@@ -25,7 +25,7 @@ from skimage import draw as skdraw
 
 from medsclean import seeding
 from medsclean.errors import UsageError
-from medsclean.workdir.store import atomic_directory, write_json_atomic
+from medsclean.workdir.atomic import atomic_directory, write_json_atomic
 
 SYNTH_FORMAT = "medsclean-synth/1"
 SUMMARY_NAME = "medsclean-synth.json"

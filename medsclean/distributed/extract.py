@@ -28,7 +28,7 @@ from medsclean.workdir.data import Dataset
 from medsclean.errors import DataError, MedscleanError, UsageError, WeightsError
 from medsclean.stages.features import _encode_batch, _ImageFolderDataset, _LazyEncoder, _load_encoder, _strict_error
 from medsclean.workdir.images import Preprocess
-from medsclean.workdir.store import ImageCache
+from medsclean.workdir.image_cache import ImageCache
 from medsclean.distributed.session import RaySession
 
 DECODE_CPUS = 0.25

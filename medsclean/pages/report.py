@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from medsclean.errors import DataError
-from medsclean.workdir.store import atomic_path, write_bytes_atomic
+from medsclean.workdir.atomic import atomic_path, write_bytes_atomic
 
 __all__ = ["colormap_lut", "render_overlay", "overlay_png", "picture_data_uri", "write_html_report",
            "escape", "html_table", "html_page", "settings_rows", "PAGE_CSS"]

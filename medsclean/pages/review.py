@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medsclean.config import METHOD_ADVICE
+from medsclean.presets import METHOD_ADVICE
 from medsclean.pages.report import escape, html_page, html_table, picture_data_uri, render_overlay, settings_rows
-from medsclean.workdir.store import write_text_atomic
+from medsclean.workdir.atomic import write_text_atomic
 
 __all__ = ["write_review", "Picture"]
 

@@ -23,7 +23,7 @@ from medsclean.config import EvalConfig
 from medsclean.workdir.data import Dataset, ImageRecord
 from medsclean.errors import DataError
 from medsclean.workdir.images import read_mask
-from medsclean.workdir.store import Artifact
+from medsclean.workdir.artifacts import Artifact
 
 IMAGE_KEYS = ("image_auroc", "image_ap")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro")

@@ -28,11 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medsclean.config import ExtractConfig, resolve_device
+from medsclean.config import ExtractConfig
+from medsclean.values import resolve_device
 from medsclean.workdir.data import Dataset
 from medsclean.errors import DataError
 from medsclean.workdir.images import Preprocess, decode_image, normalise, resize_crop
-from medsclean.workdir.store import IMAGE_CACHE, Artifact, ImageCache, Store, digest, save_tensors, tensor_specs
+from medsclean.workdir.artifacts import Artifact, digest, save_tensors, tensor_specs
+from medsclean.workdir.image_cache import IMAGE_CACHE, ImageCache
+from medsclean.workdir.store import Store
 from medsclean.ui import Reporter
 
 STAGE = "features"

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from medsclean.config import ScoreConfig
-from medsclean.workdir.store import Artifact, Store, digest
+from medsclean.workdir.artifacts import Artifact, digest
+from medsclean.workdir.store import Store
 from medsclean.ui import Reporter
 
 STAGE = "scores"

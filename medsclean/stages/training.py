@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from medsclean.config import CutConfig, DistillConfig, SelectConfig
-from medsclean.workdir.store import Artifact, Store, digest, load_tensors_with_metadata, save_tensors, to_json
+from medsclean.workdir.artifacts import Artifact, digest, load_tensors_with_metadata, save_tensors
+from medsclean.workdir.atomic import to_json
+from medsclean.workdir.store import Store
 from medsclean.ui import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -65,7 +67,7 @@ def check_model_shape(encoder: dict, cfg: DistillConfig) -> None:
     Raises:
         ConfigError: (params heads, width) the heads do not divide that width.
     """
-    from medsclean.config import divisor_near
+    from medsclean.values import divisor_near
     from medsclean.errors import ConfigError
     from medsclean.model.decoder import CNN_WIDTH
 

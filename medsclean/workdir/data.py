@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from medsclean.choices import ClassFrom, Layout, Split
 from medsclean.errors import ConfigError, DataError
 from medsclean.workdir.images import IMAGE_EXTENSIONS
-from medsclean.workdir.store import write_json_atomic
+from medsclean.workdir.atomic import write_json_atomic
 
 LAYOUTS = Layout.values()
 SPLITS = Split.values()

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsclean.errors import ConfigError
-from medsclean.workdir.store import atomic_directory, to_json, write_text_atomic
+from medsclean.workdir.atomic import atomic_directory, to_json, write_text_atomic
 
-EXPORT_SCHEMA = "medsclean.workdir.export/1"
+EXPORT_SCHEMA = "medsclean.export/1"
 MANIFEST = "medsclean-export.json"
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from medsclean.errors import ConfigError
-from medsclean.workdir.store import Store, folder_bytes, to_json, write_text_atomic
+from medsclean.workdir.artifacts import folder_bytes
+from medsclean.workdir.atomic import to_json, write_text_atomic
+from medsclean.workdir.store import Store
 
 POINTER_SCHEMA = "medsclean.run-record/1"
 CHAIN = ("features", "scores", "distill", "select", "cut")
@@ -148,7 +150,7 @@ def remove_runs(store: Store, keys: list[str]) -> dict:
         InUseError: a running command uses one of them.
     """
     from medsclean.stages.features import prune_image_cache
-    from medsclean.workdir.store import IMAGE_CACHE
+    from medsclean.workdir.image_cache import IMAGE_CACHE
 
     doomed = {find_run(store, k, stage="runs")[0] for k in keys}
     keep_refs: set[tuple[str, str]] = set()
