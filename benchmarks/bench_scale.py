@@ -100,7 +100,9 @@ def child(args) -> None:
     import torch
 
     from medsclean.values import parse_size
-    from medsclean.step1.memory import image_scores, score_classes
+    from medsclean.config import ScoreConfig
+    from medsclean.step1.classes import image_scores, score_classes
+    from medsclean.step1.runtime import Runtime
 
     torch.set_num_threads(1 if args.child in ("exact-1thread", "exact-ray") else args.threads)
     if args.shards:  # read from the artifact's shards on disk, class by class or block by block
@@ -113,28 +115,29 @@ def child(args) -> None:
         features = torch.from_numpy(features)
     before = vm_kib("VmRSS")
     engine, method = (args.child.split("-") + ["greedy"])[:2]
-    extra = {}
+    executor = None
     startup = None
     if method == "ray":
         from medsclean import distributed
         from medsclean.config import ClusterConfig
 
         t0 = time.perf_counter()
-        extra["executor"] = distributed.connect(ClusterConfig(executor="ray", workers=args.ray_workers), Path(args.out).parent)
+        executor = distributed.connect(ClusterConfig(executor="ray", workers=args.ray_workers), Path(args.out).parent)
         n_warm = min(WARM_UP_IMAGES, args.n)
         warm = features.subset(range(n_warm)) if args.shards else features[:n_warm]
-        score_classes(warm, ["c"] * n_warm, engine="exact", seed=args.seed, **extra)  # workers up and warm
+        score_classes(warm, ["c"] * n_warm, ScoreConfig(engine="exact", seed=args.seed),
+                      Runtime(executor=executor))  # workers up and warm
         startup = time.perf_counter() - t0
-    if engine == "approx":
-        import medsclean.step1.memory as memory
+    if engine == "approx" and method == "random":  # the random-subsample variant, for the coreset choice
+        from medsclean.step1.engines import approx
 
-        if method == "random":  # the random-subsample variant, for the coreset choice
-            original = memory.coreset_patches
-            memory.coreset_patches = lambda *a, **kw: original(*a, **{**kw, "method": "random"})
-        extra["coreset"] = args.coreset
+        original = approx.coreset_patches
+        approx.coreset_patches = lambda *a, **kw: original(*a, **{**kw, "method": "random"})
+    cfg = ScoreConfig(engine=engine, seed=args.seed, **({"coreset": args.coreset} if engine == "approx" else {}))
     t0 = time.perf_counter()
-    maps, _ = score_classes(features, ["c"] * args.n, engine=engine, seed=args.seed,
-                            max_memory=parse_size(args.max_memory) if args.max_memory else None, **extra)
+    maps, _ = score_classes(features, ["c"] * args.n, cfg,
+                            Runtime(max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                                    executor=executor))
     seconds = time.perf_counter() - t0
     peak = vm_kib("VmHWM") / 1024
     if method == "ray":
@@ -220,7 +223,7 @@ def run_cases(args, workdir: Path) -> None:
     """Every (N, case) of the command line: a table row each on stdout, and the --json file."""
     from sklearn.metrics import roc_auc_score
 
-    from medsclean.step1.memory import exact_flops
+    from medsclean.step1.plan import exact_flops
 
     n_patches = args.grid * args.grid
     rows = []

@@ -1,8 +1,8 @@
 """Speed and memory of the Step-1 memory-ensemble engines, side by side in one run.
 
 One class of N images with P patches of D random unit features, B banks of ratio rho:
-  exact  - medsclean.step1.memory.memory_scores_exact, all B banks (timed in full);
-  faiss  - medsclean.step1.memory.memory_scores_faiss, flat index, timed on --faiss-banks banks
+  exact  - medsclean.step1.engines.exact.memory_scores_exact, all B banks (timed in full);
+  faiss  - medsclean.step1.engines.faiss.memory_scores_faiss, flat index, timed on --faiss-banks banks
            and extrapolated linearly to B (its cost is linear in the bank count);
   naive  - the oracle of tests/memory_oracle.py in float32 (one memory per bank, every image
            searched against it), timed on --naive-banks banks and extrapolated linearly to B;
@@ -39,16 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import smoke_mode  # noqa: E402
 from medsclean.step1 import faiss_index as knn  # noqa: E402
-from medsclean.step1.memory import (  # noqa: E402
-    bank_flops,
-    bank_size,
-    draw_banks,
-    exact_flops,
-    image_scores,
-    memory_scores_exact,
-    memory_scores_faiss,
-    plan_exact_blocks,
-)
+from medsclean.step1.banks import bank_size, draw_banks  # noqa: E402
+from medsclean.step1.classes import image_scores  # noqa: E402
+from medsclean.step1.engines.exact import memory_scores_exact  # noqa: E402
+from medsclean.step1.engines.faiss import memory_scores_faiss  # noqa: E402
+from medsclean.step1.plan import bank_flops, exact_flops, plan_exact_blocks  # noqa: E402
 from tests.memory_oracle import naive_memory_scores  # noqa: E402
 
 # MVTec AD train/good counts and test anomaly counts per class (for the projection).
@@ -174,14 +169,15 @@ def ivf_quality(features: np.ndarray, banks: np.ndarray, nprobe_factors: list[in
     members = np.unique(banks[0])
     database = features[members].reshape(-1, dim)
     queries = features[np.setdiff1d(np.arange(n_images), members)].reshape(-1, dim)
-    flat_sims, flat_ids = knn.nearest_inner_product(queries, database, use_gpu=False)
-    flat_maps, flat_s, _ = measure(memory_scores_faiss, features, banks, use_gpu=False)
+    flat_sims, flat_ids = knn.search_inner_product(knn.build_inner_product_index(database, use_gpu=False), queries)
+    flat_maps, flat_s, _ = measure(memory_scores_faiss, features, banks, search=knn.IndexOptions(use_gpu=False))
     nlist = knn.default_nlist(len(database))
     rows = []
     for factor in nprobe_factors:
         nprobe = min(nlist, knn.default_nprobe(nlist) * factor)
-        ivf_sims, ivf_ids = knn.nearest_inner_product(queries, database, index="ivf", nprobe=nprobe, use_gpu=False)
-        ivf_maps, ivf_s, _ = measure(memory_scores_faiss, features, banks, index="ivf", nprobe=nprobe, use_gpu=False)
+        ivf = knn.IndexOptions("ivf", use_gpu=False, nprobe=nprobe)
+        ivf_sims, ivf_ids = knn.search_inner_product(ivf.build(database), queries)
+        ivf_maps, ivf_s, _ = measure(memory_scores_faiss, features, banks, search=ivf)
         map_error = (ivf_maps - flat_maps).abs()
         rows.append({
             "nlist": nlist, "nprobe": nprobe,
@@ -258,7 +254,8 @@ def main() -> None:
 
     _, exact_s, exact_mem = measure(memory_scores_exact, features, banks)
     _, naive_s, naive_mem = measure(naive_memory_scores, features, banks[: args.naive_banks], dtype=np.float32)
-    _, faiss_s, faiss_mem = measure(memory_scores_faiss, features, banks[: args.faiss_banks], use_gpu=False)
+    _, faiss_s, faiss_mem = measure(memory_scores_faiss, features, banks[: args.faiss_banks],
+                                     search=knn.IndexOptions(use_gpu=False))
     naive_full = naive_s * args.banks / args.naive_banks
     faiss_full = faiss_s * args.banks / args.faiss_banks
     exact_rate = exact_flops(n, p, d) / exact_s

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.step1.memory import draw_banks, memory_scores_exact, plan_exact_blocks, score_classes
-from medsclean.step1.blocks import (TensorRows, block_tasks, key_chunk_images, memory_scores_blocked,
-                                     partial_bank_distances, BlockJob, merge_partials)
+from medsclean.config import ScoreConfig
+from medsclean.step1.banks import draw_banks, member_table
+from medsclean.step1.classes import score_classes
+from medsclean.step1.engines.blocked import (BlockJob, TaskSpread, block_tasks, key_chunk_images, memory_scores_blocked,
+                                             merge_partials, partial_bank_distances)
+from medsclean.step1.engines.exact import memory_scores_exact
+from medsclean.step1.plan import plan_exact_blocks
+from medsclean.step1.rows import TensorRows
 from medsclean.workdir.store import Store
 from tests.test_memory import random_features
 
@@ -32,7 +37,7 @@ def test_blocked_engine_equals_the_one_pass_engine_bit_for_bit(n, patches, dim, 
     one_pass = memory_scores_exact(features, bank_table, k=k, leave_self_out=leave_self_out,
                                    max_block_bytes=block_bytes)
     blocked = memory_scores_blocked(TensorRows(features), bank_table, k=k, leave_self_out=leave_self_out,
-                                    max_block_bytes=block_bytes, key_chunks=chunks)
+                                    max_block_bytes=block_bytes, spread=TaskSpread(key_chunks=chunks))
     assert torch.equal(blocked, one_pass)
 
 
@@ -66,7 +71,8 @@ def test_images_no_bank_scores_fall_back_to_every_other_image_in_both_engines(k,
     bank_table = np.full((6, 2), 7, dtype=np.int64)
     expected = torch.as_tensor(_brute_force(features.numpy(), bank_table, k), dtype=torch.float32)
     one_pass = memory_scores_exact(features, bank_table, k=k, max_block_bytes=1 << 14)
-    blocked = memory_scores_blocked(TensorRows(features), bank_table, k=k, max_block_bytes=1 << 14, key_chunks=chunks)
+    blocked = memory_scores_blocked(TensorRows(features), bank_table, k=k, max_block_bytes=1 << 14,
+                                    spread=TaskSpread(key_chunks=chunks))
     assert torch.equal(blocked, one_pass)
     assert torch.allclose(one_pass, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(one_pass[7], one_pass[8])  # image 7's row is the fallback's, finite
@@ -87,10 +93,8 @@ def test_tasks_cover_every_pair_once_and_key_chunks_are_whole_database_blocks():
 def test_the_min_reduction_does_not_depend_on_the_order_of_the_parts():
     features = torch.as_tensor(random_features(60, 9, 16, seed=4))
     bank_table = draw_banks(60, 12, 0.2, replace=True, generator=np.random.default_rng(0))
-    from medsclean.step1.memory import _padded_members
-
     plan = plan_exact_blocks(60, 9, n_banks=12, bank_width=12, block_images=60, max_block_bytes=1 << 16)
-    job = BlockJob(TensorRows(features), _padded_members(bank_table, pad_index=60), 2, True, plan)
+    job = BlockJob(TensorRows(features), member_table(bank_table, pad_index=60), 2, True, plan)
     parts = [partial_bank_distances(job, t) for t in block_tasks(60, plan, key_chunk_images(60, plan, 4))]
     assert len(parts) >= 3
     forward = backward = None
@@ -138,14 +142,15 @@ def test_score_classes_from_sharded_rows_equals_the_tensor(tmp_path):
     classes = ["a", "b"] * 35  # interleaved: each class reads every other row of each shard
     art = _write_features(tmp_path, features, shard_size=16)
     for engine in ("exact", "approx"):
-        from_disk, banks = score_classes(art.rows("memory"), classes, n_banks=8, engine=engine, seed=1)
-        in_memory, banks_again = score_classes(features, classes, n_banks=8, engine=engine, seed=1)
+        cfg = ScoreConfig(banks=8, engine=engine, seed=1)
+        from_disk, banks = score_classes(art.rows("memory"), classes, cfg)
+        in_memory, banks_again = score_classes(features, classes, cfg)
         assert torch.equal(from_disk, in_memory)
         assert all(torch.equal(banks[c], banks_again[c]) for c in banks)
     # streamed: key chunks read from the shards as the tasks need them
     positions = np.flatnonzero(np.array(classes) == "a")
     bank_table = banks["a"].numpy() // 2  # positions of class a's images within the class
-    streamed = memory_scores_blocked(art.rows("memory").subset(positions), bank_table, key_images=10,
+    streamed = memory_scores_blocked(art.rows("memory").subset(positions), bank_table, spread=TaskSpread(key_images=10),
                                      max_block_bytes=1 << 16)
     one_pass = memory_scores_exact(features[positions], bank_table, max_block_bytes=1 << 16)
     assert torch.equal(streamed, one_pass)

@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from medsclean.step1 import faiss_index as knn
+from medsclean.config import ScoreConfig
 from medsclean.errors import DataError, UsageError
-from medsclean.step1.memory import (
-    ALL_CLASSES,
-    bank_size,
-    choose_engine,
-    draw_banks,
-    exact_flops,
-    image_scores,
-    memory_scores_exact,
-    memory_scores_faiss,
-    plan_exact_blocks,
-    score_classes,
-)
+from medsclean.step1 import faiss_index as knn
+from medsclean.step1.banks import ALL_CLASSES, bank_size, draw_banks
+from medsclean.step1.classes import image_scores, score_classes
+from medsclean.step1.engines import ENGINES as REGISTRY
+from medsclean.step1.engines import choose_engine
+from medsclean.step1.engines.exact import memory_scores_exact
+from medsclean.step1.engines.faiss import memory_scores_faiss
+from medsclean.step1.plan import exact_flops, plan_exact_blocks
 from tests.memory_oracle import naive_memory_scores
 
 TOLERANCE = 1e-5
@@ -94,7 +90,7 @@ def test_ivf_visiting_every_list_equals_exact_oracle():
     features = random_features(12, 16, 8, seed=4)
     banks = draw_banks(12, n_banks=6, ratio=0.5, replace=False, generator=np.random.default_rng(0))
     reference = naive_memory_scores(features, banks, k=2)
-    maps = memory_scores_faiss(features, banks, k=2, index="ivf", nlist=2, nprobe=2)
+    maps = memory_scores_faiss(features, banks, k=2, search=knn.IndexOptions("ivf", nlist=2, nprobe=2))
     assert max_error(maps, reference) <= TOLERANCE
 
 
@@ -127,7 +123,7 @@ def test_single_image_class_has_nan_map_and_score_classes_refuses_it(engine):
     maps = ENGINES[engine](features, np.zeros((2, 1), dtype=np.int64))
     assert torch.isnan(maps).all()
     with pytest.raises(DataError, match="single training image"):
-        score_classes(random_features(3, 4, 6, seed=0), ["a", "a", "b"], n_banks=2, engine="exact")
+        score_classes(random_features(3, 4, 6, seed=0), ["a", "a", "b"], ScoreConfig(banks=2, engine="exact"))
 
 
 def test_float16_features_are_scored_in_float32():
@@ -135,7 +131,7 @@ def test_float16_features_are_scored_in_float32():
     banks = draw_banks(8, n_banks=5, ratio=0.3, generator=np.random.default_rng(1))
     reference = naive_memory_scores(features.astype(np.float32), banks)
     assert max_error(memory_scores_exact(torch.from_numpy(features), banks), reference) <= TOLERANCE
-    maps, class_banks = score_classes(torch.from_numpy(features), ["a"] * 8, n_banks=5, ratio=0.3, engine="faiss")
+    maps, class_banks = score_classes(torch.from_numpy(features), ["a"] * 8, ScoreConfig(banks=5, ratio=0.3, engine="faiss"))
     reference = naive_memory_scores(features.astype(np.float32), class_banks["a"].numpy())
     assert max_error(maps, reference) <= TOLERANCE
 
@@ -167,7 +163,7 @@ def test_anomalous_image_with_unique_patches_gets_highest_image_score():
     normal[7, 40:44] = rng.standard_normal((4, dim)) * 3  # a small defect nowhere else in the class
     features = unit_rows(normal)
     for engine in ("exact", "faiss"):
-        maps, _ = score_classes(features, ["part"] * 20, n_banks=30, ratio=0.1, engine=engine, seed=0)
+        maps, _ = score_classes(features, ["part"] * 20, ScoreConfig(banks=30, ratio=0.1, engine=engine, seed=0))
         scores = image_scores(maps)
         assert int(scores.argmax()) == 7
         assert float(scores[7]) > 2 * float(np.delete(scores.numpy(), 7).max())
@@ -178,7 +174,7 @@ def test_score_classes_equals_oracle_per_class_with_its_banks(per_class):
     features = random_features(18, 6, 8, seed=12)
     classes = ["screw", "tile", "screw", "wood", "tile", "screw"] * 3
     maps, banks = score_classes(
-        features, classes, n_banks=8, ratio=0.3, k=3, engine="exact", seed=4, per_class=per_class
+        features, classes, ScoreConfig(banks=8, ratio=0.3, k=3, engine="exact", seed=4, per_class=per_class)
     )
     expected_keys = {"screw", "tile", "wood"} if per_class else {ALL_CLASSES}
     assert set(banks) == expected_keys
@@ -195,10 +191,10 @@ def test_score_classes_equals_oracle_per_class_with_its_banks(per_class):
 def test_score_classes_engines_agree_and_seed_controls_output():
     features = random_features(16, 5, 8, seed=13)
     classes = ["a"] * 9 + ["b"] * 7
-    exact, banks = score_classes(features, classes, n_banks=10, engine="exact", seed=1)
-    again, banks_again = score_classes(features, classes, n_banks=10, engine="exact", seed=1)
-    via_faiss, _ = score_classes(features, classes, n_banks=10, engine="faiss", seed=1)
-    other, banks_other = score_classes(features, classes, n_banks=10, engine="exact", seed=2)
+    exact, banks = score_classes(features, classes, ScoreConfig(banks=10, engine="exact", seed=1))
+    again, banks_again = score_classes(features, classes, ScoreConfig(banks=10, engine="exact", seed=1))
+    via_faiss, _ = score_classes(features, classes, ScoreConfig(banks=10, engine="faiss", seed=1))
+    other, banks_other = score_classes(features, classes, ScoreConfig(banks=10, engine="exact", seed=2))
     assert torch.equal(exact, again)
     assert all(torch.equal(banks[c], banks_again[c]) for c in banks)
     assert float((exact - via_faiss).abs().max()) <= TOLERANCE
@@ -208,14 +204,14 @@ def test_score_classes_engines_agree_and_seed_controls_output():
 
 def test_class_banks_do_not_depend_on_other_classes():
     features = random_features(12, 4, 6, seed=14)
-    _, alone = score_classes(features[:6], ["a"] * 6, n_banks=5, engine="exact", seed=3)
-    _, together = score_classes(features, ["b"] * 6 + ["a"] * 6, n_banks=5, engine="exact", seed=3)
+    _, alone = score_classes(features[:6], ["a"] * 6, ScoreConfig(banks=5, engine="exact", seed=3))
+    _, together = score_classes(features, ["b"] * 6 + ["a"] * 6, ScoreConfig(banks=5, engine="exact", seed=3))
     assert torch.equal(alone["a"] + 6, together["a"])
 
 
 def test_class_banks_are_the_same_in_every_process():
     script = (
-        "import numpy as np; from medsclean.step1.memory import class_generator, draw_banks;"
+        "import numpy as np; from medsclean.step1.banks import class_generator, draw_banks;"
         "print(draw_banks(50, 3, 0.1, generator=class_generator(7, 'metal_nut')).tolist())"
     )
     outputs = set()
@@ -274,10 +270,20 @@ def test_choose_engine_prefers_exact_unless_only_faiss_has_a_gpu():
     assert exact_flops(2, 3, 4) == 2 * 4 * 9 * 4
 
 
+def test_the_registry_holds_every_engine_name_and_auto_picks_only_exact_ones():
+    from medsclean.choices import Engine
+
+    assert set(REGISTRY) == set(Engine.values()) - {"auto"}
+    assert {name for name, spec in REGISTRY.items() if spec.exact} == {"exact", "faiss"}
+    for device, faiss_gpu in (("cpu", False), ("cpu", True), ("cuda:0", True)):
+        assert REGISTRY[choose_engine(50, 16, 8, device=device, faiss_gpu=faiss_gpu).name].exact
+
+
 def test_knn_matches_brute_force_ranking():
     rng = np.random.default_rng(0)
     database, queries = rng.standard_normal((300, 8)), rng.standard_normal((20, 8))
-    similarities, ids = knn.nearest_inner_product(queries, database, k=4, use_gpu=False)
+    index = knn.build_inner_product_index(database, use_gpu=False)
+    similarities, ids = knn.search_inner_product(index, queries, k=4)
     brute = queries @ database.T
     expected_ids = np.argsort(-brute, axis=1)[:, :4]
     np.testing.assert_array_equal(ids, expected_ids)
@@ -287,11 +293,11 @@ def test_knn_matches_brute_force_ranking():
 @pytest.mark.skipif(knn.gpu_count() > 0, reason="a GPU is visible to faiss")
 def test_knn_gpu_request_without_gpu_is_a_usage_error():
     with pytest.raises(UsageError, match="faiss-gpu"):
-        knn.nearest_inner_product(np.ones((1, 4)), np.ones((2, 4)), use_gpu=True)
+        knn.build_inner_product_index(np.ones((2, 4)), use_gpu=True)
 
 
 def test_importing_the_engines_does_not_import_faiss():
-    script = "import sys, medsclean.step1.memory; print('faiss' in sys.modules)"
+    script = "import sys, medsclean.step1.classes; print('faiss' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
@@ -315,4 +321,4 @@ def test_faiss_engine_on_gpu_equals_oracle():
     features = random_features(20, 16, 32, seed=16)
     banks = draw_banks(20, n_banks=10, ratio=0.2, generator=np.random.default_rng(0))
     reference = naive_memory_scores(features, banks, k=2)
-    assert max_error(memory_scores_faiss(features, banks, k=2, use_gpu=True), reference) <= TOLERANCE
+    assert max_error(memory_scores_faiss(features, banks, k=2, search=knn.IndexOptions(use_gpu=True)), reference) <= TOLERANCE

@@ -9,20 +9,14 @@ import torch
 from medsclean.config import ScoreConfig
 from medsclean.values import parse_size
 from medsclean.errors import ConfigError, DataError
-from medsclean.step1.memory import (
-    APPROX_ADVICE_SECONDS,
-    block_budget,
-    choose_engine,
-    coreset_patches,
-    coreset_size,
-    draw_banks,
-    memory_scores_approx,
-    memory_scores_exact,
-    projected_exact_seconds,
-    score_classes,
-    streaming_layout,
-    working_set_bytes,
-)
+from medsclean.step1.banks import draw_banks
+from medsclean.step1.classes import score_classes
+from medsclean.step1.engines import choose_engine
+from medsclean.step1.engines.approx import coreset_patches, memory_scores_approx
+from medsclean.step1.engines.exact import memory_scores_exact
+from medsclean.step1.plan import (APPROX_ADVICE_SECONDS, block_budget, coreset_size, projected_exact_seconds,
+                                  streaming_layout, working_set_bytes)
+from medsclean.step1.runtime import Runtime
 from medsclean.stages.scores import step1_maps
 from tests.test_memory import random_features, structured_features
 
@@ -53,8 +47,8 @@ def test_approx_equals_brute_force_on_its_coreset(method, k, leave_self_out):
     kept = coreset_patches(features, 0.25, generator=np.random.default_rng(5), method=method, k=k).numpy()
     assert kept.shape == (12, coreset_size(16, 0.25, k)) == (12, 4)
     assert all(len(np.unique(row)) == len(row) for row in kept)  # distinct patches
-    maps = memory_scores_approx(features, banks, coreset=0.25, generator=np.random.default_rng(5), method=method,
-                                k=k, leave_self_out=leave_self_out, max_block_bytes=3_000)
+    maps = memory_scores_approx(features, banks, torch.from_numpy(kept), k=k, leave_self_out=leave_self_out,
+                                max_block_bytes=3_000)
     reference = oracle_approx(features, kept, banks, k, leave_self_out)
     assert np.abs(maps.numpy() - reference).max() <= 1e-5
 
@@ -64,9 +58,11 @@ def test_approx_with_every_patch_is_the_exact_engine_and_never_below_it(k):
     features = structured_features(10, 4, 12, seed=2)
     banks = draw_banks(10, 9, 0.3, generator=np.random.default_rng(0))
     exact = memory_scores_exact(features, banks, k=k)
-    assert torch.equal(memory_scores_approx(features, banks, coreset=1.0, k=k), exact)
+    every_patch = coreset_patches(features, 1.0, generator=np.random.default_rng(0), k=k)
+    assert torch.equal(memory_scores_approx(features, banks, every_patch, k=k), exact)
     for coreset in (0.1, 0.3, 0.6):
-        approx = memory_scores_approx(features, banks, coreset=coreset, k=k, generator=np.random.default_rng(4))
+        kept = coreset_patches(features, coreset, generator=np.random.default_rng(4), k=k)
+        approx = memory_scores_approx(features, banks, kept, k=k)
         assert (approx >= exact - 1e-6).all()
 
 
@@ -83,19 +79,19 @@ def test_greedy_coreset_covers_the_image_better_than_its_first_centre():
 def test_score_classes_approx_is_deterministic_per_seed():
     features = random_features(16, 16, 8, seed=0)
     classes = ["a"] * 8 + ["b"] * 8
-    first, banks = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=3)
-    again, banks_again = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=3)
-    other, _ = score_classes(features, classes, n_banks=6, engine="approx", coreset=0.25, seed=4)
-    exact, exact_banks = score_classes(features, classes, n_banks=6, engine="exact", seed=3)
+    first, banks = score_classes(features, classes, ScoreConfig(banks=6, engine="approx", coreset=0.25, seed=3))
+    again, banks_again = score_classes(features, classes, ScoreConfig(banks=6, engine="approx", coreset=0.25, seed=3))
+    other, _ = score_classes(features, classes, ScoreConfig(banks=6, engine="approx", coreset=0.25, seed=4))
+    exact, exact_banks = score_classes(features, classes, ScoreConfig(banks=6, engine="exact", seed=3))
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert all(torch.equal(banks[c], exact_banks[c]) for c in banks)  # the coreset draws after the banks
     assert (first >= exact - 1e-6).all() and (first > exact + 1e-4).any()
-    full, _ = score_classes(features, classes, n_banks=6, engine="approx", coreset=1.0, seed=3)
+    full, _ = score_classes(features, classes, ScoreConfig(banks=6, engine="approx", coreset=1.0, seed=3))
     assert torch.equal(full, exact)
     # refinement rounds score against the same coreset each round
-    refined, _ = score_classes(features, classes, n_banks=1, ratio=1.0, replace=False, engine="approx",
-                               coreset=0.25, seed=3, refine_rounds=2, refine_drop=0.2)
+    refined, _ = score_classes(features, classes, ScoreConfig(banks=1, ratio=1.0, replace=False, engine="approx",
+                                                              coreset=0.25, seed=3, refine_rounds=2, refine_drop=0.2))
     assert torch.isfinite(refined).all()
 
 
@@ -105,15 +101,16 @@ def test_max_memory_changes_blocks_not_scores():
     maps = {}
     for bound in (None, 8 * 2**20, 64 * 2**20, 2**32):
         for engine in ("exact", "approx"):
-            maps[bound, engine], _ = score_classes(features, classes, n_banks=12, engine=engine, seed=0,
-                                                   max_memory=bound, coreset=0.5)
+            maps[bound, engine], _ = score_classes(features, classes,
+                                                   ScoreConfig(banks=12, engine=engine, seed=0, coreset=0.5),
+                                                   Runtime(max_memory=bound))
     for engine in ("exact", "approx"):
         reference = maps[None, engine]
         for bound in (8 * 2**20, 64 * 2**20, 2**32):
             assert torch.allclose(maps[bound, engine], reference, atol=1e-6, rtol=0)
     with pytest.raises(DataError, match="raise --max-memory"):  # the maps alone leave too little
-        score_classes(random_features(4000, 16, 64, seed=0), ["a"] * 4000, n_banks=2, engine="exact",
-                      max_memory=6 * 2**20)
+        score_classes(random_features(4000, 16, 64, seed=0), ["a"] * 4000, ScoreConfig(banks=2, engine="exact"),
+                      Runtime(max_memory=6 * 2**20))
 
 
 def test_a_class_larger_than_the_bound_streams_its_key_chunks():
@@ -122,8 +119,9 @@ def test_a_class_larger_than_the_bound_streams_its_key_chunks():
     assert working_set_bytes(1200, 16, 64) + 4 * 2**20 > bound
     block_bytes, key_images = streaming_layout(bound, 1200, 16, 64)
     assert key_images < 1200 and block_bytes < bound
-    streamed, _ = score_classes(features, ["a"] * 1200, n_banks=5, engine="exact", seed=0, max_memory=bound)
-    unbounded, _ = score_classes(features, ["a"] * 1200, n_banks=5, engine="exact", seed=0)
+    cfg = ScoreConfig(banks=5, engine="exact", seed=0)
+    streamed, _ = score_classes(features, ["a"] * 1200, cfg, Runtime(max_memory=bound))
+    unbounded, _ = score_classes(features, ["a"] * 1200, cfg)
     assert torch.allclose(streamed, unbounded, atol=1e-6, rtol=0)
 
 
@@ -148,13 +146,13 @@ def test_auto_past_a_tiny_bound_gives_the_exact_scores():
     features = structured_features(40, 16, 8, seed=3)
     classes = ["small"] * 12 + ["large"] * 28
     seen = {}
-    auto, _ = score_classes(features, classes, n_banks=6, engine="auto", seed=1, advice_seconds=1e-7,
-                            on_engine=lambda label, choice: seen.setdefault(label, choice))
-    exact, _ = score_classes(features, classes, n_banks=6, engine="exact", seed=1)
+    auto, _ = score_classes(features, classes, ScoreConfig(banks=6, engine="auto", seed=1),
+                            Runtime(advice_seconds=1e-7, on_engine=lambda label, choice: seen.setdefault(label, choice)))
+    exact, _ = score_classes(features, classes, ScoreConfig(banks=6, engine="exact", seed=1))
     assert torch.equal(auto, exact)  # bit for bit: the same engine
     assert {label: (c.name, c.over_bound) for label, c in seen.items()} == \
         {"small": ("exact", True), "large": ("exact", True)}
-    approx, _ = score_classes(features, classes, n_banks=6, engine="approx", seed=1)
+    approx, _ = score_classes(features, classes, ScoreConfig(banks=6, engine="approx", seed=1))
     assert not torch.equal(approx, exact)  # what auto used to switch to differs
 
 
@@ -198,7 +196,7 @@ def test_step1_maps_passes_coreset_and_max_memory():
     features = random_features(10, 16, 8, seed=0)
     cfg = ScoreConfig(banks=4, engine="approx", coreset=0.25, max_memory="1GB")
     maps, _ = step1_maps(features, ["a"] * 10, cfg, device="cpu")
-    direct, _ = score_classes(features, ["a"] * 10, n_banks=4, engine="approx", coreset=0.25)
+    direct, _ = score_classes(features, ["a"] * 10, ScoreConfig(banks=4, engine="approx", coreset=0.25))
     assert torch.equal(maps, direct)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from medsclean.choices import Engine
 from medsclean.config import ScoreConfig
 from medsclean.workdir.artifacts import Artifact, digest
 from medsclean.workdir.store import Store
@@ -96,51 +97,50 @@ def scores_csv(images: list[dict], scores) -> str:
     return buf.getvalue()
 
 
-def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **options):
-    """(N, P) Step-1 maps and the banks per class for `cfg`; `options` go to `memory.score_classes`
-    (callbacks, precomputed `tables`)."""
-    from medsclean.step1.memory import score_classes
+def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **runtime):
+    """(N, P) Step-1 maps and the banks per class for `cfg` on `device`; `runtime` are the other fields
+    of `step1.runtime.Runtime` (callbacks, executor, precomputed `tables`)."""
+    from medsclean.step1.classes import score_classes
+    from medsclean.step1.runtime import Runtime
 
-    engine, index = ("faiss", "ivf") if cfg.engine == "ivf" else (cfg.engine, "flat")
-    return score_classes(
-        memory, classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k, replace=cfg.replace,
-        per_class=cfg.per_class, leave_self_out=not cfg.include_self, engine=engine, seed=cfg.seed,
-        device=device, faiss_index=index, min_bank=cfg.min_bank, refine_rounds=cfg.refine_rounds,
-        refine_drop=cfg.refine_drop, aggregate=cfg.aggregate, coreset=cfg.coreset,
-        max_memory=cfg.max_memory_bytes, **options)
+    return score_classes(memory, classes, cfg, Runtime(device=device, **runtime))
 
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,
               reporter: Reporter, executor=None, advice_seconds: float | None = None) -> ScoreResult:
     """Compute (or reuse) the Step-1 maps for every extracted image.
 
-    `executor`: None, or a function returning the `memory.TaskExecutor` (e.g. Ray workers) that runs
-    the exact engine's block tasks, to the same maps; it is called only when the maps are computed.
+    `executor`: None, or a function returning the `step1.runtime.TaskExecutor` (e.g. Ray workers) that
+    runs the exact engine's block tasks, to the same maps; it is called only when the maps are computed.
     `advice_seconds`: under engine auto, the projected exact time past which a class gets one line
-    naming the `--engine approx` command (default `memory.APPROX_ADVICE_SECONDS`); it is still scored
+    naming the `--engine approx` command (default `step1.plan.APPROX_ADVICE_SECONDS`); it is still scored
     exactly. The manifest's `engines` records every class's engine, reason and projection.
     """
     t0 = time.perf_counter()
     key = scores_key(features, cfg, device=device)
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
-    from medsclean.step1.memory import APPROX_ADVICE_SECONDS, image_scores
+    from medsclean.step1.banks import ALL_CLASSES
+    from medsclean.step1.classes import image_scores
+    from medsclean.step1.engines import ENGINES
+    from medsclean.step1.plan import APPROX_ADVICE_SECONDS
 
     bound = APPROX_ADVICE_SECONDS if advice_seconds is None else advice_seconds
 
-    # Only the exact engine runs on an executor: do not start one for the others.
-    executor = executor() if executor is not None and cfg.engine in ("auto", "exact") else None
+    # Only an engine that runs block tasks uses an executor (auto may choose one): do not start one for the others.
+    uses_tasks = cfg.engine == Engine.AUTO or ENGINES[cfg.engine].runs_tasks
+    executor = executor() if executor is not None and uses_tasks else None
     memory = features.rows("memory")  # read class by class (or block by block), never all at once
     images = features.manifest["images"]
     classes = [row["class"] for row in images]
     chosen = []
     engines: dict[str, dict] = {}
     sizes: dict[str, int] = {}
-    for name in classes if cfg.per_class else ["<all>"] * len(classes):
+    for name in classes if cfg.per_class else [ALL_CLASSES] * len(classes):
         sizes[name] = sizes.get(name, 0) + 1
 
     def on_engine(name, choice) -> None:
-        if cfg.engine == "auto" and not chosen:
+        if cfg.engine == Engine.AUTO and not chosen:
             reporter.info(f"scores: engine {choice.name} ({choice.reason})")
         if choice.over_bound:
             reporter.warn(engine_line(name, sizes.get(name, 0), choice, device, bound, approx_command()))
@@ -160,7 +160,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
         maps, banks = step1_maps(memory, classes, cfg, device=device, on_engine=on_engine, on_progress=on_progress,
                                  executor=executor, advice_seconds=bound)
     engine = cfg.engine
-    if engine != "ivf" and chosen:
+    if chosen:
         engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))
     per_image = image_scores(maps, aggregate=cfg.aggregate)
     import torch

@@ -17,8 +17,10 @@ everything runs on the CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -115,6 +117,21 @@ def _as_search_matrix(array: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """The index :func:`build_inner_product_index` builds (its keyword arguments, in one value)."""
+
+    index: IndexKind = "flat"
+    use_gpu: bool | None = None
+    nlist: int | None = None
+    nprobe: int | None = None
+    seed: int = 0
+
+    def build(self, database: np.ndarray):
+        """:func:`build_inner_product_index` of ``database`` with these options."""
+        return build_inner_product_index(database, **dataclasses.asdict(self))
+
+
 def build_inner_product_index(
     database: np.ndarray,
     *,
@@ -189,34 +206,3 @@ def search_inner_product(faiss_index, queries: np.ndarray, k: int = 1) -> tuple[
     ids = ids.astype(np.int64, copy=False)
     similarities[ids < 0] = -np.inf
     return similarities, ids
-
-
-def nearest_inner_product(
-    queries: np.ndarray,
-    database: np.ndarray,
-    k: int = 1,
-    *,
-    use_gpu: bool | None = None,
-    index: IndexKind = "flat",
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` database rows with the largest inner product for every query row.
-
-    Builds a one-off index (see :func:`build_inner_product_index` for the options)
-    and searches it (see :func:`search_inner_product` for the results).
-
-    Args:
-        queries: (n, d) vectors.
-        database: (m, d) vectors.
-        k: neighbours per query, 1 <= k <= m.
-
-    Returns:
-        similarities: (n, k) float32 inner products, largest first.
-        ids: (n, k) int64 database row indices.
-    """
-    faiss_index = build_inner_product_index(
-        database, index=index, use_gpu=use_gpu, nlist=nlist, nprobe=nprobe, seed=seed
-    )
-    return search_inner_product(faiss_index, queries, k)
