@@ -57,8 +57,9 @@ from medsclean.values import resolve_device
 from medsclean.workdir.data import ImageRecord, discover
 from medsclean.stages.evaluate import EvalConfig, detector_metrics, postprocess
 from medsclean.stages.features import run_extract
-from medsclean.step1.memory import image_scores as memory_image_scores
-from medsclean.step1.memory import score_classes
+from medsclean.step1.classes import image_scores as memory_image_scores
+from medsclean.step1.classes import score_classes
+from medsclean.step1.runtime import Runtime
 from medsclean.metrics import selection_metrics
 from medsclean.model.decoder import ReconstructionModel
 from medsclean.demo.noisy import make_noisy
@@ -202,9 +203,7 @@ def train_from_scratch(data: NoisySet | FeatureTable, subset: np.ndarray, encode
 def step1_scores(data: NoisySet, seed: int, device: str) -> tuple[torch.Tensor, np.ndarray]:
     """Memory-ensemble maps (N, P) and image scores (N,) with the `score` stage's defaults."""
     cfg = ScoreConfig(seed=seed)
-    maps, _ = score_classes(data.memory, data.classes, n_banks=cfg.banks, ratio=cfg.ratio, k=cfg.k,
-                            replace=cfg.replace, per_class=cfg.per_class, leave_self_out=not cfg.include_self,
-                            engine=cfg.engine, seed=seed, device=device)
+    maps, _ = score_classes(data.memory, data.classes, cfg, Runtime(device=device))
     return maps, memory_image_scores(maps, aggregate=cfg.aggregate).double().numpy()
 
 

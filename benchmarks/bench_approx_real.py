@@ -6,10 +6,10 @@ its packaged ImageNet weights, the CPU preset's encoder, at `--image-size` 256 p
 32 x 32 = 1024 patches of width 152). One class per category; for each size N the class is the
 first N images, so a smaller class is a subset of a larger one.
 
-The exact engine's maps come from one `memory.nearest_table` of the largest class (timed: that is
-one exact pass at N max), reduced to each subset and its banks by `memory.scores_from_table`,
+The exact engine's maps come from one `step1.reduce.nearest_table` of the largest class (timed: that
+is one exact pass at N max), reduced to each subset and its banks by `step1.reduce.scores_from_table`,
 which equals `memory_scores_exact` (tests/test_memory.py). The approximate engine runs through
-`memory.score_classes(engine="approx")` at each N (timed). Both draw the same banks (seed 0).
+`step1.classes.score_classes` with engine approx at each N (timed). Both draw the same banks (seed 0).
 
 Reported per (category, N), with the top `--rate` share of the class as "rejected":
   rejected recall vs exact: the share of the exact engine's rejected set that approx also rejects;
@@ -91,7 +91,10 @@ def measure(category: str, args) -> list[dict]:
     import torch
     from scipy.stats import spearmanr
 
-    from medsclean.step1.memory import image_scores, nearest_table, score_classes
+    from medsclean.config import ScoreConfig
+    from medsclean.step1.classes import image_scores, score_classes
+    from medsclean.step1.reduce import nearest_table
+    from medsclean.step1.runtime import Runtime
 
     images, labels = class_images(category, max(args.sizes), args.image_size, args.rate, args.seed)
     t0 = time.perf_counter()
@@ -101,14 +104,16 @@ def measure(category: str, args) -> list[dict]:
     t0 = time.perf_counter()
     table = nearest_table(features)  # (N, P, N, 1): one exact pass over the largest class
     exact_s = time.perf_counter() - t0
-    options = dict(n_banks=args.banks, ratio=0.1, seed=args.seed)
+    options = dict(banks=args.banks, ratio=0.1, seed=args.seed)
     rows = []
     for n in sorted(args.sizes):
         classes = [category] * n
         sub = table[:n, :, :n]
-        exact_maps, _ = score_classes(features[:n], classes, engine="exact", tables={category: sub}, **options)
+        exact_maps, _ = score_classes(features[:n], classes, ScoreConfig(engine="exact", **options),
+                                      Runtime(tables={category: sub}))
         t0 = time.perf_counter()
-        approx_maps, _ = score_classes(features[:n], classes, engine="approx", coreset=args.coreset, **options)
+        approx_maps, _ = score_classes(features[:n], classes,
+                                       ScoreConfig(engine="approx", coreset=args.coreset, **options))
         approx_s = time.perf_counter() - t0
         exact, approx = image_scores(exact_maps).numpy(), image_scores(approx_maps).numpy()
         rejected_exact, rejected_approx = top_share(exact, args.rate), top_share(approx, args.rate)

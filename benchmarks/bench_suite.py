@@ -28,7 +28,7 @@ cleaning: a full-bank kNN detector (PatchCore without coreset, k = 1) on each me
 images, plus MeDS's own fine-tuned model, on the test set (with and without the injected images).
 
 The encoder runs once per part; every class's patch-to-image nearest-distance table is computed
-once (`medsclean.step1.memory.nearest_table`, stored and used as float16 whether fresh or cached) and
+once (`medsclean.step1.reduce.nearest_table`, stored and used as float16 whether fresh or cached) and
 each cell's Step-1 scores come from it through the same reduction the exact engine uses, so a
 cell costs only its MeDS training.
 
@@ -64,7 +64,8 @@ from medsclean.values import resolve_device
 from medsclean.workdir.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.stages.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
 from medsclean.stages.features import run_extract  # noqa: E402
-from medsclean.step1.memory import image_scores, nearest_table  # noqa: E402
+from medsclean.step1.classes import image_scores  # noqa: E402
+from medsclean.step1.reduce import nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model.decoder import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
 from medsclean.stages.scores import step1_maps  # noqa: E402

@@ -219,7 +219,8 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
 
     from medsclean.model.encoder import load_encoder
     from medsclean.workdir.images import preprocess_array
-    from medsclean.step1.memory import score_classes
+    from medsclean.config import ScoreConfig
+    from medsclean.step1.classes import score_classes
     from medsclean.selection.progressive import image_scores
 
     width, heads, depth = preset
@@ -237,7 +238,7 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     memory, groups = torch.cat(memory), [torch.cat(g) for g in groups]
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step1_maps, _ = score_classes(memory, classes, seed=seed)
+    step1_maps, _ = score_classes(memory, classes, ScoreConfig(seed=seed))
     score_s = time.perf_counter() - t0
     config = ModelConfig(encoder.group_dims, encoder.n_prefix, width=width, heads=heads, depth=depth)
     model = ReconstructionModel(config, seed=seed)

@@ -9,8 +9,8 @@ Each row is one check, its device, its wall time and its verdict: `ok` (with wha
 |---|---|---|
 | extract cpu | `medsclean extract --device cpu` | (the reference of the next row) |
 | extract cuda | `medsclean extract --device cuda` | the CPU features (max abs difference) |
-| Step 1 exact cuda | `memory.score_classes(engine="exact", device="cuda")` | the exact engine on the CPU |
-| Step 1 faiss-gpu | `score_classes(engine="faiss")` with faiss-gpu | the exact engine on the CPU |
+| Step 1 exact cuda | `step1.classes.score_classes` (engine exact, device cuda) | the exact engine on the CPU |
+| Step 1 faiss-gpu | `score_classes` (engine faiss) with faiss-gpu | the exact engine on the CPU |
 | pytest -m gpu | the GPU tests of tests/test_memory.py | their oracles |
 | distill + select cuda | `medsclean select --device cuda` (meds) | finite scores; the same stages on the CPU ran |
 | DDP on NCCL, 1 rank | `training.distill` / `progressive_select` with DataParallel in a one-rank NCCL group | the same run without a process group |
@@ -151,7 +151,9 @@ class Check:
 
     def step1(self, engine: str, device: str) -> str:
         from medsclean.step1 import faiss_index as knn
-        from medsclean.step1.memory import score_classes
+        from medsclean.config import ScoreConfig
+        from medsclean.step1.classes import score_classes
+        from medsclean.step1.runtime import Runtime
 
         if engine == "faiss" and importlib.util.find_spec("faiss") is None:
             raise Skip("faiss is not installed")
@@ -159,10 +161,10 @@ class Check:
             raise Skip("faiss-gpu is not installed (faiss-cpu is): pip install 'medsclean[gpu]' in its place")
         source = self.cuda
         features, classes = self.features(source), self.classes(source)
-        options = dict(n_banks=10, ratio=0.3, k=1, seed=0)
-        reference, _ = score_classes(features, classes, engine="exact", device="cpu", **options)
-        maps, _ = score_classes(features, classes, engine=engine, device=device if engine == "exact" else "cpu",
-                                **options)
+        options = dict(banks=10, ratio=0.3, k=1, seed=0)
+        reference, _ = score_classes(features, classes, ScoreConfig(engine="exact", **options), Runtime(device="cpu"))
+        maps, _ = score_classes(features, classes, ScoreConfig(engine=engine, **options),
+                                Runtime(device=device if engine == "exact" else "cpu"))
         diff = (maps - reference).abs().max().item()
         if diff > MAP_TOLERANCE:
             raise AssertionError(f"maps differ from the CPU exact engine's by {diff:.3g} > {MAP_TOLERANCE}")

@@ -11,8 +11,10 @@ import torch
 from medsclean.config import CutConfig, DistillConfig, ExtractConfig, ScoreConfig, SelectConfig
 from medsclean.presets import CPU, PAPER
 from medsclean.errors import ConfigError
-from medsclean.step1.memory import (bank_size, draw_banks, image_scores, memory_scores_exact, nearest_table,
-                              refine_memory, score_classes, scores_from_table)
+from medsclean.step1.banks import bank_size, draw_banks
+from medsclean.step1.classes import image_scores, refine_memory, score_classes
+from medsclean.step1.engines.exact import memory_scores_exact
+from medsclean.step1.reduce import nearest_table, scores_from_table
 
 from .memory_oracle import naive_memory_scores
 
@@ -61,8 +63,8 @@ def test_method_knn_is_the_full_bank_leave_self_out_nearest_neighbour():
     f = _features(n=12)
     cfg = SelectConfig(method="knn").step1(ScoreConfig(min_bank=4))
     assert (cfg.banks, cfg.ratio, cfg.replace, cfg.min_bank) == (1, 1.0, False, 1)
-    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 12, n_banks=cfg.banks, ratio=cfg.ratio,
-                                replace=cfg.replace, engine="exact")
+    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 12,
+                                ScoreConfig(banks=cfg.banks, ratio=cfg.ratio, replace=cfg.replace, engine="exact"))
     np.testing.assert_allclose(maps.numpy(), _knn_oracle(f), atol=1e-5)
     assert sorted(banks["a"][0].tolist()) == list(range(12))
 
@@ -70,8 +72,9 @@ def test_method_knn_is_the_full_bank_leave_self_out_nearest_neighbour():
 def test_iterative_refinement_drops_the_most_suspicious_share_per_round():
     f = _features(n=20, seed=3)
     f[15:] = _features(n=5, seed=9)[:, :, :]  # unrelated images: they score high
-    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 20, n_banks=1, ratio=1.0, replace=False,
-                                refine_rounds=2, refine_drop=0.1, engine="exact")
+    maps, banks = score_classes(torch.from_numpy(f).float(), ["a"] * 20,
+                                ScoreConfig(banks=1, ratio=1.0, replace=False, refine_rounds=2, refine_drop=0.1,
+                                            engine="exact"))
     # Brute force: score against all, keep the 18 lowest, rescore, keep the 16 lowest, rescore.
     memory = list(range(20))
     for keep in (18, 16):

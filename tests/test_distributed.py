@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from medsclean.cli import app
 from medsclean.config import ClusterConfig
 from medsclean.errors import ConfigError
-from medsclean.step1.memory import score_classes
+from medsclean.config import ScoreConfig
+from medsclean.step1.classes import score_classes
+from medsclean.step1.runtime import Runtime
 from medsclean.workdir.artifacts import load_tensors
 from medsclean.workdir.store import Store
 
@@ -44,10 +46,11 @@ def session(tmp_path_factory):
 def test_ray_tasks_give_the_local_maps_bit_for_bit(session, k, leave_self_out, per_class):
     features = torch.as_tensor(random_features(130, 16, 24, seed=k)).half()
     classes = ["a"] * 80 + ["b"] * 50
-    options = dict(n_banks=30, ratio=0.1, k=k, leave_self_out=leave_self_out, per_class=per_class, engine="exact",
-                   seed=5, max_block_bytes=1 << 20)  # small blocks: several query blocks and key chunks
-    local, local_banks = score_classes(features, classes, **options)
-    on_ray, ray_banks = score_classes(features, classes, executor=session, **options)
+    cfg = ScoreConfig(banks=30, ratio=0.1, k=k, include_self=not leave_self_out, per_class=per_class, engine="exact",
+                      seed=5)
+    blocks = 1 << 20  # small blocks: several query blocks and key chunks
+    local, local_banks = score_classes(features, classes, cfg, Runtime(max_block_bytes=blocks))
+    on_ray, ray_banks = score_classes(features, classes, cfg, Runtime(max_block_bytes=blocks, executor=session))
     assert torch.equal(on_ray, local)
     assert all(torch.equal(ray_banks[c], local_banks[c]) for c in local_banks)
 
@@ -58,9 +61,9 @@ def test_tasks_on_ray_read_the_shards_themselves(session, tmp_path):
 
     features = torch.as_tensor(random_features(90, 9, 16, seed=7)).half()
     art = _write_features(tmp_path, features, shard_size=20)
-    options = dict(n_banks=12, engine="exact", seed=1, max_block_bytes=1 << 18)
-    local, _ = score_classes(features, ["a"] * 90, **options)
-    on_ray, _ = score_classes(art.rows("memory"), ["a"] * 90, executor=session, **options)
+    cfg = ScoreConfig(banks=12, engine="exact", seed=1)
+    local, _ = score_classes(features, ["a"] * 90, cfg, Runtime(max_block_bytes=1 << 18))
+    on_ray, _ = score_classes(art.rows("memory"), ["a"] * 90, cfg, Runtime(max_block_bytes=1 << 18, executor=session))
     assert torch.equal(on_ray, local)
 
 

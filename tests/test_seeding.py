@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medsclean import seeding
-from medsclean.step1 import memory
+from medsclean.step1 import banks
 from medsclean.demo import noisy
 from medsclean.demo import synth
 
@@ -31,7 +31,7 @@ def test_rng_is_a_seed_sequence_of_the_seed_and_crc32_of_strings(seed):
 @pytest.mark.parametrize("label", ["brick", "ünïcode", 3, ""])
 def test_call_sites_keep_their_streams(label):
     blake = int.from_bytes(hashlib.blake2b(str(label).encode(), digest_size=8).digest(), "little")
-    assert _same(memory.class_generator(5, label), np.random.default_rng([5, blake]))
+    assert _same(banks.class_generator(5, label), np.random.default_rng([5, blake]))
     text = str(label)
     crc = zlib.crc32(text.encode())
     assert _same(noisy.class_rng(5, text), np.random.default_rng(np.random.SeedSequence([5, crc])))

@@ -241,7 +241,7 @@ def real_clean_tables():
     from medsclean.demo import synth
     from medsclean.model.encoder import LITE0_NAME, load_encoder
     from medsclean.workdir.images import normalise
-    from medsclean.step1.memory import nearest_table
+    from medsclean.step1.reduce import nearest_table
 
     encoder = load_encoder(LITE0_NAME, resize=64, crop=64)
     tables = {}

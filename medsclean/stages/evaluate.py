@@ -57,7 +57,7 @@ def token_maps_from_memory(train_features: Artifact, scores: Artifact, test_memo
     """
     import torch
 
-    from medsclean.step1.memory import memory_scores_exact
+    from medsclean.step1.engines.exact import memory_scores_exact
 
     train_memory = train_features.sharded_tensors(["index", "memory"])["memory"]
     train_classes = [row["class"] for row in train_features.manifest["images"]]
