@@ -1,3 +1,16 @@
-"""medsclean: find the defective images hidden in an anomaly-detection training set (MeDS)."""
+"""medsclean: find the defective images hidden in an anomaly-detection training set (MeDS).
 
-__version__ = "0.1.0"
+    import medsclean
+    selection = medsclean.select("images/", work="medsclean-work")
+    selection.kept, selection.rejected, selection.rows[0]
+
+`select`, `extract`, `score`, `distill` and `evaluate` take the command line's options as keywords
+(see `medsclean.api`); importing the package imports no torch.
+"""
+
+from medsclean.api import Evaluation, Selection, StageOutput, distill, evaluate, extract, score, select
+from medsclean.errors import ConfigError, DataError, MedscleanError, UsageError, WeightsError
+from medsclean.version import __version__
+
+__all__ = ["ConfigError", "DataError", "Evaluation", "MedscleanError", "Selection", "StageOutput", "UsageError",
+           "WeightsError", "__version__", "distill", "evaluate", "extract", "score", "select"]

@@ -12,9 +12,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from medsclean import cli
-from medsclean.cli import options as cli_options
+from medsclean import options as cli_options
 from medsclean.cli import app
+from medsclean.cli.output import emit
 from medsclean.config import STAGE_CONFIGS
 
 
@@ -156,7 +156,7 @@ def test_ctrl_c_prints_what_was_kept_and_exits_130(tmp_path, monkeypatch):
 
 
 def test_json_output_is_strict_and_versioned(capsys):
-    cli._emit("select", {"tau": {"a": float("nan")}, "kept": 3}, True, "")
+    emit("select", {"tau": {"a": float("nan")}, "kept": 3}, True, "")
     text = capsys.readouterr().out
 
     def refuse(constant):
@@ -170,7 +170,8 @@ def test_json_output_is_strict_and_versioned(capsys):
 def test_engine_faiss_without_faiss_is_refused_before_any_work(tmp_path, monkeypatch):
     from medsclean import config
 
-    monkeypatch.setattr(config, "_faiss_installed", lambda: False)
+    real = config.installed
+    monkeypatch.setattr(config, "installed", lambda module: module != "faiss" and real(module))
     res = CliRunner().invoke(app, ["score", str(tmp_path), "--engine", "faiss"])
     assert res.exit_code == 2
     assert res.output.startswith("error: --engine faiss needs the faiss package")

@@ -1,0 +1,222 @@
+"""The Python API: the functions every `medsclean` command calls.
+
+    import medsclean
+    selection = medsclean.select("images/", work="medsclean-work", method="meds", cut="mixture")
+    selection.kept, selection.rows[0], selection.recut(reject_fraction=0.1).rejected
+
+Every function takes the command's options as keywords with the flag's name in snake_case
+(`--bank-ratio` is `bank_ratio=`, `--rejected` is `rejected_out=`), the same defaults and presets,
+and the same work folder and cache: a run made on the command line is reused here and vice versa.
+Errors are the package's exceptions (`medsclean.errors`) naming the keyword; progress and log lines
+go to stderr, `progress=False` keeps only the warnings. torch is imported on the first call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from medsclean.api.checks import api_call, check_paths, fields_of, given_for, validate
+from medsclean.api.results import CUT_OPTIONS, Evaluation, Selection, StageOutput
+from medsclean.presets import DEFAULT_PRESET, DEFAULT_SEED
+from medsclean.errors import ConfigError
+from medsclean.options import DEFAULT_WORK, Given
+
+PathLike = str | os.PathLike
+
+
+def extract(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> StageOutput:
+    """Run the frozen backbone over the images and cache their features (`medsclean extract`)."""
+    with api_call():
+        given = _prepare("extract", "extract", images, work, options)
+        from medsclean import pipeline
+
+        result = pipeline.extract_stage(_run(given, progress), force=bool(given.get("force")))
+        art = result.artifact
+        return StageOutput("features", art.key, art.path, art.path, result.cached, pipeline.extract_summary(result))
+
+
+def score(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> StageOutput:
+    """Step 1: score every patch against an ensemble of random memories (`medsclean score`)."""
+    with api_call():
+        given = _prepare("score", "score", images, work, options)
+        from medsclean import pipeline
+        from medsclean.stages.common import stage_times
+
+        run = _run(given, progress)
+        results = pipeline.score_stage(run, run.score_config(**given.stage("score")), force=bool(given.get("force")))
+        art = results["scores"].artifact
+        summary = {"stage": "scores", "csv": str(art.file("scores.csv")), "engine": art.manifest["engine"],
+                   "stages": stage_times(results)}
+        return StageOutput("scores", art.key, art.path, art.file("scores.csv"), results["scores"].cached, summary)
+
+
+def distill(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> StageOutput:
+    """Step 2: distil the memory scores into a reconstruction model (`medsclean distill`)."""
+    with api_call():
+        given = _prepare("distill", "distill", images, work, options)
+        from medsclean import pipeline
+        from medsclean.stages.common import stage_times
+
+        run = _run(given, progress)
+        results = pipeline.distill_stage(run, run.score_config(**given.stage("score")),
+                                         run.distill_config(**given.stage("distill")), force=bool(given.get("force")))
+        art = results["distill"].artifact
+        summary = {"stage": "distill", "model": str(art.file("model.safetensors")),
+                   "final_loss": art.manifest["final_loss"], "stages": stage_times(results)}
+        return StageOutput("distill", art.key, art.path, art.file("model.safetensors"), results["distill"].cached,
+                           summary)
+
+
+def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> Selection:
+    """Step 3 and the cut: the clean images, running any missing stage first (`medsclean select`).
+
+    `out` / `rejected_out` write the lists to files, `report` puts the review page in a folder of
+    your choice, `export` writes the cleaned dataset tree (`copy` for copies). Returns the kept and
+    rejected paths and the per-image scores; `Selection.recut(...)` re-cuts without retraining.
+    """
+    with api_call():
+        given = _prepare("select", "select", images, work, options)
+        from medsclean import pipeline
+        from medsclean.stages import outputs
+
+        run = _run(given, progress)
+        cfgs = _configs(run, given)
+        results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"],
+                                        force=bool(given.get("force")))
+        summary = outputs.select_summary(run, results, Path(images), given.get("out"), given.get("rejected_out"))
+        summary["review"] = str(outputs.select_review(run, results, given.get("report")))
+        run.reporter.info(f"review: {summary['review']}")
+        if given.get("export") is not None:
+            exported = outputs.select_export(run, results, Path(images), given.export, copy=bool(given.get("copy")))
+            summary["export"] = str(Path(given.export).expanduser().resolve())
+            run.reporter.info(f"export: {exported['kept']} kept and {exported['rejected']} rejected images in "
+                              f"{summary['export']} ({'copies' if given.get('copy') else 'symlinks'})")
+        upstream = _upstream_options(given, cfgs)
+
+        def redo(**cut: Any) -> Selection:
+            return select(images, work=work, progress=progress, **upstream, **cut)
+
+        return _selection(results, Path(images), summary, redo)
+
+
+def evaluate(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> Evaluation:
+    """Measure the detector on the labelled test split and the cleaning on known contaminants
+    (`medsclean eval`): the latest run of `images` (or `run=KEY`) with the options it was made with;
+    with stage options and no `run`, the run those options describe (made or reused)."""
+    with api_call():
+        given = _prepare("eval", "evaluate", images, work, options)
+        from medsclean import pipeline
+
+        chosen = given.stage_options_set()
+        if given.get("run") is not None and chosen:
+            raise ConfigError(("run", *chosen), f"run evaluates a recorded run with its own options; drop "
+                              f"{', '.join(chosen)}", stage="eval")
+        recorded = None
+        if not chosen:
+            recorded = pipeline.recorded_run(given.get("run"), Path(images), given.work_folder(),
+                                             device=given.get("device"), quiet=not progress)
+        if recorded is not None:
+            run, results = recorded
+            cfgs = dict.fromkeys(("score", "distill", "select", "cut"))
+        else:
+            run, results = _run(given, progress), None
+            cfgs = _configs(run, given)
+        places = given.stage("eval")
+        payload = pipeline.eval_stage(
+            run, {**cfgs, "eval": run.eval_config(**fields_of("eval", places))},
+            out_dir=places.get("metrics_dir", run.work / "eval"), report_dir=given.get("report"),
+            test_dir=places.get("test_dir"), test_masks=places.get("test_masks"), results=results)
+        return Evaluation.from_payload(payload)
+
+
+def run_demo(*, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> Evaluation:
+    """Generate a contaminated demo dataset in `work`, clean it with MeDS and evaluate (`medsclean demo`)."""
+    with api_call():
+        given = _prepare("demo", "run_demo", None, work, options)
+        from medsclean import pipeline
+        from medsclean.config import DemoConfig
+        from medsclean.demo.prepare import prepare_demo_data
+        from medsclean.ui import RichReporter
+
+        cfg = replace(DemoConfig(**given.stage("demo")), seed=given.get("seed", DemoConfig.seed),
+                      **({"noise_ratio": given.noise_ratio} if given.get("noise_ratio") is not None else {}))
+        noisy = prepare_demo_data(given.work_folder().resolve(), cfg, RichReporter(quiet=not progress))
+        run = _run(given, progress, images=noisy)
+        cfgs = _configs(run, given)
+        payload = pipeline.eval_stage(run, {**cfgs, "eval": run.eval_config()}, out_dir=run.work / "demo" / "eval",
+                                      report_dir=run.work / "demo" / "report")
+        return Evaluation.from_payload(payload)
+
+
+def _prepare(command: str, function: str, images: PathLike | None, work: PathLike, options: dict) -> Given:
+    """The call's options checked and validated, its paths checked: before anything heavy."""
+    arguments = {"images": Path(images)} if images is not None else {}
+    given = given_for(command, function, {**options, "work": work}, **arguments)
+    validate(given)
+    check_paths(given)
+    return given
+
+
+def _run(given: Given, progress: bool, images: Path | None = None):
+    from medsclean import pipeline
+
+    return pipeline.build_run(images if images is not None else given.images, given.work_folder(),
+                              preset=given.get("preset", DEFAULT_PRESET), seed=given.get("seed", DEFAULT_SEED),
+                              options={stage: given.stage(stage) for stage in ("data", "extract", "cluster")},
+                              quiet=not progress, wait=not given.get("no_wait"))
+
+
+def _configs(run, given: Given) -> dict[str, Any]:
+    """The score, distill, select and cut configs of a run: preset overlay, then the caller's values;
+    with `budget` the iteration counts are measured and chosen."""
+    from medsclean import pipeline
+    from medsclean.values import parse_duration
+
+    select_cfg = run.select_config(**given.stage("select"))
+    cfgs = {"score": run.score_config(**given.stage("score")), "distill": run.distill_config(**given.stage("distill")),
+            "select": select_cfg, "cut": run.cut_config(**given.stage("cut"))}
+    if given.get("budget") is not None and select_cfg.method == "meds":
+        cfgs["distill"], cfgs["select"] = pipeline.apply_budget(run, cfgs["distill"], select_cfg,
+                                                                parse_duration(given.budget))
+    return cfgs
+
+
+ONE_OFF = ("force", "out", "rejected_out", "report", "export", "copy", "work", "images")
+"""Options of one `select` call that a re-cut does not repeat."""
+
+
+def _upstream_options(given: Given, cfgs: dict) -> dict[str, Any]:
+    """The call's options that made the scores, for a re-cut: the cut and one-off outputs left out,
+    a `budget` replaced by the iteration counts it chose (a re-cut must not measure again)."""
+    upstream = {k: v for k, v in given.values_set().items() if k not in ONE_OFF and k not in CUT_OPTIONS}
+    if upstream.pop("budget", None) is not None and cfgs["select"].method == "meds":
+        upstream.update(distill_iters=cfgs["distill"].iters, select_iters=cfgs["select"].iters)
+    return upstream
+
+
+def _selection(results: dict, images: Path, summary: dict, redo) -> Selection:
+    """The `Selection` of a run's stage results."""
+    from medsclean.stages.outputs import user_paths
+    from medsclean.stages.scores import ranks_within_class
+
+    cut = results["cut"].artifact
+    listed = cut.manifest["images"]
+    paths = user_paths(images, listed)
+    chosen = cut.tensors("selection.safetensors")
+    final, keep = chosen["eta"].double().tolist(), chosen["keep"].bool().tolist()
+    stored = results["select"].artifact.tensors("eta.safetensors")
+    memory = stored["memory_score"].double().tolist()
+    distilled = stored["distilled_score"].double().tolist() if "distilled_score" in stored else [None] * len(paths)
+    ranks = ranks_within_class(final, [row["class"] for row in listed])
+    rows = [{"path": p, "class": row["class"], "memory_score": m, "distilled_score": d, "final_eta": f,
+             "kept": k, "rank_in_class": r}
+            for p, row, m, d, f, k, r in zip(paths, listed, memory, distilled, final, keep, ranks)]
+    return Selection(kept=[p for p, k in zip(paths, keep) if k], rejected=[p for p, k in zip(paths, keep) if not k],
+                     rows=rows, run=cut.key, review=Path(summary["review"]),
+                     artifacts={stage: r.artifact.path for stage, r in results.items()}, summary=summary, redo=redo)
+
+
+__all__ = ["Evaluation", "Selection", "StageOutput", "distill", "evaluate", "extract", "run_demo", "score", "select"]
