@@ -67,7 +67,8 @@ from medsclean.selection.progressive import select_per_class
 from medsclean.workdir.artifacts import digest
 from medsclean.workdir.atomic import write_text_atomic
 from medsclean.workdir.store import Store
-from medsclean.demo.synth import DEFAULT_CATEGORIES, generate_dataset
+from medsclean.demo.good_images import DEFAULT_CATEGORIES
+from medsclean.demo.synth import generate_dataset
 from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
 from medsclean.stages.training import model_config_for
 from medsclean.ui import SilentReporter

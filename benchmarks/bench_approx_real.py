@@ -44,15 +44,15 @@ SMOKE = {"categories": ["gravel"], "sizes": [12, 24], "image_size": 64, "banks":
 def class_images(category: str, n_images: int, size: int, rate: float, seed: int):
     """(N, size, size, 3) uint8 images and (N,) bool labels: image i is painted when
     floor((i + 1) * rate) > floor(i * rate), so every prefix holds its share of defects."""
-    from medsclean.demo import synth
+    from medsclean.demo import defects, good_images
 
     images, labels = [], []
     for i in range(n_images):
         painted = int((i + 1) * rate) > int(i * rate)
-        good = synth.make_good(category, size, synth.image_rng(seed, category, "train/good", i))
+        good = good_images.make_good(category, size, good_images.image_rng(seed, category, "train/good", i))
         if painted:
-            rng = synth.image_rng(seed, category, "test/defect", i)
-            good, _ = synth.make_defect(good, synth.DEFECTS[i % len(synth.DEFECTS)], rng, category=category)
+            rng = good_images.image_rng(seed, category, "test/defect", i)
+            good, _ = defects.make_defect(good, defects.DEFECTS[i % len(defects.DEFECTS)], rng, category=category)
         images.append(good)
         labels.append(painted)
     return np.stack(images), np.asarray(labels)
@@ -62,7 +62,8 @@ def encode(images: np.ndarray, size: int, batch: int = 16):
     """(N, P, D) float32 unit memory features of the CPU preset's encoder, and its description."""
     import torch
 
-    from medsclean.model.encoder import LITE0_NAME, load_encoder
+    from medsclean.model.encoder import load_encoder
+    from medsclean.model.weights import LITE0_NAME
     from medsclean.workdir.images import normalise
 
     encoder = load_encoder(LITE0_NAME, resize=size, crop=size)

@@ -48,11 +48,11 @@ def raw_forward(folder: Path, args) -> dict:
     import torch
 
     from medsclean.model.encoder import load_encoder
-    from medsclean.workdir.images import decode_image, preprocess_array
+    from medsclean.workdir.images import decode_image, normalise, resize_crop
 
     encoder = load_encoder(args.backbone, resize=args.resize, crop=args.crop)
     paths = sorted(folder.glob("*.png"))
-    x = torch.from_numpy(np.stack([preprocess_array(decode_image(p), encoder.preprocess) for p in paths]))
+    x = torch.from_numpy(np.stack([normalise(resize_crop(decode_image(p), encoder.preprocess), encoder.preprocess) for p in paths]))
     with torch.inference_mode():
         encoder(x[: args.batch_size])  # warm-up
         t0 = time.perf_counter()

@@ -17,8 +17,11 @@ buffers to tracemalloc), and the process ``ru_maxrss`` before and after.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.pixel_accumulator
 
 import argparse  # noqa: E402
 import resource  # noqa: E402
@@ -29,7 +32,8 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 import smoke_mode  # noqa: E402
-from medsclean.metrics import PixelMetricAccumulator, pixel_metrics  # noqa: E402
+from medsclean.metrics import pixel_metrics  # noqa: E402
+from tests.pixel_accumulator import PixelMetricAccumulator  # noqa: E402
 
 SMOKE = {"images": 12, "size": 64}
 

@@ -73,7 +73,8 @@ from medsclean.seeding import rng as seeded_rng  # noqa: E402
 from medsclean.workdir.artifacts import digest, load_tensors, save_tensors
 from medsclean.workdir.atomic import write_text_atomic
 from medsclean.workdir.store import Store  # noqa: E402
-from medsclean.demo.synth import DEFAULT_CATEGORIES, SOURCES, generate_dataset  # noqa: E402
+from medsclean.demo.good_images import DEFAULT_CATEGORIES, SOURCES  # noqa: E402
+from medsclean.demo.synth import generate_dataset  # noqa: E402
 from medsclean.model.training import compute_maps, distill, progressive_select  # noqa: E402
 from medsclean.stages.training import final_cut, final_scores, model_config_for  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402

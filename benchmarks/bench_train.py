@@ -181,7 +181,8 @@ def bench_encoder(steps: int, crop: int, width: int, heads: int, depth: int) -> 
 
 def _texture_set(n_images: int, size: int, contamination: float, seed: int):
     """Images of three textures; a share of each class carries one painted defect."""
-    from medsclean.demo.synth import DEFECTS, make_defect, make_good
+    from medsclean.demo.defects import DEFECTS, make_defect
+    from medsclean.demo.good_images import make_good
 
     categories = ("brick", "grass", "gravel")
     rng = np.random.default_rng(seed)
@@ -218,7 +219,7 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     from PIL import Image
 
     from medsclean.model.encoder import load_encoder
-    from medsclean.workdir.images import preprocess_array
+    from medsclean.workdir.images import normalise, resize_crop
     from medsclean.config import ScoreConfig
     from medsclean.step1.classes import score_classes
     from medsclean.selection.progressive import image_scores
@@ -226,7 +227,7 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     width, heads, depth = preset
     images, classes, defective = _texture_set(n_images, crop, contamination, seed)
     encoder = load_encoder("tf_efficientnet_lite0", resize=crop, crop=crop)
-    x = torch.from_numpy(np.stack([preprocess_array(Image.fromarray(im), encoder.preprocess) for im in images]))
+    x = torch.from_numpy(np.stack([normalise(resize_crop(Image.fromarray(im), encoder.preprocess), encoder.preprocess) for im in images]))
     t0 = time.perf_counter()
     memory, groups = [], [[] for _ in encoder.group_dims]
     with torch.inference_mode():

@@ -11,7 +11,7 @@ ship inside its wheel (no download) and that no other benchmark class uses:
              degrees and moved by up to 2 % of the side.
 
 Both get exposure and contrast changes of up to 5 % and Gaussian sensor noise of 2 grey levels.
-Defects: the demo generator's structural painters (`synth.DEFECTS`) on both classes and, on the
+Defects: the demo generator's structural painters (`defects.DEFECTS`) on both classes and, on the
 object only, three logical kinds written here: `misplaced_part` (a detailed part copied onto
 another place), `missing_part` (a detailed part replaced by a blurred fill of its surroundings)
 and `wrong_colour` (a colourful superpixel's hue turned by 120-240 degrees, its luma kept). A mask
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medsclean.demo import synth
+from medsclean.demo import defects
 from medsclean.seeding import rng as seeded_rng
 from medsclean.workdir.atomic import atomic_directory, write_json_atomic
 
@@ -42,7 +42,7 @@ GENERATOR = "tuning_data/1"
 SUMMARY_NAME = "tuning-data.json"
 CATEGORIES = ("astronaut", "chelsea")
 CLASS_KIND = {"astronaut": "scene", "chelsea": "object"}
-STRUCTURAL_KINDS = tuple(synth.DEFECTS)
+STRUCTURAL_KINDS = tuple(defects.DEFECTS)
 LOGICAL_KINDS = ("misplaced_part", "missing_part", "wrong_colour")
 DEFECT_KINDS = {"astronaut": STRUCTURAL_KINDS, "chelsea": STRUCTURAL_KINDS + LOGICAL_KINDS}
 MIN_AREA = 0.002        # fraction of the image: the smallest mask of any defect
@@ -285,7 +285,7 @@ def _paste(good: np.ndarray, altered: np.ndarray, region: np.ndarray) -> np.ndar
 def _draw(good: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """One draw of a defect of `kind` on `good`: the defective image, uint8 (S, S, 3)."""
     if kind in STRUCTURAL_KINDS:
-        return synth.make_defect(good, kind, rng)[0]
+        return defects.make_defect(good, kind, rng)[0]
     altered, region = _LOGICAL_PAINTERS[kind](good.astype(np.float32), rng)
     return _paste(good, altered, region)
 

@@ -23,8 +23,8 @@ from typing import ClassVar
 from medsclean.choices import (Aggregate, ClassFrom, Cut, Engine, EvalModel, Executor, FinalScore, Layout, Loss,
                                Method, Split)
 from medsclean.errors import ConfigError
-from medsclean.values import (DEVICE_PATTERN, check_seed, divisor_near, installed, one_of, parse_size,
-                              require)
+from medsclean.values import (DEVICE_PATTERN, check_seed, divisor_near, installed, one_of, parse_size, require,
+                              stride_pair)
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         s = self.STAGE
-        object.__setattr__(self, "stages", _stride_pair(self.stages, s))
+        object.__setattr__(self, "stages", stride_pair(self.stages, s, example=CNN_STAGES))
         require(not (self.weights is not None and self.random_init), s, ("weights", "random_init"),
                 "weights and random_init contradict each other; pass only one")
         for name in ("resize", "crop"):
@@ -94,19 +94,6 @@ class ExtractConfig:
         if self.stages != CNN_STAGES:  # so folders made before the option keep their keys
             fields_["stages"] = list(self.stages)
         return fields_
-
-
-def _stride_pair(value: tuple[int, int] | str, stage: str) -> tuple[int, int]:
-    """`value` as (fine, coarse) strides: a pair, or text such as "16,32"."""
-    try:
-        parts = value.split(",") if isinstance(value, str) else list(value)
-        pair = tuple(int(v) for v in parts)
-    except (TypeError, ValueError):
-        pair = ()
-    ok = len(pair) == 2 and all(v >= 2 and v & (v - 1) == 0 for v in pair) and pair[0] < pair[1]
-    require(ok, stage, "stages", f"stages must be two increasing strides that are powers of 2, such as "
-            f"{CNN_STAGES[0]},{CNN_STAGES[1]}, not {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 MIN_MAX_MEMORY = 64 * 10**6

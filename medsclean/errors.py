@@ -19,10 +19,6 @@ class WeightsError(MedscleanError):
     """Backbone weights that cannot be found or do not fit the model."""
 
 
-class StaleArtifactError(MedscleanError):
-    """A cached stage whose inputs changed and that may not be recomputed here."""
-
-
 class UsageError(MedscleanError):
     """Options that contradict each other or name something that does not exist."""
 

@@ -80,7 +80,7 @@ def crop_masks(masks: torch.Tensor | np.ndarray, *, resize: int, crop: int) -> t
     """Give masks the geometry of the model input: bilinear resize to a square, centre crop.
 
     The resize is antialiased like Pillow's (the images' resize), and the crop offset is
-    ``(resize - crop) // 2`` as in :func:`medsclean.workdir.images.preprocess_array`, so mask pixels stay
+    ``(resize - crop) // 2`` as in :func:`medsclean.workdir.images.resize_crop`, so mask pixels stay
     aligned with map pixels. Soft values on region borders are kept for :func:`resize_masks`.
 
     Args:

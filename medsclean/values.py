@@ -49,6 +49,20 @@ def divisor_near(number: int, target: int) -> int:
     return min((d for d in range(1, number + 1) if number % d == 0), key=lambda d: (abs(d - target), d))
 
 
+def stride_pair(value: tuple[int, int] | str, stage: str, *, example: tuple[int, int]) -> tuple[int, int]:
+    """`value` as (fine, coarse) strides: a pair, or text such as "16,32"; ConfigError (param
+    "stages", quoting `example`) unless two increasing powers of 2."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        pair = tuple(int(v) for v in parts)
+    except (TypeError, ValueError):
+        pair = ()
+    ok = len(pair) == 2 and all(v >= 2 and v & (v - 1) == 0 for v in pair) and pair[0] < pair[1]
+    require(ok, stage, "stages", f"stages must be two increasing strides that are powers of 2, such as "
+            f"{example[0]},{example[1]}, not {value!r}")
+    return pair  # type: ignore[return-value]
+
+
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 """The values of a `device` option."""
 

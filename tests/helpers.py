@@ -72,3 +72,28 @@ def require_ray():
     import ray
 
     return ray
+
+
+def load_packaged_classifier(name: str):
+    """A model of ``PACKAGED_WEIGHTS`` with its ImageNet classifier and the packaged weights, in eval mode.
+
+    For checking that the packaged weights map correctly (a photo gets its ImageNet class).
+    Inputs: (B, 3, S, S) normalised with mean = std = 0.5 (224 px suits all three); output
+    (B, 1000) logits.
+    """
+    import torch
+
+    from medsclean._compat import ensure_torchvision_importable
+    from medsclean.model.encoder import packaged_state_dict
+    from medsclean.model.weights import PACKAGED_WEIGHTS, load_state_dict_strictly, package_file, read_state_dict
+
+    ensure_torchvision_importable()
+    import timm
+
+    arch = timm.models.get_arch_name(name)
+    assert arch in PACKAGED_WEIGHTS, f"{name} has no packaged weights"
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    path = package_file(arch)
+    load_state_dict_strictly(model, packaged_state_dict(arch, read_state_dict(path)), source=path)
+    return model.eval().requires_grad_(False)

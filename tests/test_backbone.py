@@ -17,11 +17,12 @@ from scipy.ndimage import uniform_filter
 
 from medsclean.model import encoder as backbone
 from medsclean._compat import ensure_torchvision_importable
-from medsclean.model.encoder import (LITE0_NAME, PACKAGED_WEIGHTS, EncoderOutput, file_sha256, load_encoder,
-                                load_packaged_classifier, packaged_state_dict,
-                                read_state_dict, reconstruction_blocks)
+from medsclean.model.encoder import EncoderOutput, load_encoder, packaged_state_dict, reconstruction_blocks
+from medsclean.model.weights import LITE0_NAME, PACKAGED_WEIGHTS, read_state_dict
+from medsclean.workdir.artifacts import file_sha256
+from tests.helpers import load_packaged_classifier
 from medsclean.errors import UsageError, WeightsError
-from medsclean.workdir.images import Preprocess, preprocess_array
+from medsclean.workdir.images import Preprocess, normalise, resize_crop
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -206,7 +207,7 @@ def test_encoder_is_frozen():
 
 def _imagenet_class(model, photo: np.ndarray) -> int:
     spec = Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    x = torch.from_numpy(preprocess_array(Image.fromarray(photo), spec))[None]
+    x = torch.from_numpy(normalise(resize_crop(Image.fromarray(photo), spec), spec))[None]
     with torch.no_grad():
         return int(model(x).argmax())
 

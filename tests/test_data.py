@@ -7,7 +7,7 @@ from PIL import Image
 
 from medsclean.workdir.data import discover, image_id
 from medsclean.errors import DataError, UsageError
-from medsclean.workdir.images import Preprocess, decode_image, preprocess_array, read_mask
+from medsclean.workdir.images import Preprocess, decode_image, normalise, read_mask, resize_crop
 
 from .helpers import crops, make_mvtec, save_png, texture
 
@@ -76,7 +76,7 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_preprocess_matches_hand_computation(tmp_path):
     arr = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
     spec = Preprocess(resize=16, crop=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="nearest")
-    out = preprocess_array(Image.fromarray(arr), spec)
+    out = normalise(resize_crop(Image.fromarray(arr), spec), spec)
     expected = ((arr[4:12, 4:12].astype(np.float32) / 255.0 - 0.5) / 0.25).transpose(2, 0, 1)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
 

@@ -16,7 +16,7 @@ from medsclean.cli import app
 from medsclean.config import ExtractConfig
 from medsclean.workdir.data import discover
 from medsclean.stages.features import run_extract
-from medsclean.workdir.artifacts import load_tensors
+from medsclean.workdir.artifacts import file_sha256, load_tensors
 from medsclean.workdir.store import Store
 from medsclean.ui import SilentReporter
 
@@ -165,7 +165,7 @@ def test_image_cache_layout_and_manifest(folder, tmp_path, encoded):
     assert "features: 10 of 11 images extracted, 0 reused from the image cache, 1 unreadable" in messages
     m = result.artifact.manifest
     shas = [r["sha256"] for r in m["images"]]
-    assert shas == [extract_mod.file_sha256(folder / r["path"]) for r in m["images"]]
+    assert shas == [file_sha256(folder / r["path"]) for r in m["images"]]
     assert _entries(work) == sorted(shas)
     entry = work / "image-features" / m["image_cache_key"] / shas[0][:2] / f"{shas[0]}.safetensors"
     tensors = load_tensors(entry)

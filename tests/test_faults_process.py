@@ -187,9 +187,9 @@ class _Slow:
 def test_a_worker_busy_with_one_image_is_stopped_after_the_grace_not_the_loaders_5_s():
     from torch.utils.data import DataLoader
 
-    from medsclean.stages.features import _init_worker, _stop_workers
+    from medsclean.stages.loader import init_worker, stop_workers
 
-    loader = DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=partial(_init_worker, os.getpid()))
+    loader = DataLoader(_Slow(), batch_size=1, num_workers=1, worker_init_fn=partial(init_worker, os.getpid()))
     batches = iter(loader)
     worker = batches._workers[0]
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -197,7 +197,7 @@ def test_a_worker_busy_with_one_image_is_stopped_after_the_grace_not_the_loaders
         time.sleep(0.01)
     time.sleep(0.5)  # in __getitem__ by now (at worst still starting: stopped all the same)
     t0 = time.monotonic()
-    _stop_workers(batches, grace_s=0.5)
+    stop_workers(batches, grace_s=0.5)
     took = time.monotonic() - t0
     worker.join(timeout=10)
     assert not worker.is_alive()

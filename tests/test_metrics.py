@@ -10,7 +10,6 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from medsclean.metrics import (
-    PixelMetricAccumulator,
     UndefinedMetricWarning,
     _label_regions,
     image_ap_score,
@@ -18,6 +17,7 @@ from medsclean.metrics import (
     pixel_metrics,
     selection_metrics,
 )
+from tests.pixel_accumulator import PixelMetricAccumulator
 
 
 # ------------------------------------------------------------------------------------- oracles

@@ -106,7 +106,7 @@ def test_injected_files_are_the_origin_images_with_their_masks(source, tmp_path)
 def test_every_training_image_has_a_neutral_name_and_a_known_origin(source, tmp_path):
     out = tmp_path / "n"
     manifest = noisy.make_noisy(source, out, ratio=0.4, seed=1)
-    injected = data.injected_train_paths(manifest)
+    injected = {item["train_path"] for item in manifest["injected"]}
     for cat, (n_good, _) in LAYOUT.items():
         names = sorted(p.name for p in (out / cat / "train" / "good").iterdir())
         assert all(re.fullmatch(r"[0-9a-f]{12}\.png", n) for n in names)
@@ -132,7 +132,7 @@ def test_same_seed_same_selection_different_seed_differs(source, tmp_path):
 def test_selection_is_stable_across_processes(source):
     anomalies = noisy.anomalous_test_images(source, source / "tile")
     here = [a.origin for a in noisy.select_injected(anomalies, 7, 5, "tile")]
-    code = ("import sys; from pathlib import Path; from medsclean import noisy; r = Path(sys.argv[1]); "
+    code = ("import sys; from pathlib import Path; from medsclean.demo import noisy; r = Path(sys.argv[1]); "
             "a = noisy.anomalous_test_images(r, r / 'tile'); "
             "print('\\n'.join(x.origin for x in noisy.select_injected(a, 7, 5, 'tile')))")
     env = dict(os.environ, PYTHONHASHSEED="12345")

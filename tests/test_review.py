@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean.pages.review import PANEL_HEIGHT, write_review
+from medsclean.pages.review import PANEL_HEIGHT, GalleryLimits, write_review
 
 from .test_report import require_chromium, run_chromium, screenshot_pixels
 
@@ -155,7 +155,8 @@ def test_review_sections_counts_and_galleries(tmp_path):
     rows, cuts = make_inputs()
     pictures = Pictures(rows)
     report = write_review(tmp_path / "review", title="Review", rows=rows, cuts=cuts, picture=pictures,
-                          gallery_size=4, borderline=3, settings={"rule": "mixture", "seed": 0})
+                          limits=GalleryLimits(gallery_size=4, borderline=3),
+                          settings={"rule": "mixture", "seed": 0})
     assert report == tmp_path / "review" / "report.html"
     assert [p.name for p in report.parent.iterdir()] == ["report.html"]   # no temporary or picture file
     assert_self_contained(report)
@@ -194,8 +195,8 @@ def test_review_sections_counts_and_galleries(tmp_path):
 
 def test_review_pictures_are_embedded_triptychs(tmp_path):
     rows, cuts = make_inputs()
-    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows), gallery_size=2,
-                          borderline=1)
+    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows),
+                          limits=GalleryLimits(gallery_size=2, borderline=1))
     images = dom(report).all("img")
     assert images
     for img in images:
@@ -260,8 +261,8 @@ def test_degenerate_classes_get_a_readable_axis(tmp_path):
 def test_labels_add_metrics_and_mark_every_pictured_image(tmp_path):
     rows, cuts = make_inputs(labelled=True)
     metrics = [{"class": "bottle", "precision": 0.8, "recall": 0.9}, {"class": "mean", "precision": math.nan}]
-    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows), gallery_size=5,
-                          borderline=4, metrics_rows=metrics)
+    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows),
+                          limits=GalleryLimits(gallery_size=5, borderline=4), metrics_rows=metrics)
     page = dom(report)
     table = [s for s in page.all("section") if s.attrs.get("id") == "metrics"][0].one("table", "metrics")
     assert len(table.one("tbody").all("tr")) == 2 and "n/a" in table.text()
@@ -283,7 +284,8 @@ def test_labels_add_metrics_and_mark_every_pictured_image(tmp_path):
 
 def test_without_pictures_the_galleries_list_paths_and_scores(tmp_path):
     rows, cuts = make_inputs()
-    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None, gallery_size=3, borderline=2)
+    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None,
+                          limits=GalleryLimits(gallery_size=3, borderline=2))
     page = dom(report)
     assert not page.all("img")
     cards = page.all("figure", "card")
@@ -333,8 +335,8 @@ def test_shared_heat_range_makes_colours_comparable(tmp_path):
 def test_limits_and_invalid_rows(tmp_path):
     rows, cuts = make_inputs()
     pictures = Pictures(rows)
-    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=pictures, gallery_size=0,
-                            borderline=0))
+    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=pictures,
+                            limits=GalleryLimits(gallery_size=0, borderline=0)))
     assert not page.all("figure", "card") and not pictures.calls and len(sections(page)) == 4
     bad = [dict(rows[0], eta=math.nan)]
     with pytest.raises(ValueError, match="eta must be finite"):
@@ -343,7 +345,7 @@ def test_limits_and_invalid_rows(tmp_path):
         write_review(tmp_path / "x", title="t", rows=[{k: v for k, v in rows[0].items() if k != "rank_in_class"}],
                      cuts=cuts, picture=None)
     with pytest.raises(ValueError, match="0 or more"):
-        write_review(tmp_path / "x", title="t", rows=rows, cuts=cuts, picture=None, borderline=-1)
+        write_review(tmp_path / "x", title="t", rows=rows, cuts=cuts, picture=None, limits=GalleryLimits(borderline=-1))
     assert not (tmp_path / "x").exists()
 
 
@@ -351,7 +353,8 @@ def test_review_renders_in_headless_chromium(tmp_path):
     require_chromium()
     rows, cuts = make_inputs(labelled=True)
     report = write_review(tmp_path / "review", title="Review", rows=rows, cuts=cuts, picture=Pictures(rows),
-                          gallery_size=3, borderline=2, metrics_rows=[{"class": "bottle", "recall": 1.0}])
+                          limits=GalleryLimits(gallery_size=3, borderline=2),
+                          metrics_rows=[{"class": "bottle", "recall": 1.0}])
     expected_images = len(dom(report).all("img"))
     assert expected_images > 0
     rendered = run_chromium(report, tmp_path / "profile-dom", "--dump-dom")

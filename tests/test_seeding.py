@@ -12,7 +12,7 @@ import torch
 from medsclean import seeding
 from medsclean.step1 import banks
 from medsclean.demo import noisy
-from medsclean.demo import synth
+from medsclean.demo import good_images
 
 
 def _same(a: np.random.Generator, b: np.random.Generator) -> bool:
@@ -36,7 +36,7 @@ def test_call_sites_keep_their_streams(label):
     crc = zlib.crc32(text.encode())
     assert _same(noisy.class_rng(5, text), np.random.default_rng(np.random.SeedSequence([5, crc])))
     split = zlib.crc32(b"test/crack")
-    assert _same(synth.image_rng(5, text, "test/crack", 2), np.random.default_rng([5, crc, split, 2]))
+    assert _same(good_images.image_rng(5, text, "test/crack", 2), np.random.default_rng([5, crc, split, 2]))
 
 
 @pytest.mark.parametrize("part", [1.5, True, None])

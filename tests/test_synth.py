@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsclean.demo import synth
+from medsclean.demo import defects, good_images, synth
 from medsclean.errors import DataError, UsageError
 
 
@@ -18,13 +18,13 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("kind", synth.DEFECTS)
+@pytest.mark.parametrize("kind", defects.DEFECTS)
 @pytest.mark.parametrize("category", ["gravel", "coins"])
 def test_defect_changes_exactly_the_masked_pixels(kind, category):
     for seed in range(4):
         rng = np.random.default_rng(seed)
-        good = synth.make_good(category, 128, rng)
-        image, mask = synth.make_defect(good, kind, rng, category=category)
+        good = good_images.make_good(category, 128, rng)
+        image, mask = defects.make_defect(good, kind, rng, category=category)
         assert image.shape == good.shape and image.dtype == np.uint8
         assert mask.shape == (128, 128) and mask.dtype == bool
         changed = (image != good).any(axis=-1)
@@ -34,32 +34,32 @@ def test_defect_changes_exactly_the_masked_pixels(kind, category):
         assert changed[mask].mean() > 0.9
         diff = np.abs(image.astype(int) - good.astype(int)).max(axis=-1)
         assert diff[mask].mean() > 10
-        assert synth.MIN_DEFECT_AREA <= mask.mean() <= synth.MAX_DEFECT_AREA
+        assert defects.MIN_DEFECT_AREA <= mask.mean() <= defects.MAX_DEFECT_AREA
 
 
 def test_defect_area_bounds_hold_at_other_sizes():
     for size in (64, 384):
-        for i, kind in enumerate(synth.DEFECTS):
+        for i, kind in enumerate(defects.DEFECTS):
             rng = np.random.default_rng(100 + i)
-            good = synth.make_good("brick", size, rng)
-            _, mask = synth.make_defect(good, kind, rng, category="brick")
+            good = good_images.make_good("brick", size, rng)
+            _, mask = defects.make_defect(good, kind, rng, category="brick")
             assert 0.003 <= mask.mean() <= 0.05, (size, kind, mask.mean())
 
 
 def test_good_images_vary_and_grey_sources_stay_grey():
-    imgs = [synth.make_good("grass", 96, synth.image_rng(0, "grass", "train/good", i)) for i in range(4)]
+    imgs = [good_images.make_good("grass", 96, good_images.image_rng(0, "grass", "train/good", i)) for i in range(4)]
     for a in range(4):
         for b in range(a + 1, 4):
             assert np.abs(imgs[a].astype(int) - imgs[b].astype(int)).mean() > 5
     for img in imgs:
         assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()
-    coffee = synth.make_good("coffee", 96, synth.image_rng(0, "coffee", "train/good", 0))
+    coffee = good_images.make_good("coffee", 96, good_images.image_rng(0, "coffee", "train/good", 0))
     assert np.abs(coffee[..., 0].astype(int) - coffee[..., 2].astype(int)).mean() > 10
 
 
 def test_objects_stay_aligned_textures_do_not():
     def correlations(category):
-        imgs = [synth.make_good(category, 96, synth.image_rng(1, category, "train/good", i)).mean(axis=-1).ravel()
+        imgs = [good_images.make_good(category, 96, good_images.image_rng(1, category, "train/good", i)).mean(axis=-1).ravel()
                 for i in range(5)]
         return [np.corrcoef(imgs[a], imgs[b])[0, 1] for a in range(5) for b in range(a + 1, 5)]
 
@@ -94,7 +94,7 @@ def test_layout_and_names_follow_mvtec(tmp_path):
 def test_written_files_match_their_good_image_pixel_for_pixel(tmp_path):
     out = tmp_path / "demo"
     synth.generate_dataset(out, categories=["gravel"], n_train=1, n_test_good=1, n_test_defect=6, size=64, seed=2)
-    for defect in synth.DEFECTS:
+    for defect in defects.DEFECTS:
         image = np.asarray(Image.open(out / "gravel" / "test" / defect / "000.png"))
         mask = np.asarray(Image.open(out / "gravel" / "ground_truth" / defect / "000_mask.png"))
         assert set(np.unique(mask).tolist()) <= {0, 255} and mask.any()
@@ -162,4 +162,4 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_defect_kind_in_make_defect():
     good = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(UsageError, match="dent"):
-        synth.make_defect(good, "dent", np.random.default_rng(0))
+        defects.make_defect(good, "dent", np.random.default_rng(0))

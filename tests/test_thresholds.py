@@ -238,15 +238,16 @@ def real_clean_tables():
     EfficientNet-Lite0 features (64 px: 8 x 8 patches), the oracle of leave-self-out kNN scores."""
     import torch
 
-    from medsclean.demo import synth
-    from medsclean.model.encoder import LITE0_NAME, load_encoder
+    from medsclean.demo import good_images
+    from medsclean.model.encoder import load_encoder
+    from medsclean.model.weights import LITE0_NAME
     from medsclean.workdir.images import normalise
     from medsclean.step1.reduce import nearest_table
 
     encoder = load_encoder(LITE0_NAME, resize=64, crop=64)
     tables = {}
     for category in ("gravel", "coffee"):
-        images = np.stack([synth.make_good(category, 64, synth.image_rng(5, category, "train/good", i))
+        images = np.stack([good_images.make_good(category, 64, good_images.image_rng(5, category, "train/good", i))
                            for i in range(200)])
         with torch.no_grad():
             features = torch.cat([encoder(torch.from_numpy(normalise(images[i:i + 50], encoder.preprocess))).memory

@@ -1,8 +1,8 @@
 """Stage `features` on Ray: the missing images decoded by Ray Data tasks and encoded by an actor pool.
 
-`extract_missing` has the contract of `extract._extract_missing` (the local executor): it encodes
-the images `todo`, writes one image-cache entry per image as soon as its batch is encoded (by
-`extract._encode_batch`, in the actor), and returns the errors of the unreadable images by
+`extract_missing` has the contract of `medsclean.stages.loader.encode_locally` (the local
+executor): it encodes the images of an `EncodeJob`, writes one image-cache entry per image as soon
+as its batch is encoded (by `medsclean.stages.encoding.encode_batch`, in the actor), and returns the errors of the unreadable images by
 dataset index. Only indices and error strings come back to the driver, never features; the
 artifact is then assembled from the cache by `run_extract`, exactly as for the local executor.
 
@@ -19,14 +19,13 @@ finished; a rerun encodes only the images without one.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 
 import numpy as np
 
 from medsclean.config import ExtractConfig
-from medsclean.workdir.data import Dataset
 from medsclean.errors import DataError, MedscleanError, UsageError, WeightsError
-from medsclean.stages.features import _encode_batch, _ImageFolderDataset, _LazyEncoder, _load_encoder, _strict_error
+from medsclean.stages.encoding import (EncodeJob, ImageFolderDataset, LazyEncoder, encode_batch, hash_error,
+                                      load_seeded_encoder, strict_error)
 from medsclean.workdir.images import Preprocess
 from medsclean.workdir.image_cache import ImageCache
 from medsclean.distributed.session import RaySession
@@ -35,13 +34,11 @@ DECODE_CPUS = 0.25
 """CPUs a decode task reserves. On CPU the encoder actors hold the rest of each worker's CPU (the
 forward pass is most of the work), so that decoding runs beside them instead of waiting for a
 free CPU that a pool of `workers` actors would never leave."""
-HASH_ERROR = "{path}: could not be read for hashing; check the file"
 
 
-def extract_missing(session: RaySession, encoder: _LazyEncoder, dataset: Dataset, hashes: Sequence[str | None],
-                    todo: list[int], cache: ImageCache, cfg: ExtractConfig, strict: bool, task) -> dict[int, str]:
-    """Encode the images `todo` (indices into the dataset) on the session's workers, writing each
-    image's cache entry as soon as its batch is done.
+def extract_missing(session: RaySession, job: EncodeJob, task) -> dict[int, str]:
+    """Encode the images `job.todo` on the session's workers, writing each image's cache entry as
+    soon as its batch is done; `task` advances by one per image.
 
     Returns:
         The errors of the unreadable images, by index.
@@ -51,19 +48,19 @@ def extract_missing(session: RaySession, encoder: _LazyEncoder, dataset: Dataset
         MedscleanError: what an encoder actor raised (e.g. WeightsError: a node without the
             weights file), as the local executor would have raised it.
     """
-    if not todo:
+    if not job.todo:
         return {}
     import ray
 
     _quiet(ray)
-    spec = _preprocess(encoder)
-    cuda = encoder.device.startswith("cuda")
-    batches = _batches(ray, dataset, hashes, todo, cfg)
+    spec = _preprocess(job.encoder)
+    cuda = job.encoder.device.startswith("cuda")
+    batches = _batches(ray, job)
     decoded = batches.map_batches(
         _decode, fn_args=(spec,), batch_size=None, batch_format="numpy", num_cpus=1 if cuda else DECODE_CPUS,
         compute=ray.data.TaskPoolStrategy(size=min(2 * session.workers, batches.num_blocks())))
     encoded = decoded.map_batches(
-        _Encode, fn_constructor_args=(cfg, "cuda" if cuda else "cpu", cache), batch_size=None,
+        _Encode, fn_constructor_args=(job.cfg, "cuda" if cuda else "cpu", job.cache), batch_size=None,
         batch_format="numpy", zero_copy_batch=True, num_cpus=1 if cuda else 1 - DECODE_CPUS,
         num_gpus=1 if cuda else None,
         compute=ray.data.ActorPoolStrategy(size=min(_pool_size(ray, session, cuda), batches.num_blocks())))
@@ -73,8 +70,8 @@ def extract_missing(session: RaySession, encoder: _LazyEncoder, dataset: Dataset
             if failure:
                 raise pickle.loads(failure)
         for i, err in zip(batch["index"].tolist(), batch["error"].tolist(), strict=True):
-            if err and strict:
-                raise _strict_error(err)
+            if err and job.strict:
+                raise strict_error(err)
             if err:
                 errors[i] = err
         task.advance(len(batch["index"]))
@@ -93,16 +90,16 @@ def _quiet(ray) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
-def _preprocess(encoder: _LazyEncoder) -> Preprocess:
+def _preprocess(encoder: LazyEncoder) -> Preprocess:
     """The decode spec. Without the image cache's record of the encoder (the first run of this
     encoder set-up) the encoder is loaded once here, on the CPU (never the driver's GPU), to
     describe it; `encoder` then reads that record instead of loading it again."""
     if encoder.cache.record() is None:
-        encoder.cache.write_record(_load_encoder(encoder.cfg, "cpu").describe())
+        encoder.cache.write_record(load_seeded_encoder(encoder.cfg, "cpu").describe())
     return encoder.preprocess
 
 
-def _batches(ray, dataset: Dataset, hashes: Sequence[str | None], todo: list[int], cfg: ExtractConfig):
+def _batches(ray, job: EncodeJob):
     """The images to encode as a Ray dataset of one block per batch, each a row of (index, path,
     sha256) lists: `todo` cut every `batch_size` images, as the local executor cuts it.
 
@@ -112,10 +109,10 @@ def _batches(ray, dataset: Dataset, hashes: Sequence[str | None], todo: list[int
     images Ray happened to put beside it.
     """
     items = []
-    for b in range(0, len(todo), cfg.batch_size):
-        chunk = todo[b:b + cfg.batch_size]
-        items.append({"index": chunk, "path": [str(dataset.records[i].path) for i in chunk],
-                      "sha256": [hashes[i] or "" for i in chunk]})
+    for b in range(0, len(job.todo), job.cfg.batch_size):
+        chunk = job.todo[b:b + job.cfg.batch_size]
+        items.append({"index": chunk, "path": [str(job.paths[i]) for i in chunk],
+                      "sha256": [job.hashes[i] or "" for i in chunk]})
     return ray.data.from_items(items, override_num_blocks=len(items))
 
 
@@ -131,17 +128,17 @@ def _pool_size(ray, session: RaySession, cuda: bool) -> int:
 
 def _decode(batch: dict[str, np.ndarray], spec: Preprocess) -> dict[str, np.ndarray]:
     """A Ray Data task: decode, resize and crop a batch of images as the local loader workers do
-    (`_ImageFolderDataset`), to (crop, crop, 3) uint8; one row in, one row per image out. An
+    (`ImageFolderDataset`), to (crop, crop, 3) uint8; one row in, one row per image out. An
     unreadable image (or one that could not be hashed) gets its error and zero pixels, which are
     never encoded."""
     index, paths, hashes = (np.concatenate(batch[c]).tolist() for c in ("index", "path", "sha256"))
-    images = _ImageFolderDataset(paths, spec)
+    images = ImageFolderDataset(paths, spec)
     pixels = np.zeros((len(paths), spec.crop, spec.crop, 3), np.uint8)
     errors = []
     for j, path in enumerate(paths):
         _, array, err = images[j]
         if err is None and not hashes[j]:
-            err = HASH_ERROR.format(path=path)
+            err = hash_error(path)
         if err is None:
             pixels[j] = array
         errors.append(err or "")
@@ -159,14 +156,14 @@ class _Encode:
 
             torch.set_num_threads(1)
         self.cache = cache
-        self.encoder = _LazyEncoder(cfg, device, cache)
+        self.encoder = LazyEncoder(cfg, device, cache)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = [j for j, err in enumerate(batch["error"].tolist()) if not err]
         failure = b""
         if ok:
             try:
-                _encode_batch(self.encoder.get(), [(int(batch["index"][j]), batch["pixels"][j]) for j in ok],
+                encode_batch(self.encoder.get(), [(int(batch["index"][j]), batch["pixels"][j]) for j in ok],
                               [str(batch["sha256"][j]) for j in ok], self.cache)
             except MedscleanError as exc:  # for the driver to raise as is, not wrapped in a Ray task error
                 failure = _portable(exc)

@@ -37,7 +37,7 @@ def digest(obj: Any) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes an artifact."""
-    from medsclean import __version__
+    from medsclean.version import __version__
 
     out = {"medsclean": __version__, "python": platform.python_version()}
     for mod in ("torch", "timm", "numpy", "safetensors", "faiss"):

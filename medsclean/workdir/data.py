@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -72,7 +72,6 @@ class Dataset:
     layout: str
     split: str
     records: tuple[ImageRecord, ...]
-    notes: tuple[str, ...] = field(default=())
 
     def __len__(self) -> int:
         return len(self.records)
@@ -268,11 +267,6 @@ def read_noisy_manifest(root: Path) -> dict | None:
     return manifest
 
 
-def injected_train_paths(manifest: dict) -> set[str]:
-    """Paths (relative to the noisy root) of the injected training images of a manifest."""
-    return {item["train_path"] for item in manifest.get("injected", [])}
-
-
 def _noisy_injections(root: Path) -> dict[str, dict]:
     """Train images injected by `medsclean make-noisy`, keyed by path relative to root."""
     manifest = read_noisy_manifest(root) or {}
@@ -330,10 +324,3 @@ def _mask_has_defect(mask: Path) -> bool:
     with Image.open(mask) as m:
         return m.getbbox() is not None if m.mode in ("L", "1", "P") else m.convert("L").getbbox() is not None
 
-
-def group_by_class(records: Iterable[ImageRecord]) -> dict[str, list[int]]:
-    """Indices of the records of each class, classes in sorted order."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(r.cls, []).append(i)
-    return dict(sorted(groups.items()))

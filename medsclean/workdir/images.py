@@ -107,15 +107,6 @@ def normalise(pixels: np.ndarray, spec: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(arr, -1, -3))
 
 
-def preprocess_array(img: Image.Image, spec: Preprocess) -> np.ndarray:
-    """Resize, centre-crop and normalise an RGB image.
-
-    Returns:
-        float32 array of shape (3, crop, crop).
-    """
-    return normalise(resize_crop(img, spec), spec)
-
-
 def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a ground-truth mask as a float32 array in [0, 1] of shape (H, W).
 

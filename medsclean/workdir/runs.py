@@ -11,17 +11,17 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from medsclean.config import CutConfig
 from medsclean.errors import ConfigError
 from medsclean.workdir.artifacts import folder_bytes
 from medsclean.workdir.atomic import to_json, write_text_atomic
 from medsclean.workdir.store import Store
 
 POINTER_SCHEMA = "medsclean.run-record/1"
-CHAIN = ("features", "scores", "distill", "select", "cut")
 
 
 def dataset_id(root: Path) -> str:
@@ -132,11 +132,11 @@ def list_runs(store: Store) -> list[dict]:
 
 
 def _cut_text(cut: dict) -> str | None:
-    if cut.get("reject_fraction") is not None:
-        return f"top {cut['reject_fraction']:g}"
-    if cut.get("threshold") is not None:
-        return f"eta < {cut['threshold']:g}"
-    return cut.get("rule")
+    """The recorded cut as `CutConfig.describe` words it; None for a run recorded without one."""
+    if not cut:
+        return None
+    known = {f.name for f in fields(CutConfig)}
+    return CutConfig(**{k: v for k, v in cut.items() if k in known}).describe()
 
 
 def remove_runs(store: Store, keys: list[str]) -> dict:
