@@ -12,8 +12,8 @@ mean over classes), with the selection's precision/recall on the TRAINING set:
   clean upper bound a detector trained from scratch on the truly normal training images only
                     (the same set at every r, so it is trained once per seed).
 
-The three from-scratch detectors use `train_detector` with Dinomaly's own hard-mining share
-p_final = 0.9 and the same number of iterations as MeDS's Step 3 (which starts from the
+The three from-scratch detectors use `train_detector` (detector_baseline.py) with Dinomaly's own
+hard-mining share p_final = 0.9 and the same number of iterations as MeDS's Step 3 (which starts from the
 distilled model); --baseline-iters gives them another count, e.g. Step 2 + Step 3. Model sizes are the CPU preset's; iterations default to a third of it
 (100 + 100, see DEFAULT_ITERS) so that the default run fits in about 40 minutes on 2 cores.
 
@@ -69,8 +69,10 @@ from medsclean.workdir.atomic import write_text_atomic
 from medsclean.workdir.store import Store
 from medsclean.demo.good_images import DEFAULT_CATEGORIES
 from medsclean.demo.synth import generate_dataset
-from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
-from medsclean.stages.training import model_config_for
+from medsclean.model.loop import TrainContext
+from medsclean.model.training import compute_maps, distill, progressive_select
+from medsclean.stages.common import model_config_for
+from detector_baseline import train_detector
 from medsclean.ui import SilentReporter
 
 METHODS = ("no cleaning", "memory selection", "MeDS", "clean upper bound")
@@ -212,11 +214,11 @@ def run_meds(data: NoisySet, maps: torch.Tensor, encoder: dict, s: Settings, see
     """Steps 2 and 3 with the settings the `distill` and `select` stages use."""
     dcfg = distill_config(s)
     model = fresh_model(encoder, s, seed)
-    distill(model, data.groups, maps, dcfg, seed=seed, device=s.device)
+    distill(model, data.groups, maps, dcfg, TrainContext(seed=seed, device=s.device))
     base_maps = compute_maps(model, data.groups, device=s.device)
     scfg = SelectConfig(iters=s.iters, k=s.k)
-    result = progressive_select(model, data.groups, data.classes, base_maps, scfg, dcfg, seed=seed,
-                                device=s.device)
+    result = progressive_select(model, data.groups, data.classes, base_maps, scfg, dcfg,
+                                TrainContext(seed=seed, device=s.device))
     return model, result
 
 
@@ -369,7 +371,8 @@ def prepare_data(args, work: Path) -> tuple[Path, list[str], dict]:
                                                if (d / "train" / "good").is_dir() and (d / "test").is_dir())
         return root, categories, {"root": str(root), "categories": categories}
     categories = args.categories or list(DEFAULT_CATEGORIES)
-    spec = {"generator": "medsclean.demo.synth", "categories": categories, "n_train": args.n_train,
+    # "medsclean.synth" is the stamp existing data folders carry (the module is medsclean.demo.synth now)
+    spec = {"generator": "medsclean.synth", "categories": categories, "n_train": args.n_train,
             "n_test_good": args.n_test_good, "n_test_defect": args.n_test_defect, "size": args.size,
             "seed": args.data_seed}
     root, stamp = work / "data", work / "data-spec.json"
