@@ -81,7 +81,8 @@ def test_cluster_options_are_checked_before_anything_runs(monkeypatch):
         ClusterConfig(executor="ray", workers=0)
     from medsclean import config
 
-    monkeypatch.setattr(config, "_ray_installed", lambda: False)
+    real = config.installed
+    monkeypatch.setattr(config, "installed", lambda module: module != "ray" and real(module))
     with pytest.raises(ConfigError, match=r"pip install 'medsclean\[ray\]'"):
         ClusterConfig(executor="ray")
     res = CliRunner().invoke(app, ["score", ".", "--ray-address", "auto"])

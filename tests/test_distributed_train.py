@@ -18,7 +18,9 @@ import torch
 from medsclean import pipeline
 from medsclean.config import ClusterConfig, DistillConfig, SelectConfig
 from medsclean.workdir.store import Store
-from medsclean.stages.training import load_model, run_distill, run_select
+from medsclean.stages.common import TrainingSetup, load_model
+from medsclean.stages.distill import run_distill
+from medsclean.stages.select import run_select
 from medsclean.ui import SilentReporter
 
 from .helpers import crops, require_ray, save_png, texture
@@ -39,7 +41,7 @@ def stages(tmp_path_factory):
         for i, image in enumerate(crops(texture(name), 12, 64, rng)):
             save_png(root / "images" / name / f"{i:02d}.png", image)
     run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter(),
-                             extract={"resize": 64, "crop": 64, "num_workers": 0})
+                             options={"extract": {"resize": 64, "crop": 64, "num_workers": 0}})
     results = pipeline.score_stage(run, run.score_config(engine="exact", banks=10))
     session = distributed.connect(ClusterConfig(executor="ray", workers=2), root / "work")
     trainer = DataParallelTrainer(session, 2, use_gpu=False, storage=root / "work" / ".partial" / "ray-train")
@@ -54,13 +56,13 @@ def _weights(artifact):
 def test_two_ranks_without_dropout_make_the_whole_batch_update_on_an_uneven_batch(stages):
     features, scores, store, trainer = stages
     cfg = DistillConfig(iters=3, width=16, depth=2, heads=2, batch_size=7, dropout=0.0, checkpoint_every=0)
-    options = dict(seed=3, device="cpu", reporter=SilentReporter())
-    one = run_distill(features, scores, store, cfg, **options)
-    two = run_distill(features, scores, store, cfg, trainer=lambda: trainer, world=2, **options)
+    here = TrainingSetup(seed=3, device="cpu", reporter=SilentReporter())
+    one = run_distill(features, scores, store, cfg, here)
+    two = run_distill(features, scores, store, cfg, replace(here, trainer=lambda: trainer, world=2))
     assert one.artifact.key != two.artifact.key  # the world size is part of the key
     for name, value in _weights(one.artifact).items():
         assert torch.allclose(value, _weights(two.artifact)[name], atol=2e-5, rtol=1e-4), name
-    fresh = run_distill(features, scores, store, replace(cfg, iters=1), **options)
+    fresh = run_distill(features, scores, store, replace(cfg, iters=1), here)
     moved = [n for n, v in _weights(fresh.artifact).items() if not torch.allclose(v, _weights(one.artifact)[n])]
     assert moved  # three updates moved the weights: the comparison above is not of untrained models
     assert two.artifact.manifest["final_loss"] == pytest.approx(one.artifact.manifest["final_loss"], rel=1e-4)
@@ -71,9 +73,9 @@ def test_two_ranks_without_dropout_make_the_whole_batch_update_on_an_uneven_batc
 def test_a_fixed_world_size_gives_the_same_weights_twice(stages):
     features, scores, store, trainer = stages
     cfg = DistillConfig(iters=3, width=16, depth=2, heads=2, batch_size=8, checkpoint_every=0)  # dropout on
-    options = dict(seed=4, device="cpu", reporter=SilentReporter(), trainer=lambda: trainer, world=2)
-    first = run_distill(features, scores, store, cfg, **options)
-    again = run_distill(features, scores, store, cfg, force=True, **options)
+    ranks = TrainingSetup(seed=4, device="cpu", reporter=SilentReporter(), trainer=lambda: trainer, world=2)
+    first = run_distill(features, scores, store, cfg, ranks)
+    again = run_distill(features, scores, store, cfg, ranks, force=True)
     assert all(torch.equal(v, _weights(again.artifact)[k]) for k, v in _weights(first.artifact).items())
 
 
@@ -81,10 +83,10 @@ def test_a_fixed_world_size_gives_the_same_weights_twice(stages):
 def test_data_parallel_step3_gives_the_same_selection_twice(stages):
     features, scores, store, trainer = stages
     cfg = DistillConfig(iters=3, width=16, depth=2, heads=2, batch_size=8, checkpoint_every=0)
-    options = dict(seed=4, device="cpu", reporter=SilentReporter(), trainer=lambda: trainer, world=2)
-    distilled = run_distill(features, scores, store, cfg, **options).artifact
-    chosen = run_select(features, scores, distilled, store, SelectConfig(iters=4), **options)
-    repeated = run_select(features, scores, distilled, store, SelectConfig(iters=4), force=True, **options)
+    ranks = TrainingSetup(seed=4, device="cpu", reporter=SilentReporter(), trainer=lambda: trainer, world=2)
+    distilled = run_distill(features, scores, store, cfg, ranks).artifact
+    chosen = run_select(features, scores, distilled, store, SelectConfig(iters=4), ranks)
+    repeated = run_select(features, scores, distilled, store, SelectConfig(iters=4), ranks, force=True)
     eta, eta_again = (r.artifact.tensors("eta.safetensors")["eta"] for r in (chosen, repeated))
     assert torch.equal(eta, eta_again) and torch.isfinite(eta).all()
     assert len(chosen.artifact.manifest["rounds"]) >= 2
@@ -94,7 +96,8 @@ def test_train_workers_needs_the_ray_executor(monkeypatch):
     from medsclean import config
     from medsclean.errors import ConfigError
 
-    monkeypatch.setattr(config, "_ray_installed", lambda: True)  # the check of the options, with or without ray
+    real = config.installed
+    monkeypatch.setattr(config, "installed", lambda module: module == "ray" or real(module))  # with or without ray
     with pytest.raises(ConfigError, match="option of executor ray"):
         ClusterConfig(train_workers=2)
     assert ClusterConfig(executor="ray", train_workers=2).train_workers == 2
