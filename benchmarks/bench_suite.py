@@ -75,8 +75,10 @@ from medsclean.workdir.atomic import write_text_atomic
 from medsclean.workdir.store import Store  # noqa: E402
 from medsclean.demo.good_images import DEFAULT_CATEGORIES, SOURCES  # noqa: E402
 from medsclean.demo.synth import generate_dataset  # noqa: E402
+from medsclean.model.loop import TrainContext  # noqa: E402
 from medsclean.model.training import compute_maps, distill, progressive_select  # noqa: E402
-from medsclean.stages.training import final_cut, final_scores, model_config_for  # noqa: E402
+from medsclean.stages.common import model_config_for  # noqa: E402
+from medsclean.stages.cut import final_cut, final_scores  # noqa: E402
 from medsclean.ui import SilentReporter  # noqa: E402
 
 METHODS = ("knn", "iterative", "memory", "meds")
@@ -317,10 +319,10 @@ def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s
         return Outcome(step1_eta, cut(step1_eta, cell.classes, s), time.perf_counter() - t0)
     distill_cfg = s.preset.build(DistillConfig, checkpoint_every=0)
     model = ReconstructionModel(model_config_for(encoder, distill_cfg), seed=cell.seed)
-    distill(model, groups, step1_targets(maps, s), distill_cfg, seed=cell.seed, device=s.device)
+    distill(model, groups, step1_targets(maps, s), distill_cfg, TrainContext(seed=cell.seed, device=s.device))
     base_maps = compute_maps(model, groups, device=s.device)
     result = progressive_select(model, groups, cell.classes, base_maps, select_cfg, distill_cfg,
-                                seed=cell.seed, device=s.device)
+                                TrainContext(seed=cell.seed, device=s.device))
     distilled_eta = image_scores(base_maps, aggregate=score_cfg.aggregate).double().numpy()
     return Outcome(result.eta, cut(result.eta, cell.classes, s), time.perf_counter() - t0, model, step1_eta,
                    distilled_eta)
@@ -336,7 +338,7 @@ def saved_outcome(row: dict | None) -> Outcome | None:
 
 def combined(cell: Cell, meds: Outcome, s: Settings) -> Outcome:
     """`meds+memory`: the geometric mean of MeDS's eta and the memory ensemble's score, each divided
-    by its class median, as `select --final-score eta+memory` (`training_stages.final_scores`)."""
+    by its class median, as `select --final-score eta+memory` (`stages.cut.final_scores`)."""
     stored = {"eta": torch.from_numpy(meds.eta), "memory_score": torch.from_numpy(meds.memory_eta)}
     eta = final_scores(stored, cell.classes, "eta+memory")
     return Outcome(eta, cut(eta, cell.classes, s), 0.0)

@@ -39,6 +39,7 @@ import torch
 import smoke_mode
 from medsclean.model.decoder import ModelConfig, ReconstructionModel
 from medsclean.config import DistillConfig, SelectConfig
+from medsclean.model.loop import TrainContext
 from medsclean.model.training import compute_maps, distill, progressive_select
 
 LITE0_DIMS = (40, 112)
@@ -98,10 +99,10 @@ def bench_decoder(name: str, spec, steps: int, images: int, train_images: int = 
     groups, maps = _synthetic_features(dims, n_prefix, side, n_images=train_images)
     cfg = DistillConfig(iters=steps + 1, warmup=1, checkpoint_every=0)
     model = ReconstructionModel(config, seed=0)
-    step2 = _step_times(lambda cb: distill(model, groups, maps, cfg, seed=0, on_step=cb))
+    step2 = _step_times(lambda cb: distill(model, groups, maps, cfg, TrainContext(seed=0, on_step=cb)))
     classes = ["a"] * train_images
-    step3 = _step_times(lambda cb: progressive_select(model, groups, classes, maps, SelectConfig(iters=cfg.iters), cfg, seed=0,
-                                                        on_step=cb))
+    step3 = _step_times(lambda cb: progressive_select(model, groups, classes, maps, SelectConfig(iters=cfg.iters), cfg,
+                                                      TrainContext(seed=0, on_step=cb)))
     compute_maps(model, [g[:16] for g in groups])  # warm-up
     eval_s = []
     for _ in range(2):
@@ -244,12 +245,12 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     config = ModelConfig(encoder.group_dims, encoder.n_prefix, width=width, heads=heads, depth=depth)
     model = ReconstructionModel(config, seed=seed)
     t0 = time.perf_counter()
-    history = distill(model, groups, step1_maps, short_run_config(distill_iters), seed=seed)
+    history = distill(model, groups, step1_maps, short_run_config(distill_iters), TrainContext(seed=seed))
     distill_s = time.perf_counter() - t0
     base_maps = compute_maps(model, groups)
     t0 = time.perf_counter()
     result = progressive_select(model, groups, classes, base_maps, SelectConfig(iters=select_iters),
-                                short_run_config(distill_iters), seed=seed)
+                                short_run_config(distill_iters), TrainContext(seed=seed))
     select_s = time.perf_counter() - t0
     return {
         "images": len(images), "defective": int(defective.sum()), "grid": list(encoder.grid),

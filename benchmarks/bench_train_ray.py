@@ -43,19 +43,20 @@ def make_stages(args, root: Path):
     make_images(root / "images", args.n, args.size, 0)
     extract = {"resize": args.crop, "crop": args.crop} if args.crop else None
     run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter(),
-                             extract=extract)
+                             options={"extract": extract})
     results = pipeline.score_stage(run, run.score_config())
     return run, results["features"].artifact, results["scores"].artifact
 
 
 def time_distill(run, features, scores, base, iters: int, extra: dict) -> float:
     """Seconds of one `run_distill` of `iters` iterations (trained afresh)."""
-    from medsclean.stages.training import run_distill
+    from medsclean.stages.common import TrainingSetup
+    from medsclean.stages.distill import run_distill
     from medsclean.ui import SilentReporter
 
     t0 = time.perf_counter()
-    run_distill(features, scores, run.store(), replace(base, iters=iters), seed=0, device="cpu",
-                reporter=SilentReporter(), force=True, **extra)
+    run_distill(features, scores, run.store(), replace(base, iters=iters),
+                TrainingSetup(seed=0, device="cpu", reporter=SilentReporter(), **extra), force=True)
     return time.perf_counter() - t0
 
 

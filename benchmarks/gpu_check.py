@@ -202,7 +202,9 @@ class Check:
 
         from medsclean.config import DistillConfig, SelectConfig
         from medsclean.model.decoder import ModelConfig, ReconstructionModel
-        from medsclean.model.training import DataParallel, compute_maps, distill, progressive_select
+        from medsclean.model.loop import TrainContext
+        from medsclean.model.parallel import DataParallel
+        from medsclean.model.training import compute_maps, distill, progressive_select
 
         device = "cuda:0" if self.gpus else "cpu"
         gen = torch.Generator().manual_seed(0)
@@ -211,14 +213,15 @@ class Check:
         cfg = DistillConfig(iters=3, batch_size=8, warmup=1, checkpoint_every=0)
         model = lambda: ReconstructionModel(ModelConfig((16, 16), n_prefix=1, depth=2, heads=2), seed=1)  # noqa: E731
         alone, ranked = model(), model()
-        expected = distill(alone, groups, targets, cfg, seed=2, device=device)
+        expected = distill(alone, groups, targets, cfg, TrainContext(seed=2, device=device))
         store = dist.FileStore(str(self.work / "nccl-store"), 1)
         dist.init_process_group("nccl" if self.gpus else "gloo", store=store, rank=0, world_size=1)
         try:
-            got = distill(ranked, groups, targets, cfg, seed=2, device=device, parallel=DataParallel(0, 1, device))
+            rank = DataParallel(0, 1, device)
+            got = distill(ranked, groups, targets, cfg, TrainContext(seed=2, device=device, parallel=rank))
             base = compute_maps(ranked, groups, device=device)
             result = progressive_select(ranked, groups, ["a"] * 8 + ["b"] * 8, base, SelectConfig(iters=3), cfg,
-                                        seed=3, device=device, parallel=DataParallel(0, 1, device))
+                                        TrainContext(seed=3, device=device, parallel=rank))
         finally:
             dist.destroy_process_group()
         if not np.allclose(got["loss"], expected["loss"], rtol=1e-4):

@@ -174,7 +174,7 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
 def test_final_cut_mad_is_the_papers_step3_rule_at_t_equals_T():
     """With cut "mad", the final clean set is exactly Step 3's own re-selection at t = T."""
     from medsclean.selection.progressive import select_per_class
-    from medsclean.stages.training import final_cut
+    from medsclean.stages.cut import final_cut
 
     rng = np.random.default_rng(7)
     eta = np.concatenate([rng.gamma(9, 0.1, 60), rng.gamma(9, 0.1, 40) + rng.uniform(0, 2, 40)])

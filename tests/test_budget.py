@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 from medsclean.cli import app
 from medsclean.values import parse_duration
 from medsclean.errors import UsageError
-from medsclean.stages.training import SELECT_OVERHEAD, iterations_for_budget
+from medsclean.stages.distill import SELECT_OVERHEAD, iterations_for_budget
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1.5h", 5400), ("45", 45), (" 2m ", 120)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medsclean.stages import training as training_stages
+from medsclean.stages import distill as distill_stage
 from medsclean.cli import app
 from medsclean.config import DistillConfig, ExtractConfig, ScoreConfig
 from medsclean.workdir.data import discover
@@ -15,6 +15,7 @@ from medsclean.demo.noisy import make_noisy
 from medsclean.stages.scores import run_score
 from medsclean.workdir.store import Store
 from medsclean.demo.synth import generate_dataset
+from medsclean.stages.common import TrainingSetup
 from medsclean.ui import SilentReporter
 
 
@@ -33,15 +34,18 @@ def stages(tmp_path_factory):
 CFG = DistillConfig(iters=30, width=16, depth=2, heads=2, checkpoint_every=10)
 
 
+def _setup(seed=1, reporter=None):
+    return TrainingSetup(seed=seed, device="cpu", reporter=reporter or SilentReporter())
+
+
 def _weights(art):
     return art.tensors("model.safetensors")
 
 
 def test_interrupted_distill_resumes_to_the_same_model(stages, monkeypatch):
     base, features, scores = stages
-    reference = training_stages.run_distill(features, scores, Store(base / "ref"), CFG, seed=1, device="cpu",
-                                            reporter=SilentReporter()).artifact
-    real = training_stages._progress_callback
+    reference = distill_stage.run_distill(features, scores, Store(base / "ref"), CFG, _setup()).artifact
+    real = distill_stage.progress_callback
 
     def interrupting(task):
         def on_step(step, record):
@@ -50,13 +54,13 @@ def test_interrupted_distill_resumes_to_the_same_model(stages, monkeypatch):
         return on_step
 
     store = Store(base / "work-a")
-    monkeypatch.setattr(training_stages, "_progress_callback", interrupting)
+    monkeypatch.setattr(distill_stage, "progress_callback", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        training_stages.run_distill(features, scores, store, CFG, seed=1, device="cpu", reporter=SilentReporter())
+        distill_stage.run_distill(features, scores, store, CFG, _setup())
     assert store.load("distill") is None
-    monkeypatch.setattr(training_stages, "_progress_callback", real)
+    monkeypatch.setattr(distill_stage, "progress_callback", real)
     rep = SilentReporter()
-    resumed = training_stages.run_distill(features, scores, store, CFG, seed=1, device="cpu", reporter=rep).artifact
+    resumed = distill_stage.run_distill(features, scores, store, CFG, _setup(reporter=rep)).artifact
     assert any("resuming from the checkpoint at iteration 20" in m for m in rep.messages)
     ref_w, got_w = _weights(reference), _weights(resumed)
     assert ref_w.keys() == got_w.keys()
@@ -67,9 +71,9 @@ def test_interrupted_distill_resumes_to_the_same_model(stages, monkeypatch):
 def test_changed_option_recomputes_distill(stages):
     base, features, scores = stages
     store = Store(base / "work-b")
-    first = training_stages.run_distill(features, scores, store, CFG, seed=1, device="cpu", reporter=SilentReporter())
-    again = training_stages.run_distill(features, scores, store, CFG, seed=1, device="cpu", reporter=SilentReporter())
-    other = training_stages.run_distill(features, scores, store, CFG, seed=2, device="cpu", reporter=SilentReporter())
+    first = distill_stage.run_distill(features, scores, store, CFG, _setup())
+    again = distill_stage.run_distill(features, scores, store, CFG, _setup())
+    other = distill_stage.run_distill(features, scores, store, CFG, _setup(seed=2))
     assert not first.cached and again.cached and not other.cached
     assert other.artifact.key != first.artifact.key
 

@@ -1,4 +1,4 @@
-"""Data-parallel training in the library (`training.DataParallel`, DistributedDataParallel), without Ray.
+"""Data-parallel training in the library (`model.parallel.DataParallel`, DistributedDataParallel), without Ray.
 
 Oracles, all computed here in one process:
 - two Gloo ranks on a batch that does not divide evenly (7 images: shares of 4 and 3) make the
@@ -12,6 +12,7 @@ Oracles, all computed here in one process:
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from medsclean.config import DistillConfig, SelectConfig
 from medsclean.errors import MedscleanError
 from medsclean.model.losses import map_regression_loss
 from medsclean.model.decoder import ModelConfig, ReconstructionModel
-from medsclean.model.training import DataParallel, collective_device, compute_maps, distill, progressive_select
+from medsclean.model.loop import TrainContext
+from medsclean.model.parallel import DataParallel, collective_device
+from medsclean.model.training import compute_maps, distill, progressive_select
 
 N_IMAGES, TOKENS, WIDTH = 20, 1 + 16, 16
 UNEVEN = DistillConfig(iters=4, batch_size=7, dropout=0.0, warmup=1, checkpoint_every=0, lr=5e-3)
@@ -46,7 +49,8 @@ def _gloo_rank(rank: int, world: int, folder: str) -> None:
     try:
         groups, targets = _problem()
         model = _model()
-        history = distill(model, groups, targets, UNEVEN, seed=2, parallel=DataParallel(rank, world, "cpu"))
+        context = TrainContext(seed=2, parallel=DataParallel(rank, world, "cpu"))
+        history = distill(model, groups, targets, UNEVEN, context)
         torch.save({"state": model.state_dict(), "loss": history["loss"]}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -56,7 +60,7 @@ def test_two_gloo_ranks_on_an_uneven_batch_make_the_whole_batch_update(tmp_path)
     torch.set_num_threads(1)
     groups, targets = _problem()
     one = _model()
-    whole = distill(one, groups, targets, UNEVEN, seed=2)  # the single-process oracle
+    whole = distill(one, groups, targets, UNEVEN, TrainContext(seed=2))  # the single-process oracle
     torch.multiprocessing.start_processes(_gloo_rank, args=(2, str(tmp_path)), nprocs=2, join=True,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -119,9 +123,9 @@ def test_one_rank_trains_as_no_group_with_one_collective_per_step(single_rank_gr
     groups, targets = _problem(3)
     cfg = DistillConfig(iters=3, batch_size=8, warmup=1, checkpoint_every=0)  # dropout on: same stream at world 1
     plain, ranked = _model(0.1), _model(0.1)
-    expected = distill(plain, groups, targets, cfg, seed=5)
+    expected = distill(plain, groups, targets, cfg, TrainContext(seed=5))
     calls = _recording(monkeypatch)
-    history = distill(ranked, groups, targets, cfg, seed=5, parallel=DataParallel(0, 1, "cpu"))
+    history = distill(ranked, groups, targets, cfg, TrainContext(seed=5, parallel=DataParallel(0, 1, "cpu")))
     assert calls == [("all_reduce", torch.device("cpu"))] * cfg.iters  # the loss mean; gradients are DDP's
     assert history["loss"] == pytest.approx(expected["loss"], rel=1e-6)
     for name, value in plain.state_dict().items():
@@ -130,11 +134,11 @@ def test_one_rank_trains_as_no_group_with_one_collective_per_step(single_rank_gr
     calls.clear()
     classes = ["a"] * 10 + ["b"] * 10
     base = compute_maps(plain, groups)
-    options = dict(seed=6, device="cpu")
+    here = TrainContext(seed=6, device="cpu")
     select = SelectConfig(iters=4)
-    alone = progressive_select(_model(0.1), groups, classes, base, select, cfg, **options)
-    together = progressive_select(_model(0.1), groups, classes, base, select, cfg, **options,
-                                  parallel=DataParallel(0, 1, "cpu"))
+    alone = progressive_select(_model(0.1), groups, classes, base, select, cfg, here)
+    together = progressive_select(_model(0.1), groups, classes, base, select, cfg,
+                                  replace(here, parallel=DataParallel(0, 1, "cpu")))
     rounds = len(together.rounds)
     assert sorted(calls) == sorted([("all_reduce", torch.device("cpu"))] * select.iters
                                    + [("broadcast", torch.device("cpu"))] * rounds)

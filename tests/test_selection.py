@@ -107,7 +107,7 @@ def test_the_cut_reads_eta_or_its_combination_with_the_memory_score():
     from medsclean.config import CutConfig
     from medsclean.errors import ConfigError
     from medsclean.selection.progressive import combine_class_scores
-    from medsclean.stages.training import final_scores
+    from medsclean.stages.cut import final_scores
 
     stored = {"eta": torch.tensor([0.2, 0.4, 0.9, 0.3], dtype=torch.float64),
               "memory_score": torch.tensor([0.5, 0.1, 0.6, 0.3])}
@@ -136,7 +136,9 @@ def test_selection_json_says_which_rule_each_class_used(tmp_path):
     from medsclean.workdir.store import Store
     from medsclean.demo.synth import generate_dataset
     from medsclean.selection.cut_rules import cut_mad
-    from medsclean.stages.training import run_cut, run_select
+    from medsclean.stages.common import TrainingSetup
+    from medsclean.stages.cut import run_cut
+    from medsclean.stages.select import run_select
     from medsclean.ui import SilentReporter
 
     generate_dataset(tmp_path / "data", categories=("gravel",), n_train=8, n_test_good=0, n_test_defect=0, size=64)
@@ -144,8 +146,8 @@ def test_selection_json_says_which_rule_each_class_used(tmp_path):
     features = run_extract(discover(tmp_path / "data"), store, ExtractConfig(resize=64, crop=64, num_workers=0),
                            reporter=quiet).artifact
     scores = run_score(features, store, ScoreConfig(banks=5), device="cpu", reporter=quiet).artifact
-    selected = run_select(features, scores, None, store, SelectConfig(method="memory"), seed=0, device="cpu",
-                          reporter=quiet).artifact
+    selected = run_select(features, scores, None, store, SelectConfig(method="memory"),
+                          TrainingSetup(seed=0, device="cpu", reporter=quiet)).artifact
     cut = run_cut(selected, store, CutConfig(rule="mixture")).artifact
     record = json.loads(cut.file("selection.json").read_text())["rounds"][-1]["rules"]
     assert record["gravel"]["rule"] == "mad" and "8 images, fewer than the 20" in record["gravel"]["why"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,14 @@ from medsclean.model.decoder import ModelConfig, ReconstructionModel
 from medsclean.model.optim import StableAdamW, warm_cosine_lr
 from medsclean.selection.progressive import image_scores
 from medsclean.config import DistillConfig, SelectConfig
-from medsclean.model.training import compute_maps, distill, progressive_select, train_detector
+from medsclean.model.loop import TrainContext
+from medsclean.model.training import compute_maps, distill, progressive_select
+
+_BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
+from detector_baseline import train_detector  # noqa: E402  (the benchmarks' from-scratch baselines)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -203,7 +212,7 @@ def test_distill_reduces_the_map_regression_loss():
     groups, targets = _synthetic_problem()
     model = _tiny_model()
     before = map_regression_loss(compute_maps(model, groups), targets).item()
-    history = distill(model, groups, targets, DistillConfig(iters=40, batch_size=4, warmup=5), seed=0)
+    history = distill(model, groups, targets, DistillConfig(iters=40, batch_size=4, warmup=5), TrainContext(seed=0))
     after = map_regression_loss(compute_maps(model, groups), targets).item()
     assert len(history["loss"]) == 40 and history["lr"][0] == 0.0
     assert after < 0.2 * before
@@ -217,9 +226,9 @@ def test_distill_is_deterministic_and_leaves_the_global_rng_alone():
     expected_next = torch.rand(1)
     torch.manual_seed(123)
     first, second = _tiny_model(), _tiny_model()
-    distill(first, groups, targets, cfg, seed=5)
+    distill(first, groups, targets, cfg, TrainContext(seed=5))
     assert torch.equal(torch.rand(1), expected_next)
-    distill(second, groups, targets, cfg, seed=5)
+    distill(second, groups, targets, cfg, TrainContext(seed=5))
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
 
 
@@ -237,7 +246,7 @@ def test_distill_resumed_from_a_checkpoint_equals_an_uninterrupted_run():
     cfg = DistillConfig(iters=12, batch_size=4, warmup=3, checkpoint_every=5)  # 2 batches per pass
     full = _tiny_model()
     saved = {}
-    full_history = distill(full, groups, targets, cfg, seed=3, checkpoint=_collect_checkpoints(saved))
+    full_history = distill(full, groups, targets, cfg, TrainContext(seed=3, checkpoint=_collect_checkpoints(saved)))
     assert sorted(saved) == [5, 10, 12]
     state, meta = saved[5]
     assert meta["pass_position"] == 1 and meta["step"] == 5  # interrupted in the middle of a pass
@@ -245,7 +254,7 @@ def test_distill_resumed_from_a_checkpoint_equals_an_uninterrupted_run():
     assert any(k.startswith("optim.") for k in state) and all(t.device.type == "cpu" for t in state.values())
 
     resumed = _tiny_model(seed=99)  # the checkpoint must overwrite every weight
-    resumed_history = distill(resumed, groups, targets, cfg, seed=3, resume=(state, meta))
+    resumed_history = distill(resumed, groups, targets, cfg, TrainContext(seed=3, resume=(state, meta)))
     assert resumed_history == full_history
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
 
@@ -253,30 +262,31 @@ def test_distill_resumed_from_a_checkpoint_equals_an_uninterrupted_run():
 def test_resume_rejects_a_checkpoint_of_another_run():
     groups, targets = _synthetic_problem(n_images=8, outliers=(3,))
     saved = {}
-    distill(_tiny_model(), groups, targets, DistillConfig(iters=2, batch_size=4), seed=0,
-            checkpoint=_collect_checkpoints(saved))
+    distill(_tiny_model(), groups, targets, DistillConfig(iters=2, batch_size=4),
+            TrainContext(seed=0, checkpoint=_collect_checkpoints(saved)))
     with pytest.raises(UsageError, match="iterations"):
-        distill(_tiny_model(), groups, targets, DistillConfig(iters=3, batch_size=4), seed=0, resume=saved[2])
+        distill(_tiny_model(), groups, targets, DistillConfig(iters=3, batch_size=4),
+                TrainContext(seed=0, resume=saved[2]))
 
 
 def test_mismatched_inputs_raise_data_errors():
     groups, targets = _synthetic_problem(n_images=8, outliers=(3,))
     with pytest.raises(DataError, match="Step-1 maps"):
-        distill(_tiny_model(), groups, targets[:, :9], DistillConfig(iters=1), seed=0)
+        distill(_tiny_model(), groups, targets[:, :9], DistillConfig(iters=1), TrainContext(seed=0))
     with pytest.raises(DataError, match="groups"):
-        distill(_tiny_model(), groups[:1], targets, DistillConfig(iters=1), seed=0)
+        distill(_tiny_model(), groups[:1], targets, DistillConfig(iters=1), TrainContext(seed=0))
     with pytest.raises(DataError, match="class labels"):
-        progressive_select(_tiny_model(), groups, ["a"] * 7, targets, *_step3(iters=1), seed=0)
+        progressive_select(_tiny_model(), groups, ["a"] * 7, targets, *_step3(iters=1), TrainContext(seed=0))
 
 
 def test_progressive_select_rejects_planted_outliers():
     groups, targets = _synthetic_problem()
     classes = ["a"] * 10 + ["b"] * 10
     model = _tiny_model()
-    distill(model, groups, targets, DistillConfig(iters=60, batch_size=4, warmup=5), seed=0)
+    distill(model, groups, targets, DistillConfig(iters=60, batch_size=4, warmup=5), TrainContext(seed=0))
     base_maps = compute_maps(model, groups)
     cfg, optim = _step3(iters=40, batch_size=4, warmup=5, p_ramp=10)
-    result = progressive_select(model, groups, classes, base_maps, cfg, optim, seed=0)
+    result = progressive_select(model, groups, classes, base_maps, cfg, optim, TrainContext(seed=0))
     outliers = np.zeros(20, dtype=bool)
     outliers[[3, 11]] = True
     assert not result.keep[outliers].any()
@@ -296,11 +306,13 @@ def test_progressive_select_resumed_equals_uninterrupted():
     base_maps = targets  # any (N, P) maps will do as the distilled model's
     cfg, optim = _step3(iters=9, batch_size=2, warmup=2, p_ramp=3, checkpoint_every=4)
     full, saved = _tiny_model(), {}
-    result = progressive_select(full, groups, classes, base_maps, cfg, optim, seed=1, checkpoint=_collect_checkpoints(saved))
+    result = progressive_select(full, groups, classes, base_maps, cfg, optim,
+                                TrainContext(seed=1, checkpoint=_collect_checkpoints(saved)))
     state, meta = saved[4]
     assert len(meta["rounds"]) >= 1
     resumed = _tiny_model(seed=42)
-    again = progressive_select(resumed, groups, classes, base_maps, cfg, optim, seed=1, resume=(state, meta))
+    again = progressive_select(resumed, groups, classes, base_maps, cfg, optim,
+                               TrainContext(seed=1, resume=(state, meta)))
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
     assert again.rounds == result.rounds
     np.testing.assert_array_equal(again.keep, result.keep)

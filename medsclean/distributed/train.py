@@ -2,10 +2,10 @@
 
 Ray Train starts N workers (one GPU each with `use_gpu`, else one CPU each), joins them in a torch
 process group (NCCL on GPUs, Gloo on CPUs) and runs a function on every rank; the function is
-`training_stages._distill_on_rank` or `_select_on_rank`, which train with `training.DataParallel`
-(torch's DistributedDataParallel) and have rank 0 write the weights into the stage's partial
-folder. Each rank trains on the device Ray Train gives it (`ray.train.torch.get_device`: its own
-GPU among those of its node, or the CPU). The features are read by every rank from the work
+`stages.distill.distill_on_rank` or `stages.select.select_on_rank`, which train with
+`model.parallel.DataParallel` (torch's DistributedDataParallel) and have rank 0 write the weights
+into the stage's partial folder. Each rank trains on the device Ray Train gives it
+(`ray.train.torch.get_device`: its own GPU among those of its node, or the CPU). The features are read by every rank from the work
 folder, which every node must see.
 """
 
@@ -89,12 +89,12 @@ def _train_loop(config: dict) -> None:
 
 
 def _rank(rank: int, world: int, use_gpu: bool):
-    """This worker's `training.DataParallel`: on a GPU worker the CUDA device Ray Train assigned it
+    """This worker's `model.parallel.DataParallel`: on a GPU worker the CUDA device Ray Train assigned it
     (made current, so that NCCL and the CUDA RNG use it), else the CPU with torch on one thread
     (the rank owns one CPU)."""
     import torch
 
-    from medsclean.model.training import DataParallel
+    from medsclean.model.parallel import DataParallel
 
     if not use_gpu:
         torch.set_num_threads(1)

@@ -20,14 +20,39 @@ from pathlib import Path
 import numpy as np
 
 from medsclean.config import EvalConfig
-from medsclean.workdir.data import Dataset, ImageRecord
-from medsclean.errors import DataError
+from medsclean.workdir.data import Dataset, ImageRecord, discover, mvtec_categories
+from medsclean.errors import ConfigError, DataError
 from medsclean.workdir.images import read_mask
+from medsclean.stages.common import load_groups, load_model, stage_times
 from medsclean.workdir.artifacts import Artifact
 
 IMAGE_KEYS = ("image_auroc", "image_ap")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro")
 SELECTION_KEYS = ("precision", "recall", "f1", "ranking_auroc", "ranking_auprc", "inspection_depth")
+METRICS_SCHEMA = "medsclean.metrics/1"
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What the eval stage measures: a run's stage results and its images.
+
+    Attributes:
+        results: the run's stage results by stage name: features, scores and, as the model needs,
+            distill, select and cut.
+        train: the training images.
+        test: the labelled test images (`labelled_test_set`), or None.
+        test_features: the extract artifact of `test` (None without a test set).
+        device: where the models run.
+        seed: the run's seed, and `preset` its preset's name (recorded in metrics.json).
+    """
+
+    results: dict
+    train: Dataset
+    test: Dataset | None
+    test_features: Artifact | None
+    device: str
+    seed: int
+    preset: str
 
 
 @dataclass
@@ -43,7 +68,6 @@ class MapSet:
 def token_maps_from_model(art: Artifact, groups: list, *, device: str) -> np.ndarray:
     """(N, H·W) maps of a stored reconstruction model on stored groups."""
     from medsclean.model.training import compute_maps
-    from medsclean.stages.training import load_model
 
     return compute_maps(load_model(art), groups, device=device).numpy()
 
@@ -254,3 +278,107 @@ def build_report(report_dir: Path, selection: Artifact | None, train_maps: MapSe
     metrics_rows = [{"section": name, **row} for name, rows in sections.items() for row in rows]
     return write_html_report(report_dir, title=title, metrics_rows=metrics_rows, score_rows=score_rows,
                              threshold=threshold, settings=protocol)
+
+
+def run_eval(inputs: EvalInputs, cfg: EvalConfig, out_dir: Path, report_dir: Path | None = None) -> dict:
+    """Evaluate the detector on the test set and, where contaminants are known, the cleaning.
+
+    Writes `metrics.json` and `metrics.csv` into `out_dir` and, with `report_dir`, the HTML report;
+    returns the payload of metrics.json with "files" (the paths written) added.
+
+    Raises:
+        DataError: neither a labelled test set nor known contaminants in the training set.
+    """
+    from medsclean.workdir.atomic import write_json_atomic, write_text_atomic
+
+    results = inputs.results
+    preprocess = results["features"].artifact.manifest["encoder"]["preprocess"]
+    payload: dict = {"model": cfg.model, "run": None, "protocol": protocol_settings(cfg, preprocess),
+                     "stages": stage_times(results)}
+    sections: dict[str, list[dict]] = {}
+    test_maps = train_maps = None
+    if inputs.test is not None:
+        test_maps = _test_maps(inputs, cfg)
+        sections["detector"] = detector_metrics(test_maps, cfg)
+    if "select" in results and any(r.label == 1 for r in inputs.train.records):
+        train_maps = _train_maps(inputs, cfg)
+        sections["cleaning"] = cleaning_metrics(inputs.train, results["cut"].artifact, train_maps, cfg)
+    if not sections:
+        raise DataError(f"{inputs.train.root}: nothing to evaluate: no labelled test split (MVTec layout with test/ "
+                        f"and ground_truth/) and no known contaminants in the training set (medsclean make-noisy)")
+    payload.update(sections)
+    payload["run"] = _run_identity(inputs)  # after the test features: their libraries are loaded
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "metrics.json", {"schema": METRICS_SCHEMA, **payload})
+    write_text_atomic(out_dir / "metrics.csv", rows_to_csv(sections))
+    payload["files"] = {"metrics_json": str(out_dir / "metrics.json"), "metrics_csv": str(out_dir / "metrics.csv")}
+    if report_dir is not None:
+        selection = results["cut"].artifact if "cut" in results and train_maps is not None else None
+        payload["files"]["report"] = str(build_report(report_dir, selection, train_maps, test_maps, sections,
+                                                      payload["protocol"], top=cfg.report_top))
+    return payload
+
+
+def _run_identity(inputs: EvalInputs) -> dict:
+    """What metrics.json needs to say which run it measured."""
+    from medsclean.workdir.artifacts import versions
+
+    results = inputs.results
+    encoder = results["features"].artifact.manifest["encoder"]
+    return {"key": results["cut"].artifact.key if "cut" in results else None,
+            "artifacts": {stage: r.artifact.key for stage, r in results.items()},
+            "backbone": encoder["name"], "weights_sha256": encoder.get("weights_sha256"), "seed": inputs.seed,
+            "preset": inputs.preset, "versions": versions()}
+
+
+def labelled_test_set(train: Dataset, test_dir: Path | None, test_masks: Path | None,
+                      class_from: str) -> Dataset | None:
+    """The labelled test set: `--test DIR --test-masks DIR` (classes named as `class_from` says),
+    else the MVTec root's test split, else none."""
+    if test_dir is not None:
+        if test_masks is None:
+            raise ConfigError(("test_dir", "test_masks"), "test images need a folder of masks: they are labelled by "
+                              "their masks (an image without a non-empty mask is normal)")
+        return discover(test_dir, layout="folder", masks=test_masks, class_from=class_from)
+    if train.layout == "mvtec" and any((c / "test").is_dir() for c in mvtec_categories(train.root)):
+        return discover(train.root, layout="mvtec", split="test")
+    return None
+
+
+def records_in_order(dataset: Dataset, art: Artifact) -> list[ImageRecord]:
+    """The dataset's records in the order of an artifact's images."""
+    by_path = {r.rel_path: r for r in dataset.records}
+    return [by_path[row["path"]] for row in art.manifest["images"]]
+
+
+def _test_maps(inputs: EvalInputs, cfg: EvalConfig) -> MapSet:
+    """Test-image maps of the model `cfg.model` names, or of the memory ensemble."""
+    results, test_art = inputs.results, inputs.test_features
+    encoder = results["features"].artifact.manifest["encoder"]
+    records = records_in_order(inputs.test, test_art)
+    memory_selection = cfg.model == "select" and results["select"].artifact.manifest["model"] is None
+    if cfg.model == "memory" or memory_selection:  # `select --method memory` trains no model
+        memory = test_art.sharded_tensors(["index", "memory"])["memory"]
+        tokens = token_maps_from_memory(results["features"].artifact, results["scores"].artifact, memory,
+                                        [r.cls for r in records], device=inputs.device)
+    else:
+        groups, _ = load_groups(test_art)
+        tokens = token_maps_from_model(results[cfg.model].artifact, groups, device=inputs.device)
+    return postprocess(records, tokens, tuple(encoder["grid"]), encoder["preprocess"], cfg)
+
+
+def _train_maps(inputs: EvalInputs, cfg: EvalConfig) -> MapSet:
+    """Training-image maps of the selection's model (method meds) or the Step-1 maps (method memory)."""
+    encoder = inputs.results["features"].artifact.manifest["encoder"]
+    records = records_in_order(inputs.train, inputs.results["select"].artifact)
+    return postprocess(records, train_tokens(inputs.results, device=inputs.device), tuple(encoder["grid"]),
+                       encoder["preprocess"], cfg)
+
+
+def train_tokens(results: dict, *, device: str) -> np.ndarray:
+    """(N, P) token maps of the training images: the fine-tuned model's, or Step 1's without a model."""
+    select_art = results["select"].artifact
+    if select_art.manifest["model"] is None:
+        return results["scores"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
+    groups, _ = load_groups(results["features"].artifact)
+    return token_maps_from_model(select_art, groups, device=device)
