@@ -2,7 +2,7 @@
 
     DIR/<class>/train/good/<name>     the kept images (MVTec AD layout: anomalib, medsclean, ...)
     DIR/<class>/rejected/<name>       the rejected ones, beside the layout (loaders ignore it)
-    DIR/clean.txt, DIR/rejected.txt   the lists, in the user path convention (`pipeline.user_paths`)
+    DIR/clean.txt, DIR/rejected.txt   the lists, in the user path convention (`stages.outputs.user_paths`)
     DIR/medsclean-export.json         the run it came from and the counts
 
 Files are absolute symlinks to the originals (or copies with `copy=True`); the image folder is
