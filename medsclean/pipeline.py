@@ -1,6 +1,8 @@
 """Stages wired together: each stage function runs its missing or stale predecessors first.
 
-The CLI builds one `Run` from its options and calls one function here.
+The Python API (`medsclean.api`, and through it the CLI) builds one `Run` from its options and calls
+one function here. The stages themselves live in `medsclean.stages` (one module each); what
+`select` hands the user besides its artifacts is `stages.outputs`.
 """
 
 from __future__ import annotations
