@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Hashable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
