@@ -57,7 +57,7 @@ from medsclean.values import resolve_device
 from medsclean.workdir.data import ImageRecord, discover
 from medsclean.stages.evaluate import EvalConfig, detector_metrics, postprocess
 from medsclean.stages.features import run_extract
-from medsclean.step1.classes import image_scores as memory_image_scores
+from medsclean.maps import AGGREGATE_RATIOS, image_scores
 from medsclean.step1.classes import score_classes
 from medsclean.step1.runtime import Runtime
 from medsclean.metrics import selection_metrics
@@ -207,7 +207,7 @@ def step1_scores(data: NoisySet, seed: int, device: str) -> tuple[torch.Tensor, 
     """Memory-ensemble maps (N, P) and image scores (N,) with the `score` stage's defaults."""
     cfg = ScoreConfig(seed=seed)
     maps, _ = score_classes(data.memory, data.classes, cfg, Runtime(device=device))
-    return maps, memory_image_scores(maps, aggregate=cfg.aggregate).double().numpy()
+    return maps, image_scores(maps, ratio=AGGREGATE_RATIOS[cfg.aggregate]).double().numpy()
 
 
 def run_meds(data: NoisySet, maps: torch.Tensor, encoder: dict, s: Settings, seed: int):

@@ -93,7 +93,8 @@ def measure(category: str, args) -> list[dict]:
     from scipy.stats import spearmanr
 
     from medsclean.config import ScoreConfig
-    from medsclean.step1.classes import image_scores, score_classes
+    from medsclean.maps import image_scores
+    from medsclean.step1.classes import score_classes
     from medsclean.step1.reduce import nearest_table
     from medsclean.step1.runtime import Runtime
 

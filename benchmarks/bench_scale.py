@@ -101,7 +101,8 @@ def child(args) -> None:
 
     from medsclean.values import parse_size
     from medsclean.config import ScoreConfig
-    from medsclean.step1.classes import image_scores, score_classes
+    from medsclean.maps import image_scores
+    from medsclean.step1.classes import score_classes
     from medsclean.step1.runtime import Runtime
 
     torch.set_num_threads(1 if args.child in ("exact-1thread", "exact-ray") else args.threads)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import smoke_mode  # noqa: E402
 from medsclean.step1 import faiss_index as knn  # noqa: E402
 from medsclean.step1.banks import bank_size, draw_banks  # noqa: E402
-from medsclean.step1.classes import image_scores  # noqa: E402
+from medsclean.maps import image_scores  # noqa: E402
 from medsclean.step1.engines.exact import memory_scores_exact  # noqa: E402
 from medsclean.step1.engines.faiss import memory_scores_faiss  # noqa: E402
 from medsclean.step1.plan import bank_flops, exact_flops, plan_exact_blocks  # noqa: E402

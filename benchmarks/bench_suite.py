@@ -64,7 +64,7 @@ from medsclean.values import resolve_device
 from medsclean.workdir.data import Dataset, ImageRecord, discover, image_id  # noqa: E402
 from medsclean.stages.evaluate import EvalConfig, MapSet, detector_metrics, postprocess  # noqa: E402
 from medsclean.stages.features import run_extract  # noqa: E402
-from medsclean.step1.classes import image_scores  # noqa: E402
+from medsclean.maps import AGGREGATE_RATIOS, image_scores  # noqa: E402
 from medsclean.step1.reduce import nearest_table  # noqa: E402
 from medsclean.metrics import image_auroc_score, selection_metrics  # noqa: E402
 from medsclean.model.decoder import ReconstructionModel, pool_tokens, upsample_map  # noqa: E402
@@ -314,7 +314,7 @@ def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s
     select_cfg = s.preset.build(SelectConfig, method=method)
     score_cfg = select_cfg.step1(s.preset.build(ScoreConfig, seed=cell.seed))
     maps, _ = step1_maps(memory, cell.classes, score_cfg, device=s.device, tables=tables)
-    step1_eta = image_scores(maps, aggregate=score_cfg.aggregate).double().numpy()
+    step1_eta = image_scores(maps, ratio=AGGREGATE_RATIOS[score_cfg.aggregate]).double().numpy()
     if method != "meds":
         return Outcome(step1_eta, cut(step1_eta, cell.classes, s), time.perf_counter() - t0)
     distill_cfg = s.preset.build(DistillConfig, checkpoint_every=0)
@@ -323,7 +323,7 @@ def run_method(method: str, cell: Cell, memory, groups, tables, encoder: dict, s
     base_maps = compute_maps(model, groups, device=s.device)
     result = progressive_select(model, groups, cell.classes, base_maps, select_cfg, distill_cfg,
                                 TrainContext(seed=cell.seed, device=s.device))
-    distilled_eta = image_scores(base_maps, aggregate=score_cfg.aggregate).double().numpy()
+    distilled_eta = image_scores(base_maps, ratio=AGGREGATE_RATIOS[score_cfg.aggregate]).double().numpy()
     return Outcome(result.eta, cut(result.eta, cell.classes, s), time.perf_counter() - t0, model, step1_eta,
                    distilled_eta)
 
@@ -358,7 +358,7 @@ def oracle(cell: Cell, tables: dict, s: Settings) -> Outcome:
         nearest[:, :, torch.from_numpy(~clean)] = math.inf  # only clean images in the memory
         diagonal = torch.arange(len(members))
         nearest[diagonal, :, diagonal] = math.inf          # leave self out
-        eta[members] = image_scores(nearest.amin(dim=2), aggregate=aggregate).double().numpy()
+        eta[members] = image_scores(nearest.amin(dim=2), ratio=AGGREGATE_RATIOS[aggregate]).double().numpy()
     return Outcome(eta, cut(eta, cell.classes, s), time.perf_counter() - t0)
 
 

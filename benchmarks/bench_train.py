@@ -223,7 +223,7 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
     from medsclean.workdir.images import normalise, resize_crop
     from medsclean.config import ScoreConfig
     from medsclean.step1.classes import score_classes
-    from medsclean.selection.progressive import image_scores
+    from medsclean.maps import image_scores
 
     width, heads, depth = preset
     images, classes, defective = _texture_set(n_images, crop, contamination, seed)
@@ -259,8 +259,8 @@ def learn_check(n_images: int, crop: int, preset: tuple[int, int, int], distill_
                    "p_ramp": SelectConfig(iters=select_iters).ramp_steps},
         "seconds": {"extract": extract_s, "step1": score_s, "distill": distill_s, "select": select_s},
         "distill_loss_first_last_50": [float(np.mean(history["loss"][:50])), float(np.mean(history["loss"][-50:]))],
-        "auroc_step1": _mean_class_auroc(image_scores(step1_maps.numpy()), classes, defective),
-        "auroc_distilled": _mean_class_auroc(image_scores(base_maps.numpy()), classes, defective),
+        "auroc_step1": _mean_class_auroc(image_scores(step1_maps, dtype=torch.float64).numpy(), classes, defective),
+        "auroc_distilled": _mean_class_auroc(image_scores(base_maps, dtype=torch.float64).numpy(), classes, defective),
         "auroc_selected_eta": _mean_class_auroc(result.eta, classes, defective),
         "final_keep": {"defective_rejected": int((~result.keep & defective).sum()),
                        "normal_kept": int((result.keep & ~defective).sum()), "normal": int((~defective).sum())},

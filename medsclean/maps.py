@@ -6,7 +6,7 @@ to ``size`` x ``size`` (256), and a 5 x 5 Gaussian blur with sigma 4 applied as 
 zero padding (so borders darken slightly, as in the reference). Ground-truth masks go through the
 same geometry as the images (resize, centre crop: :func:`crop_masks`), then nearest-neighbour
 resizing to ``size`` and binarisation (:func:`resize_masks`). The image score is the mean of the
-top 1 % of a map's values (:func:`topk_mean_score`).
+top 1 % of a map's values (:func:`image_scores`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_kernel2d", "postprocess_maps", "crop_masks", "resize_masks", "topk_mean_score"]
+__all__ = ["gaussian_kernel2d", "postprocess_maps", "crop_masks", "resize_masks", "image_scores", "AGGREGATE_RATIOS"]
 
 TOP1PCT = 0.01
 """Share of the pixels the "top1pct" image score averages (the paper's image score)."""
@@ -117,8 +117,12 @@ def resize_masks(masks: torch.Tensor | np.ndarray, *, size: int, threshold: floa
     return resized > threshold
 
 
-def topk_mean_score(maps: torch.Tensor | np.ndarray, *, ratio: float = TOP1PCT,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+AGGREGATE_RATIOS = {"top1pct": TOP1PCT, "max": 0.0}
+"""The image score each `--aggregate` choice names, as the share of a map's values averaged."""
+
+
+def image_scores(maps: torch.Tensor | np.ndarray, *, ratio: float = TOP1PCT,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Image scores: the mean of the ``max(1, int(ratio * P))`` largest values of each map.
 
     The one image-score function of the package: Step 1's image scores, Step 3's selection scores

@@ -12,7 +12,8 @@ from medsclean.config import CutConfig, DistillConfig, ExtractConfig, ScoreConfi
 from medsclean.presets import CPU, PAPER
 from medsclean.errors import ConfigError
 from medsclean.step1.banks import bank_size, draw_banks
-from medsclean.step1.classes import image_scores, refine_memory, score_classes
+from medsclean.maps import image_scores
+from medsclean.step1.classes import refine_memory, score_classes
 from medsclean.step1.engines.exact import memory_scores_exact
 from medsclean.step1.reduce import nearest_table, scores_from_table
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medsclean.maps import crop_masks, gaussian_kernel2d, postprocess_maps, resize_masks, topk_mean_score
+from medsclean.maps import crop_masks, gaussian_kernel2d, postprocess_maps, resize_masks, image_scores
 
 
 def hand_gaussian(kernel: int, sigma: float) -> np.ndarray:
@@ -83,25 +83,25 @@ def test_crop_masks_same_size_is_a_plain_centre_crop():
     np.testing.assert_array_equal(crop_masks(mask, resize=8, crop=4)[0].numpy(), mask[0, 2:6, 2:6])
 
 
-def test_topk_mean_score_hand_cases():
+def test_image_scores_hand_cases():
     maps = torch.arange(1, 11, dtype=torch.float32).reshape(1, 2, 5)
-    assert float(topk_mean_score(maps, ratio=0.2)[0]) == pytest.approx(9.5)  # mean(10, 9)
-    assert float(topk_mean_score(maps, ratio=0.0)[0]) == pytest.approx(10.0)  # ratio 0 -> max
-    assert float(topk_mean_score(maps, ratio=0.01)[0]) == pytest.approx(10.0)  # max(1, int(0.1))
+    assert float(image_scores(maps, ratio=0.2)[0]) == pytest.approx(9.5)  # mean(10, 9)
+    assert float(image_scores(maps, ratio=0.0)[0]) == pytest.approx(10.0)  # ratio 0 -> max
+    assert float(image_scores(maps, ratio=0.01)[0]) == pytest.approx(10.0)  # max(1, int(0.1))
     paper_grid = torch.arange(784, dtype=torch.float32).reshape(1, 28, 28)
     # int(0.01 * 784) = 7 patches: 777..783
-    assert float(topk_mean_score(paper_grid)[0]) == pytest.approx(780.0)
+    assert float(image_scores(paper_grid)[0]) == pytest.approx(780.0)
     shuffled = paper_grid.flatten()[torch.randperm(784, generator=torch.Generator().manual_seed(0))]
-    assert float(topk_mean_score(shuffled.reshape(1, 784))[0]) == pytest.approx(780.0)
+    assert float(image_scores(shuffled.reshape(1, 784))[0]) == pytest.approx(780.0)
 
 
-def test_topk_mean_score_in_float64_equals_a_numpy_partition_mean():
+def test_image_scores_in_float64_equals_a_numpy_partition_mean():
     """Step 3 scores images in float64: the same top-k values averaged in double precision."""
     rng = np.random.default_rng(0)
     maps = rng.random((7, 1000), dtype=np.float32) ** 3
     for ratio in (0.01, 0.05, 0.0):
         k = max(1, int(ratio * maps.shape[1]))
         expected = np.sort(maps.astype(np.float64), axis=1)[:, -k:].mean(axis=1)
-        got = topk_mean_score(maps, ratio=ratio, dtype=torch.float64)
+        got = image_scores(maps, ratio=ratio, dtype=torch.float64)
         assert got.dtype == torch.float64
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-15, atol=0)

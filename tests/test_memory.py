@@ -14,7 +14,8 @@ from medsclean.config import ScoreConfig
 from medsclean.errors import DataError, UsageError
 from medsclean.step1 import faiss_index as knn
 from medsclean.step1.banks import ALL_CLASSES, bank_size, draw_banks
-from medsclean.step1.classes import image_scores, score_classes
+from medsclean.maps import AGGREGATE_RATIOS, image_scores
+from medsclean.step1.classes import score_classes
 from medsclean.step1.engines import ENGINES as REGISTRY
 from medsclean.step1.engines import choose_engine
 from medsclean.step1.engines.exact import memory_scores_exact
@@ -255,11 +256,12 @@ def test_image_scores_hand_computed():
     maps[0, [3, 100, 200]] = torch.tensor([5.0, 4.0, 1.0])  # P=250 -> top 2 patches
     maps[1, 7] = -1.0
     np.testing.assert_allclose(image_scores(maps).numpy(), [4.5, 0.0])
-    np.testing.assert_allclose(image_scores(maps, aggregate="max").numpy(), [5.0, 0.0])
+    np.testing.assert_allclose(image_scores(maps, ratio=AGGREGATE_RATIOS["max"]).numpy(), [5.0, 0.0])
     small = torch.tensor([[0.1, 0.9, 0.3]])  # P < 100 -> the single largest
     np.testing.assert_allclose(image_scores(small).numpy(), [0.9])
-    with pytest.raises(UsageError):
-        image_scores(small, aggregate="mean")
+    from medsclean.choices import Aggregate
+
+    assert set(AGGREGATE_RATIOS) == set(Aggregate.values())  # every --aggregate choice has its score
 
 
 def test_choose_engine_prefers_exact_unless_only_faiss_has_a_gpu():

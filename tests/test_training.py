@@ -16,7 +16,7 @@ from medsclean.errors import DataError, UsageError
 from medsclean.model.losses import hard_mining_cosine_loss, hard_mining_weights, map_regression_loss, p_schedule
 from medsclean.model.decoder import ModelConfig, ReconstructionModel
 from medsclean.model.optim import StableAdamW, warm_cosine_lr
-from medsclean.selection.progressive import image_scores
+from medsclean.maps import image_scores
 from medsclean.config import DistillConfig, SelectConfig
 from medsclean.model.loop import TrainContext
 from medsclean.model.training import compute_maps, distill, progressive_select
@@ -297,7 +297,7 @@ def test_progressive_select_rejects_planted_outliers():
     assert all(earlier["t"] < later["t"] for earlier, later in zip(result.rounds, result.rounds[1:]))
     assert len(result.history["loss"]) == 40
     # eta at t = T is the fine-tuned model's own image score (alpha = 1)
-    np.testing.assert_allclose(result.eta, image_scores(compute_maps(model, groups).numpy()), rtol=1e-6)
+    np.testing.assert_allclose(result.eta, image_scores(compute_maps(model, groups), dtype=torch.float64).numpy(), rtol=1e-6)
 
 
 def test_progressive_select_resumed_equals_uninterrupted():

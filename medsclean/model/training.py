@@ -22,7 +22,8 @@ from medsclean.errors import DataError, MedscleanError
 from medsclean.model.decoder import ModelConfig, ReconstructionModel, cosine_distance_map, upsample_map
 from medsclean.model.loop import BatchLoss, Loop, TrainContext, run_loop
 from medsclean.model.losses import hard_mining_cosine_loss, map_regression_loss, p_schedule
-from medsclean.selection.progressive import alpha, blend_scores, image_scores, select_per_class
+from medsclean.maps import image_scores
+from medsclean.selection.progressive import alpha, blend_scores, select_per_class
 
 
 @dataclass
@@ -215,7 +216,7 @@ def progressive_select(model: ReconstructionModel, groups: Sequence[Tensor], cla
     if len(classes) != n_images:
         raise DataError(f"{len(classes)} class labels for {n_images} images: they must match one to one")
     labels = np.asarray(classes, dtype=object)
-    base_scores = image_scores(_check_maps(base_maps, (n_images, n_patches), "distilled-model maps").numpy())
+    base_scores = image_scores(_check_maps(base_maps, (n_images, n_patches), "distilled-model maps"), dtype=torch.float64).numpy()
     rounds: list[dict] = [dict(r) for r in context.resume[1].get("rounds", [])] if context.resume is not None else []
     model.to(torch.device(context.device))
     reselect = _reselection(model, groups, labels, base_scores, cfg, optim.batch_size, context)
@@ -245,7 +246,7 @@ def _reselection(model: ReconstructionModel, groups: Sequence[Tensor], labels: n
     def reselect(t: int) -> tuple[np.ndarray, np.ndarray, dict]:
         current = base_scores
         if alpha(t, total) > 0:
-            current = image_scores(compute_maps(model, groups, batch_size=batch_size, device=device).numpy())
+            current = image_scores(compute_maps(model, groups, batch_size=batch_size, device=device), dtype=torch.float64).numpy()
         eta = blend_scores(base_scores, current, t, total)
         keep, tau = select_per_class(eta, labels.tolist(), t, total, cfg.k)
         if context.parallel is not None:

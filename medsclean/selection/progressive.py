@@ -23,27 +23,6 @@ from numpy.typing import ArrayLike
 
 from medsclean.errors import MedscleanError
 
-TOP_FRACTION = 0.01
-
-
-def image_scores(maps: ArrayLike, fraction: float = TOP_FRACTION) -> np.ndarray:
-    """Image score = mean of the top `fraction` of each anomaly map.
-
-    Args:
-        maps: (N, P) per-patch anomaly maps.
-        fraction: share of patches averaged; k = max(1, int(fraction * P)).
-
-    Returns:
-        (N,) float64 scores.
-    """
-    values = np.asarray(maps, dtype=np.float64)
-    if values.ndim != 2:
-        raise ValueError(f"maps must be (N, P), not {values.shape}")
-    k = max(1, int(fraction * values.shape[1]))
-    top = np.partition(values, values.shape[1] - k, axis=1)[:, values.shape[1] - k :]
-    return top.mean(axis=1)
-
-
 def alpha(t: int, total: int) -> float:
     """Weight of the current model's score at iteration t of total: min(1, 2t/T)."""
     if total < 1:

@@ -64,7 +64,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
 
     from medsclean.model.decoder import ReconstructionModel
     from medsclean.model.training import compute_maps
-    from medsclean.selection.progressive import image_scores
+    from medsclean.maps import image_scores
 
     partial = store.partial_dir("distill", key)
     if force:
@@ -73,7 +73,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     model = ReconstructionModel(model_config_for(encoder, cfg), seed=setup.seed)
     history = _train(model, groups, features, scores, cfg, setup, partial)
     maps = compute_maps(model, groups, device=setup.device)
-    per_image = image_scores(maps.numpy())
+    per_image = image_scores(maps, dtype=torch.float64).numpy()
     manifest = {"images": features.manifest["images"], "grid": encoder["grid"], "model": model.config.to_dict(),
                 "config": asdict(cfg), "seed": setup.seed,
                 "parents": {"features": features.key, "scores": scores.key},

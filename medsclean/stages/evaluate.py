@@ -109,11 +109,11 @@ def postprocess(records: list[ImageRecord], token_maps: np.ndarray, grid: tuple[
     """Token maps → evaluation maps and image scores; masks cropped and resized the same way."""
     import torch
 
-    from medsclean.maps import crop_masks, postprocess_maps, resize_masks, topk_mean_score
+    from medsclean.maps import crop_masks, image_scores, postprocess_maps, resize_masks
 
     maps = postprocess_maps(torch.from_numpy(token_maps).reshape(-1, *grid), crop=preprocess["crop"],
                             size=cfg.size, sigma=cfg.sigma, kernel=cfg.kernel)
-    scores = topk_mean_score(maps, ratio=cfg.top_ratio).numpy()
+    scores = image_scores(maps, ratio=cfg.top_ratio).numpy()
     masks = None
     if any(r.mask is not None for r in records):
         masks = np.zeros((len(records), cfg.size, cfg.size), bool)

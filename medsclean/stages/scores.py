@@ -121,7 +121,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     if (art := store.cached(STAGE, key, reporter, force=force)) is not None:
         return ScoreResult(art, True, time.perf_counter() - t0)
     from medsclean.step1.banks import ALL_CLASSES
-    from medsclean.step1.classes import image_scores
+    from medsclean.maps import AGGREGATE_RATIOS, image_scores
     from medsclean.step1.engines import ENGINES
     from medsclean.step1.plan import APPROX_ADVICE_SECONDS
 
@@ -162,7 +162,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     engine = cfg.engine
     if chosen:
         engine = chosen[0] if len(set(chosen)) == 1 else "+".join(sorted(set(chosen)))
-    per_image = image_scores(maps, aggregate=cfg.aggregate)
+    per_image = image_scores(maps, ratio=AGGREGATE_RATIOS[cfg.aggregate])
     import torch
 
     tensors = {"maps": maps.float().contiguous(), "image_scores": per_image.float().contiguous()}

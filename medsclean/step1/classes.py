@@ -11,31 +11,12 @@ import torch
 from medsclean.choices import Aggregate
 from medsclean.config import ScoreConfig
 from medsclean.errors import ConfigError, DataError
-from medsclean.maps import TOP1PCT, topk_mean_score
+from medsclean.maps import AGGREGATE_RATIOS, image_scores
 from medsclean.step1.banks import ALL_CLASSES, class_generator, draw_banks
 from medsclean.step1.engines import ENGINES, engine_for
 from medsclean.step1.reduce import scores_from_table
 from medsclean.step1.rows import FeatureRows, TensorRows, as_feature_tensor
 from medsclean.step1.runtime import BankScorer, ClassJob, Runtime
-
-
-def image_scores(maps: torch.Tensor | np.ndarray, *, aggregate: str = Aggregate.TOP1PCT.value) -> torch.Tensor:
-    """One score per image from its patch map: ``maps.topk_mean_score`` under the aggregate's name.
-
-    Args:
-        maps: (N, P) patch scores, higher = more anomalous.
-        aggregate: "top1pct", the mean of the max(1, int(0.01 * P)) largest values (the
-            reference code's image score), or "max".
-
-    Returns:
-        (N,) float32 image scores; NaN for a map holding NaN.
-    """
-    maps = torch.as_tensor(maps).float()
-    if maps.ndim != 2:
-        raise ValueError(f"maps must be (N, P), got shape {tuple(maps.shape)}")
-    if aggregate not in Aggregate.values():
-        raise ConfigError("aggregate", f"aggregate must be top1pct or max, not {aggregate!r}")
-    return topk_mean_score(maps, ratio=TOP1PCT if aggregate == Aggregate.TOP1PCT else 0.0)
 
 
 def group_images(classes: Sequence[Hashable], per_class: bool) -> dict[Hashable, np.ndarray]:
@@ -155,7 +136,7 @@ def refine_memory(
     maps = score_against(bank)
     for r in range(1, rounds + 1):
         keep = max(2, n_images - round(r * drop * n_images))
-        order = np.argsort(image_scores(maps, aggregate=aggregate).numpy(), kind="stable")
+        order = np.argsort(image_scores(maps, ratio=AGGREGATE_RATIOS[aggregate]).numpy(), kind="stable")
         bank = np.sort(order[:keep])[None, :]
         maps = score_against(bank)
     return bank, maps
