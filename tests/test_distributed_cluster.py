@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -72,11 +74,13 @@ def _stop(value: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """(address, environment for commands that join it): two nodes of one CPU each."""
     require_ray()
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    root = tmp_path_factory.mktemp("cluster")
+    # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: pytest's numbered
+    # temp folders grow with every run, so the nodes get a short folder of their own
+    root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     value = uuid.uuid4().hex
     env = {**os.environ, MARKER: value, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
@@ -94,6 +98,7 @@ def cluster(tmp_path_factory):
         yield address, env
     finally:
         _stop(value)
+        shutil.rmtree(root, ignore_errors=True)
     assert _marked(value) == []
 
 
