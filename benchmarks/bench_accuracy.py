@@ -113,7 +113,7 @@ def extract_split(root: Path, store: Store, cfg: ExtractConfig, split: str, cate
     """Features of one split of the chosen categories via the `features` stage (cached in the store)."""
     dataset = discover(root, layout="mvtec", split=split)
     dataset = replace(dataset, records=tuple(r for r in dataset.records if r.cls in categories))
-    stage = "features" if split == "train" else "features-test"
+    stage = "extract" if split == "train" else "extract-test"
     result = run_extract(dataset, store, cfg, stage=stage, reporter=SilentReporter())
     art = result.artifact
     state = "cached" if result.cached else f"{result.seconds:.0f} s"

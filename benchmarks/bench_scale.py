@@ -84,7 +84,7 @@ def write_shards(args) -> None:
     features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)
     store = Store(Path(args.out))
     shards, specs = [], {}
-    with store.staged("features") as staging:
+    with store.staged("extract") as staging:
         for start in range(0, args.n, 500):
             stop = min(args.n, start + 500)
             tensors = {"index": torch.arange(start, stop), "memory": torch.from_numpy(features[start:stop]).half()}
@@ -92,7 +92,7 @@ def write_shards(args) -> None:
             save_tensors(staging / name, tensors)
             specs[name] = tensor_specs(tensors)
             shards.append({"file": name, "start": start, "end": stop, "rows": stop - start})
-        store.commit("features", f"bench{args.n:011d}", staging, {"shards": shards, "tensors": specs, "images": []})
+        store.commit("extract", f"bench{args.n:011d}", staging, {"shards": shards, "tensors": specs, "images": []})
     np.save(Path(args.out) / "labels.npy", labels)
 
 
@@ -109,7 +109,7 @@ def child(args) -> None:
     if args.shards:  # read from the artifact's shards on disk, class by class or block by block
         from medsclean.workdir.store import Store
 
-        features = Store(Path(args.shards)).load("features").rows("memory")
+        features = Store(Path(args.shards)).load("extract").rows("memory")
         labels = np.load(Path(args.shards) / "labels.npy")
     else:
         features, labels = generate(args.n, args.grid, args.dim, args.rate, args.seed)

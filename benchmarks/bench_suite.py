@@ -511,9 +511,9 @@ def main(argv=None) -> int:
     root, mapping, spec = prepare_data(args.part, work, args)
     store = Store(work / "store", images_root=root)
     extract_cfg = s.preset.build(ExtractConfig, device=s.device)
-    train = extract(discover(root, layout="mvtec", split="train"), store, extract_cfg, "features", s.step1_pool)
-    test = extract(discover(root, layout="mvtec", split="test"), store, extract_cfg, "features-test", s.step1_pool)
-    repeats = extract(_repeat_dataset(root), store, extract_cfg, "features-repeats", s.step1_pool)
+    train = extract(discover(root, layout="mvtec", split="train"), store, extract_cfg, "extract", s.step1_pool)
+    test = extract(discover(root, layout="mvtec", split="test"), store, extract_cfg, "extract-test", s.step1_pool)
+    repeats = extract(_repeat_dataset(root), store, extract_cfg, "extract-repeats", s.step1_pool)
     k = s.preset.build(ScoreConfig).k
     bases = build_classes(train, test, repeats, mapping, work / f"pool{s.step1_pool}", s.device, k)
 

@@ -45,7 +45,7 @@ def make_stages(args, root: Path):
     run = pipeline.build_run(root / "images", root / "work", preset="cpu", seed=0, reporter=SilentReporter(),
                              options={"extract": extract})
     results = pipeline.score_stage(run, run.score_config())
-    return run, results["features"].artifact, results["scores"].artifact
+    return run, results["extract"].artifact, results["score"].artifact
 
 
 def time_distill(run, features, scores, base, iters: int, extra: dict) -> float:

@@ -141,13 +141,13 @@ class Check:
         """(N, P, D) float16 memory features and the class of each image, of work folder `name`."""
         from medsclean.workdir.store import Store
 
-        art = Store(self.work / name).load("features")
+        art = Store(self.work / name).load("extract")
         return art.sharded_tensors(["memory"])["memory"]
 
     def classes(self, name: str) -> list[str]:
         from medsclean.workdir.store import Store
 
-        return [row["class"] for row in Store(self.work / name).load("features").manifest["images"]]
+        return [row["class"] for row in Store(self.work / name).load("extract").manifest["images"]]
 
     def step1(self, engine: str, device: str) -> str:
         from medsclean.step1 import faiss_index as knn
@@ -252,7 +252,7 @@ class Check:
                  *self.work_for(f"{self.cuda}-local"))
         _command("score", *self.encoder, *self.score_opts, "--device", self.cuda, "--executor", "ray",
                  "--ray-workers", "2", "--quiet", *self.work_for(f"{self.cuda}-ray"))
-        maps = [load_tensors(Store(self.work / f"{self.cuda}-{w}").load("scores").file("scores.safetensors"))["maps"]
+        maps = [load_tensors(Store(self.work / f"{self.cuda}-{w}").load("score").file("scores.safetensors"))["maps"]
                 for w in ("local", "ray")]
         diff = (maps[0] - maps[1]).abs().max().item()
         if diff > MAP_TOLERANCE:

@@ -121,8 +121,8 @@ def build_run(images: Path, work: Path, *, preset: str = DEFAULT_PRESET, seed: i
                cluster=ClusterConfig(**_given(options.get("cluster"))))
 
 
-def extract_stage(run: Run, *, force: bool = False, stage: str = "features") -> ExtractResult:
-    """Stage `features` for the run's images."""
+def extract_stage(run: Run, *, force: bool = False, stage: str = "extract") -> ExtractResult:
+    """Stage `extract` for the run's images."""
     dataset = run.dataset()
     result = run_extract(dataset, run.store(), run.extract, stage=stage, force=force, strict=run.data.strict,
                          reporter=run.reporter, executor=run.executor)
@@ -148,32 +148,32 @@ def _log_extract(reporter: Reporter, result: ExtractResult) -> None:
 
 def extract_summary(result: ExtractResult) -> dict:
     m = result.artifact.manifest
-    return {"stage": "features", "path": str(result.artifact.path), "cached": result.cached,
+    return {"stage": "extract", "path": str(result.artifact.path), "cached": result.cached,
             "images": result.n_images, "skipped": m["skipped"], "backbone": m["encoder"]["name"],
             "seconds": round(result.seconds, 3), "key": result.artifact.key}
 
 
 def score_stage(run: Run, cfg: ScoreConfig, *, force: bool = False, features: ExtractResult | None = None) -> dict:
-    """Stage `scores`, after `features` (`features`: that stage's result, when the caller ran it).
-    Returns {"features": ..., "scores": ...} stage results."""
+    """Stage `score`, after `extract` (`features`: that stage's result, when the caller ran it).
+    Returns {"extract": ..., "score": ...} stage results."""
     from medsclean.stages.scores import run_score
 
-    results = {"features": features or extract_stage(run)}
-    art = results["features"].artifact
-    results["scores"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter,
+    results = {"extract": features or extract_stage(run)}
+    art = results["extract"].artifact
+    results["score"] = run_score(art, run.store(), cfg, device=run.device, force=force, reporter=run.reporter,
                                   executor=run.executor)
-    _log_stage(run, "scores", results["scores"])
+    _log_stage(run, "score", results["score"])
     return results
 
 
 def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force: bool = False) -> dict:
-    """Stage `distill`, after `features` and `scores`."""
+    """Stage `distill`, after `extract` and `score`."""
     from medsclean.stages.distill import run_distill
 
     features = extract_stage(run)
     check_model_shape(features.artifact.manifest["encoder"], cfg)  # before the scores, not after
     results = score_stage(run, score_cfg, features=features)
-    results["distill"] = run_distill(results["features"].artifact, results["scores"].artifact, run.store(), cfg,
+    results["distill"] = run_distill(results["extract"].artifact, results["score"].artifact, run.store(), cfg,
                                      run.training(), force=force)
     _log_stage(run, "distill", results["distill"])
     return results
@@ -191,7 +191,7 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
         distilled = results["distill"].artifact
     else:
         results, distilled = score_stage(run, cfg.step1(score_cfg)), None
-    results["select"] = run_select(results["features"].artifact, results["scores"].artifact, distilled, run.store(),
+    results["select"] = run_select(results["extract"].artifact, results["score"].artifact, distilled, run.store(),
                                    cfg, run.training(), force=force)
     _log_stage(run, "select", results["select"])
     results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force, reporter=run.reporter)
@@ -208,7 +208,7 @@ def _record(run: Run, results: dict, configs: dict) -> None:
     from medsclean.workdir.runs import record_run
 
     chain = {stage: (results[stage].artifact.key if stage in results else None)
-             for stage in ("features", "scores", "distill", "select", "cut")}
+             for stage in ("extract", "score", "distill", "select", "cut")}
     record_run(run.store(), run.data.images, chain, configs, preset=run.preset.name, seed=run.seed)
 
 
@@ -322,7 +322,7 @@ def eval_stage(run: Run, configs: Mapping[str, Any], *, out_dir: Path, report_di
     test = ev.labelled_test_set(train, test_dir, test_masks, run.data.class_from)
     test_features = None
     if test is not None:
-        extracted = run_extract(test, run.store(), run.extract, stage="features-test", strict=run.data.strict,
+        extracted = run_extract(test, run.store(), run.extract, stage="extract-test", strict=run.data.strict,
                                 reporter=run.reporter, executor=run.executor)
         _log_extract(run.reporter, extracted)
         test_features = extracted.artifact

@@ -89,7 +89,7 @@ def test_selection_rows_recut_csv_and_pandas(data, cli_run, api_run, tmp_path):
     assert list(first) == ["path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class"]
     assert first["path"].startswith(str(data)) and isinstance(first["distilled_score"], float)
     assert {r["path"] for r in selection.rows if r["kept"]} == set(selection.kept)
-    assert selection.review.is_file() and set(selection.artifacts) == {"features", "scores", "distill", "select",
+    assert selection.review.is_file() and set(selection.artifacts) == {"extract", "score", "distill", "select",
                                                                          "cut"}
     # the CSV is the cut's scores.csv with the lists' paths
     stored = (selection.artifacts["cut"] / "scores.csv").read_text().splitlines()
@@ -142,12 +142,12 @@ def test_errors_import_no_torch_and_the_folder_is_checked(tmp_path):
 def test_progress_goes_to_stderr_and_progress_false_silences_it(data, cli_run, capfd):
     medsclean.score(str(data), work=cli_run / "work", **{k: FAST[k] for k in ("resize", "crop", "num_workers", "banks")})
     out, err = capfd.readouterr()
-    assert out == "" and "scores: cached" in err
+    assert out == "" and "score: cached" in err
     result = medsclean.score(str(data), work=cli_run / "work", progress=False,
                              **{k: FAST[k] for k in ("resize", "crop", "num_workers", "banks")})
     out, err = capfd.readouterr()
     assert out == "" and err == ""
-    assert result.cached and result.stage == "scores" and result.file.name == "scores.csv"
+    assert result.cached and result.stage == "score" and result.file.name == "scores.csv"
 
 
 def test_evaluate_measures_the_latest_run(data, cli_run):

@@ -162,7 +162,7 @@ def test_select_knn_with_reject_fraction_through_the_cli(tmp_path):
     assert all(c["rejected"] == 2 for c in summary["classes"].values())
     with open(f"{summary['cut_dir']}/scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    features = Store(work).load("features").sharded_tensors(["index", "memory"])["memory"].float().numpy()
+    features = Store(work).load("extract").sharded_tensors(["index", "memory"])["memory"].float().numpy()
     for cls in ("brick", "gravel"):
         idx = [i for i, r in enumerate(rows) if r["class"] == cls]
         want = image_scores(_knn_oracle(features[idx].astype(np.float64))).numpy()

@@ -110,7 +110,7 @@ def _write_features(tmp_path, features: torch.Tensor, shard_size: int):
     store = Store(tmp_path / "work")
     n = features.shape[0]
     shards, specs = [], {}
-    with store.staged("features") as staging:
+    with store.staged("extract") as staging:
         from medsclean.workdir.artifacts import save_tensors, tensor_specs
 
         for s in range(0, n, shard_size):
@@ -120,7 +120,7 @@ def _write_features(tmp_path, features: torch.Tensor, shard_size: int):
             save_tensors(staging / name, tensors)
             specs[name] = tensor_specs(tensors)
             shards.append({"file": name, "start": s, "end": e, "rows": e - s})
-        return store.commit("features", "k" * 16, staging, {"shards": shards, "tensors": specs, "images": []})
+        return store.commit("extract", "k" * 16, staging, {"shards": shards, "tensors": specs, "images": []})
 
 
 def test_sharded_rows_read_only_what_is_asked_and_equal_the_stored_tensors(tmp_path):

@@ -140,8 +140,8 @@ def test_library_errors_name_parameters_not_flags():
 
 
 def test_ctrl_c_prints_what_was_kept_and_exits_130(tmp_path, monkeypatch):
-    (tmp_path / "work" / "features").mkdir(parents=True)
-    (tmp_path / "work" / "features" / "LATEST").write_text("0123\n")
+    (tmp_path / "work" / "extract").mkdir(parents=True)
+    (tmp_path / "work" / "extract" / "LATEST").write_text("0123\n")
 
     def interrupted(run, **kwargs):
         raise KeyboardInterrupt
@@ -151,7 +151,7 @@ def test_ctrl_c_prints_what_was_kept_and_exits_130(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "extract_stage", interrupted)
     res = CliRunner().invoke(app, ["extract", str(tmp_path), "--work", str(tmp_path / "work"), "--device", "cpu"])
     assert res.exit_code == 130
-    assert "interrupted: kept in" in res.output and "features" in res.output
+    assert "interrupted: kept in" in res.output and "extract" in res.output
     assert "rerun the same command to resume" in res.output
 
 

@@ -125,7 +125,7 @@ def test_score_cli_on_ray_equals_local_and_leaves_no_ray_process(tmp_path):
                               capture_output=True, text=True, env=env, timeout=300)
         assert done.returncode == 0, done.stderr
         outputs[executor] = json.loads(done.stdout)
-    local, on_ray = (Store(tmp_path / e).load("scores") for e in ("local", "ray"))
+    local, on_ray = (Store(tmp_path / e).load("score") for e in ("local", "ray"))
     assert local.key == on_ray.key  # the executor is not part of the cache key
     assert torch.equal(load_tensors(on_ray.file("scores.safetensors"))["maps"],
                        load_tensors(local.file("scores.safetensors"))["maps"])

@@ -131,8 +131,8 @@ def test_distill_on_a_two_node_cluster_equals_a_private_instance(cluster, tmp_pa
             assert f"executor: the Ray cluster at {address}, 2 CPU workers" in done.stderr
             assert "data-parallel on 2 Ray Train workers" in done.stderr
     joined, private = (Store(tmp_path / name) for name in runs)
-    assert torch.equal(load_tensors(joined.load("scores").file("scores.safetensors"))["maps"],
-                       load_tensors(private.load("scores").file("scores.safetensors"))["maps"])
+    assert torch.equal(load_tensors(joined.load("score").file("scores.safetensors"))["maps"],
+                       load_tensors(private.load("score").file("scores.safetensors"))["maps"])
     weights = [load_tensors(store.load("distill").file("model.safetensors")) for store in (joined, private)]
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():

@@ -87,7 +87,7 @@ def test_same_artifact_as_the_local_executor(ray_run, folder, tmp_path):
     """
     (result, messages), work = ray_run
     assert (result.n_images, result.n_skipped, result.n_extracted, result.n_reused) == (10, 1, 10, 0)
-    assert "features: 10 of 11 images extracted, 0 reused from the image cache, 1 unreadable" in messages
+    assert "extract: 10 of 11 images extracted, 0 reused from the image cache, 1 unreadable" in messages
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -104,7 +104,7 @@ def test_unreadable_image_is_skipped_or_fails_with_strict(ray_run, session, fold
     assert skipped["path"] == "broken.png" and "cannot decode image" in skipped["error"]
     with pytest.raises(DataError, match=r"broken\.png: cannot decode image .*or drop --strict"):
         _extract(folder, tmp_path / "strict", strict=True, executor=session)
-    assert Store(tmp_path / "strict").load("features") is None
+    assert Store(tmp_path / "strict").load("extract") is None
 
 
 def test_resume_encodes_only_the_images_without_an_entry(ray_run, session, folder, tmp_path):
@@ -121,7 +121,7 @@ def test_resume_encodes_only_the_images_without_an_entry(ray_run, session, folde
     assert len(before) == 5
     resumed, messages = _extract(folder, work, executor=session)
     assert (resumed.n_extracted, resumed.n_reused, resumed.n_skipped) == (5, 5, 1)
-    assert "features: 5 of 11 images extracted, 5 reused from the image cache, 1 unreadable" in messages
+    assert "extract: 5 of 11 images extracted, 5 reused from the image cache, 1 unreadable" in messages
     after = _entries(work)
     assert after.keys() == dict(entries).keys()
     assert {sha: after[sha].stat().st_mtime_ns for sha in before} == before  # not rewritten

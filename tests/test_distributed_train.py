@@ -45,7 +45,7 @@ def stages(tmp_path_factory):
     results = pipeline.score_stage(run, run.score_config(engine="exact", banks=10))
     session = distributed.connect(ClusterConfig(executor="ray", workers=2), root / "work")
     trainer = DataParallelTrainer(session, 2, use_gpu=False, storage=root / "work" / ".partial" / "ray-train")
-    yield results["features"].artifact, results["scores"].artifact, Store(root / "work"), trainer
+    yield results["extract"].artifact, results["score"].artifact, Store(root / "work"), trainer
     distributed.shutdown()
 
 

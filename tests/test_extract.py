@@ -43,7 +43,7 @@ def test_extract_cli_end_to_end_with_json_and_cache(folder, tmp_path):
     payload = json.loads(res.stdout)
     assert payload["images"] == 10 and payload["cached"] is False
     assert [s["path"] for s in payload["skipped"]] == ["broken.png"]
-    feats = Store(work).load("features").sharded_tensors()
+    feats = Store(work).load("extract").sharded_tensors()
     assert feats["memory"].dtype == torch.float16 and feats["memory"].shape[:2] == (10, 64)  # 8×8 grid at 64 px
     assert torch.allclose(feats["memory"].float().norm(dim=-1), torch.ones(10, 64), atol=2e-3)
     assert [feats[f"group{g}"].shape[-1] for g in (0, 1)] == [40, 112]
@@ -58,8 +58,8 @@ def test_deeper_stages_are_other_features_and_the_default_pair_keeps_the_old_key
     deeper = runner.invoke(app, [*base, "--stages", "16,32"])
     assert deeper.exit_code == 0, deeper.output
     assert json.loads(deeper.stdout)["cached"] is False
-    assert len(Store(work).keys("features")) == 2  # both runs' features coexist
-    feats = Store(work).load("features").sharded_tensors()  # the latest: the deeper stages
+    assert len(Store(work).keys("extract")) == 2  # both runs' features coexist
+    feats = Store(work).load("extract").sharded_tensors()  # the latest: the deeper stages
     assert feats["memory"].shape[:2] == (10, 16)  # 4×4 grid at 64 px: stride 16
     assert [feats[f"group{g}"].shape[-1] for g in (0, 1)] == [112, 320]
     assert ExtractConfig(stages=(8, 16)).key_fields() == ExtractConfig().key_fields()
@@ -162,7 +162,7 @@ def test_image_cache_layout_and_manifest(folder, tmp_path, encoded):
     result, messages = _extract(folder, work)
     assert (result.n_extracted, result.n_reused, result.n_skipped) == (10, 0, 1)
     assert encoded["images"] == 10
-    assert "features: 10 of 11 images extracted, 0 reused from the image cache, 1 unreadable" in messages
+    assert "extract: 10 of 11 images extracted, 0 reused from the image cache, 1 unreadable" in messages
     m = result.artifact.manifest
     shas = [r["sha256"] for r in m["images"]]
     assert shas == [file_sha256(folder / r["path"]) for r in m["images"]]
@@ -185,8 +185,8 @@ def test_adding_images_extracts_only_them(folder, tmp_path, encoded):
     second, messages = _extract(folder, work)
     assert encoded["images"] == 2 and not second.cached and second.artifact.key != first.artifact.key
     assert (second.n_extracted, second.n_reused) == (2, 10)
-    assert "features: 2 of 13 images extracted, 10 reused from the image cache, 1 unreadable" in messages
-    assert "features: recomputing (2 images added since " + first.artifact.key + ")" in messages
+    assert "extract: 2 of 13 images extracted, 10 reused from the image cache, 1 unreadable" in messages
+    assert "extract: recomputing (2 images added since " + first.artifact.key + ")" in messages
     fresh, _ = _extract(folder, tmp_path / "fresh")
     _assert_same_features(second.artifact, fresh.artifact)
 
@@ -233,12 +233,12 @@ def test_interrupted_extract_resumes_per_image(folder, tmp_path, encoded):
     encoded["fail_after"] = 1
     with pytest.raises(KeyboardInterrupt):
         _extract(folder, work, cfg)
-    assert Store(work).load("features") is None  # nothing that looks valid
+    assert Store(work).load("extract") is None  # nothing that looks valid
     assert len(_entries(work)) == 1  # the first batch: broken.png and one image
     encoded["clear"]()
     resumed, messages = _extract(folder, work, cfg)
     assert encoded["images"] == 9 and (resumed.n_extracted, resumed.n_reused) == (9, 1)
-    assert "features: 9 of 11 images extracted, 1 reused from the image cache, 1 unreadable" in messages
+    assert "extract: 9 of 11 images extracted, 1 reused from the image cache, 1 unreadable" in messages
     fresh, _ = _extract(folder, tmp_path / "fresh", cfg)
     _assert_same_features(resumed.artifact, fresh.artifact)
 
@@ -249,7 +249,7 @@ def test_force_reencodes_every_image(folder, tmp_path, encoded):
     encoded["clear"]()
     again, messages = _extract(folder, work, force=True)
     assert encoded["images"] == 10 and not again.cached and again.artifact.key == first.artifact.key
-    assert "features: recomputing (--force)" in messages
+    assert "extract: recomputing (--force)" in messages
 
 
 def test_prune_image_cache_keeps_referenced_entries(folder, tmp_path):
@@ -268,7 +268,7 @@ def test_prune_image_cache_keeps_referenced_entries(folder, tmp_path):
     assert len(only_dropped) == 3
     sizes = sum((work / "image-features").rglob(f"{sha}.safetensors").__next__().stat().st_size
                 for sha in only_dropped)
-    store.remove("features", dropped.artifact.key)
+    store.remove("extract", dropped.artifact.key)
     hh = next((work / "image-features").glob("*/??"))
     stale, fresh = hh / ".x.safetensors.tmp-aaaa", hh / ".y.safetensors.tmp-bbbb"  # left by killed writers
     stale.write_bytes(b"12"), fresh.write_bytes(b"345")
@@ -278,7 +278,7 @@ def test_prune_image_cache_keeps_referenced_entries(folder, tmp_path):
     fresh.unlink()
     assert _entries(work) == sorted(r["sha256"] for r in kept.artifact.manifest["images"])
     assert _extract(folder, work)[0].cached
-    store.remove("features", kept.artifact.key)
+    store.remove("extract", kept.artifact.key)
     assert extract_mod.prune_image_cache(store)[0] == 10
     assert not (work / "image-features").exists() or not any((work / "image-features").iterdir())
 

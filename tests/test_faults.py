@@ -23,7 +23,7 @@ from .helpers import make_mvtec
 
 FAST = ["--resize", "64", "--crop", "64", "--num-workers", "0", "--banks", "10", "--distill-iters", "20",
         "--select-iters", "20", "--width", "16", "--depth", "2", "--heads", "2"]
-STAGES = ("features", "scores", "distill", "select", "cut")
+STAGES = ("extract", "score", "distill", "select", "cut")
 
 
 def _select(root, work, *extra):
@@ -68,11 +68,11 @@ def test_damaged_artifacts_are_reported_and_recomputed(data, tmp_path, damage):
 def test_strict_refuses_a_damaged_artifact_and_names_the_fix(data, tmp_path):
     work = tmp_path / "work"
     _select(data, work)
-    folder = _artifact(work, "scores")
+    folder = _artifact(work, "score")
     (folder / "manifest.json").write_text("[]")
     res = CliRunner().invoke(app, ["select", str(data), "--work", str(work), *FAST, "--strict", "-q"])
     assert res.exit_code == 1
-    assert res.output.strip() == f"error: scores: the stored artifact {folder.name} is damaged (its manifest.json " \
+    assert res.output.strip() == f"error: score: the stored artifact {folder.name} is damaged (its manifest.json " \
                                  f"is missing or not a medsclean manifest); remove it with `rm -r {folder}` (or " \
                                  f"rerun without --strict to recompute it)"
 
@@ -142,7 +142,7 @@ def test_bad_paths_and_values_fail_in_one_line_before_any_work(data, tmp_path, a
     assert res.exit_code == code, res.output
     assert text in res.output
     assert "Traceback" not in res.output
-    assert not (work / "features").exists()  # nothing was computed
+    assert not (work / "extract").exists()  # nothing was computed
 
 
 def test_missing_image_folder_is_one_line(tmp_path):
@@ -164,7 +164,7 @@ def test_an_in_place_edit_with_the_same_size_and_mtime_is_seen(tmp_path):
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert victim.stat().st_size == stat.st_size and victim.stat().st_mtime_ns == stat.st_mtime_ns
     _, log = _select(root, work)
-    assert "features: recomputing (1 changed since " in log, log
+    assert "extract: recomputing (1 changed since " in log, log
     assert "1 of 12 images extracted, 11 reused" in log
 
 
@@ -269,15 +269,15 @@ def test_heads_that_do_not_divide_a_cnn_decoder_fail_once_the_features_exist_bef
     assert res.exit_code == 2
     assert res.output.strip() == "error: --heads 5 must divide 128, the decoder's channels for a CNN encoder when " \
                                  "--width is unset; try --heads 4 or set --width"
-    assert Store(work).latest_key("features") is not None and not (work / "scores").exists()
+    assert Store(work).latest_key("extract") is not None and not (work / "score").exists()
 
 
 @pytest.mark.parametrize("left,expected", [
     ({}, "interrupted: nothing was kept; rerun the same command to start again"),
-    ({"features/LATEST": "0123\n", ".partial/distill-4567/": None},
-     "interrupted: kept in {work}: features; rerun the same command to resume (finished stages are reused)"),
-    ({"features/LATEST": "0123\n", ".partial/distill-4567/checkpoint.safetensors": "x"},
-     "interrupted: kept in {work}: features; checkpoints of distill in .partial; rerun the same command to resume "
+    ({"extract/LATEST": "0123\n", ".partial/distill-4567/": None},
+     "interrupted: kept in {work}: extract; rerun the same command to resume (finished stages are reused)"),
+    ({"extract/LATEST": "0123\n", ".partial/distill-4567/checkpoint.safetensors": "x"},
+     "interrupted: kept in {work}: extract; checkpoints of distill in .partial; rerun the same command to resume "
      "(finished stages are reused, training continues from its last checkpoint)"),
     ({"image-features/89ab/cd/cdef.safetensors": "x"},
      "interrupted: kept in {work}: encoded images in image-features; rerun the same command to resume (extraction "

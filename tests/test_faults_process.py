@@ -167,7 +167,7 @@ def test_ctrl_c_stops_extract_at_once_and_a_rerun_resumes(images, tmp_path):
     assert 0 < done < N_IMAGES
     rerun = subprocess.run(_command(images, work), env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    counts = re.search(r"features: (\d+) of (\d+) images extracted, (\d+) reused from the image cache", rerun.stderr)
+    counts = re.search(r"extract: (\d+) of (\d+) images extracted, (\d+) reused from the image cache", rerun.stderr)
     assert counts, rerun.stderr
     assert tuple(map(int, counts.groups())) == (N_IMAGES - done, N_IMAGES, done)
     assert _entries(work) == N_IMAGES
@@ -286,7 +286,7 @@ def test_a_tensor_write_past_the_file_size_limit_is_one_line_and_leaves_nothing_
                         r"the process's file-size limit \(`ulimit -f`\) or the file system's is lower; raise it or "
                         r"write to another disk", lines[0]), lines[0]
     assert not _leftovers(work) and not list(work.rglob("*.safetensors"))
-    assert not (work / "features").exists()
+    assert not (work / "extract").exists()
 
 
 def test_a_text_write_past_the_file_size_limit_is_one_line_naming_the_file(mvtec, tmp_path):
@@ -326,7 +326,7 @@ def test_runs_remove_refuses_what_a_running_command_reads_or_fills(mvtec, images
     made = _run(_select(mvtec, work, "--json"))
     assert made.returncode == 0, made.stderr
     summary = json.loads(made.stdout)
-    key, features = summary["run"], Path(summary["stages"]["features"]["path"])
+    key, features = summary["run"], Path(summary["stages"]["extract"]["path"])
     assert features.is_dir()
 
     # a select training on the same features: it holds them in use for as long as it runs

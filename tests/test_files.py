@@ -43,7 +43,7 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, umask):
     for name in ("a.txt", "a.json", "a.bin", "a.safetensors", "pics/a.png"):
         assert _mode(tmp_path / name) == file_mode, name
 
-    art = Store(tmp_path / "work").write_stage("scores", "k", {"s.safetensors": {"x": torch.ones(3)}}, {},
+    art = Store(tmp_path / "work").write_stage("score", "k", {"s.safetensors": {"x": torch.ones(3)}}, {},
                                                extra_files={"s.csv": "a\n"})
     assert _mode(art.path) == folder_mode
     for name in ("s.safetensors", "s.csv", "manifest.json"):
@@ -90,7 +90,7 @@ def test_json_files_are_strict(tmp_path):
     atomic.write_json_atomic(tmp_path / "p.json", NON_FINITE)
     text = (tmp_path / "p.json").read_text(encoding="utf-8")
     assert text.endswith("}\n") and _strict_loads(text) == STRICT
-    art = Store(tmp_path / "work").write_stage("scores", "k", {}, {"threshold": float("nan")})
+    art = Store(tmp_path / "work").write_stage("score", "k", {}, {"threshold": float("nan")})
     assert _strict_loads((art.path / "manifest.json").read_text())["threshold"] is None
 
 

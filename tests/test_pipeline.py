@@ -59,7 +59,7 @@ def test_score_ranks_contaminants_first(noisy):
         assert ranks[np.argmax(scores[sel])] == 1
     assert image_auroc_score(labels, scores) > 0.8
     again = json.loads(_invoke([*_score_args(noisy, work), "--json"]).stdout)
-    assert again["stages"]["scores"]["cached"] and again["stages"]["features"]["cached"]
+    assert again["stages"]["score"]["cached"] and again["stages"]["extract"]["cached"]
 
 
 def test_score_is_deterministic_per_seed(noisy):
@@ -98,7 +98,7 @@ def test_select_memory_method_and_meds_end_to_end(noisy, tmp_path):
         assert top["path"] in injected and top["kept"] == "0"
     rounds = json.load(open(f"{sel_dir}/selection.json"))["rounds"]
     assert rounds[0]["t"] == 0 and rounds[-1]["final"] is True
-    assert set(summary["stages"]) == {"features", "scores", "distill", "select", "cut"}
+    assert set(summary["stages"]) == {"extract", "score", "distill", "select", "cut"}
 
 
 class _Collect(HTMLParser):

@@ -32,7 +32,7 @@ def _rows(cut_dir):
 
 
 def _artifacts(work):
-    return {stage: sorted(Store(work).keys(stage)) for stage in ("features", "scores", "distill", "select", "cut")}
+    return {stage: sorted(Store(work).keys(stage)) for stage in ("extract", "score", "distill", "select", "cut")}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     third, _ = _select(str(two_sets / "a"), "--work", str(work), "--method", "memory", "--cut", "otsu", *FAST)
     assert len({first["run"], second["run"], third["run"]}) == 3
     stored = _artifacts(work)
-    assert len(stored["features"]) == 2 and len(stored["cut"]) == 3 and len(stored["select"]) == 2
+    assert len(stored["extract"]) == 2 and len(stored["cut"]) == 3 and len(stored["select"]) == 2
     assert (Store(work).load("cut", first["run"])) is not None  # the later runs replaced nothing
 
     listing = json.loads(CliRunner().invoke(app, ["runs", "--work", str(work), "--json"]).stdout)
@@ -65,7 +65,7 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     res = CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", second["run"][:8]])
     assert res.exit_code == 0, res.output
     after = _artifacts(work)
-    assert after["features"] == [k for k in stored["features"] if k != second["stages"]["features"]["path"][-16:]]
+    assert after["extract"] == [k for k in stored["extract"] if k != second["stages"]["extract"]["path"][-16:]]
     assert len(after["cut"]) == 2 and len(after["select"]) == 1  # a's runs share their select and features
     res = CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", first["run"]])
     assert _artifacts(work)["select"] == after["select"]  # still used by the third run
@@ -153,16 +153,17 @@ def test_eval_measures_the_latest_run_with_its_own_options_and_recomputes_nothin
     assert mixed.exit_code == 2 and "--knn" in mixed.output
 
 
-def test_a_flat_work_folder_of_0_1_0_is_adopted(tmp_path):
+def test_a_flat_work_folder_of_0_1_0_is_adopted_under_todays_stage_name(tmp_path):
     legacy = tmp_path / "work" / "scores"
     legacy.mkdir(parents=True)
     (legacy / "manifest.json").write_text(json.dumps({"format": "medsclean-artifact/1", "stage": "scores",
-                                                      "key": "0123456789abcdef"}))
+                                                      "key": "0123456789abcdef", "files": ["scores.csv"]}))
     (legacy / "scores.csv").write_text("path\n")
     store = Store(tmp_path / "work")
-    art = store.load("scores", "0123456789abcdef")
+    art = store.load("score", "0123456789abcdef")
     assert art is not None and (art.path / "scores.csv").read_text() == "path\n"
-    assert store.load("scores").key == "0123456789abcdef"
+    assert art.path == tmp_path / "work" / "score" / "0123456789abcdef" and art.manifest["stage"] == "score"
+    assert store.load("score").key == "0123456789abcdef" and not legacy.exists()
 
 
 def test_select_writes_a_review_and_exports_a_trainer_ready_tree(noisy, tmp_path):

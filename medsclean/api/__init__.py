@@ -35,7 +35,7 @@ def extract(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool =
 
         result = pipeline.extract_stage(_run(given, progress), force=bool(given.get("force")))
         art = result.artifact
-        return StageOutput("features", art.key, art.path, art.path, result.cached, pipeline.extract_summary(result))
+        return StageOutput("extract", art.key, art.path, art.path, result.cached, pipeline.extract_summary(result))
 
 
 def score(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> StageOutput:
@@ -47,10 +47,10 @@ def score(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = T
 
         run = _run(given, progress)
         results = pipeline.score_stage(run, run.score_config(**given.stage("score")), force=bool(given.get("force")))
-        art = results["scores"].artifact
-        summary = {"stage": "scores", "csv": str(art.file("scores.csv")), "engine": art.manifest["engine"],
+        art = results["score"].artifact
+        summary = {"stage": "score", "csv": str(art.file("scores.csv")), "engine": art.manifest["engine"],
                    "stages": stage_times(results)}
-        return StageOutput("scores", art.key, art.path, art.file("scores.csv"), results["scores"].cached, summary)
+        return StageOutput("score", art.key, art.path, art.file("scores.csv"), results["score"].cached, summary)
 
 
 def distill(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> StageOutput:

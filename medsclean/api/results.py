@@ -24,7 +24,7 @@ CUT_OPTIONS = tuple(o.name for o in ALL_OPTS if o.target[0] == "cut")
 class StageOutput:
     """What `extract`, `score` and `distill` return: the stage's artifact.
 
-    stage: the artifact's stage on disk ("features", "scores", "distill").
+    stage: the artifact's stage on disk ("extract", "score", "distill").
     key: the artifact's key; path: its folder in the work folder.
     file: its main file: the features folder, scores.csv or model.safetensors.
     cached: True when the artifact was reused, not computed.
@@ -73,7 +73,7 @@ class Selection:
         final_eta (what the cut read), kept, rank_in_class (1 = most suspicious of its class).
     run: the run key (`medsclean runs`, `evaluate(run=...)`).
     review: the review page (report.html).
-    artifacts: the folder of each stage's artifact, by stage ("features", ..., "cut").
+    artifacts: the folder of each stage's artifact, by stage ("extract", ..., "cut").
     summary: what `medsclean select --json` prints.
     """
 

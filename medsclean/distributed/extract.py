@@ -1,4 +1,4 @@
-"""Stage `features` on Ray: the missing images decoded by Ray Data tasks and encoded by an actor pool.
+"""Stage `extract` on Ray: the missing images decoded by Ray Data tasks and encoded by an actor pool.
 
 `extract_missing` has the contract of `medsclean.stages.loader.encode_locally` (the local
 executor): it encodes the images of an `EncodeJob`, writes one image-cache entry per image as soon

@@ -38,6 +38,7 @@ def _key_fields(cfg: DistillConfig) -> dict:
 def distill_key(features: Artifact, scores: Artifact, cfg: DistillConfig, seed: int, world: int = 1) -> str:
     """The distill key; a data-parallel run's world size is part of it (a different world size trains
     on other shares of the batches, with other dropout streams)."""
+    # the payload keeps the 0.1 stage names (features, scores): changing them would change every stored key
     return digest({"features": features.key, "scores": scores.key, "distill": _key_fields(cfg), "seed": seed,
                    **({"world": world} if world > 1 else {})})
 
@@ -76,7 +77,7 @@ def run_distill(features: Artifact, scores: Artifact, store: Store, cfg: Distill
     per_image = image_scores(maps, dtype=torch.float64).numpy()
     manifest = {"images": features.manifest["images"], "grid": encoder["grid"], "model": model.config.to_dict(),
                 "config": asdict(cfg), "seed": setup.seed,
-                "parents": {"features": features.key, "scores": scores.key},
+                "parents": {"extract": features.key, "score": scores.key},
                 "final_loss": float(np.mean(history["loss"][-20:])), "device": str(setup.device)}
     art = store.write_stage("distill", key, {
         "model.safetensors": model_state(model),

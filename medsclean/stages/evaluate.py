@@ -37,7 +37,7 @@ class EvalInputs:
     """What the eval stage measures: a run's stage results and its images.
 
     Attributes:
-        results: the run's stage results by stage name: features, scores and, as the model needs,
+        results: the run's stage results by stage name: extract, score and, as the model needs,
             distill, select and cut.
         train: the training images.
         test: the labelled test images (`labelled_test_set`), or None.
@@ -292,7 +292,7 @@ def run_eval(inputs: EvalInputs, cfg: EvalConfig, out_dir: Path, report_dir: Pat
     from medsclean.workdir.atomic import write_json_atomic, write_text_atomic
 
     results = inputs.results
-    preprocess = results["features"].artifact.manifest["encoder"]["preprocess"]
+    preprocess = results["extract"].artifact.manifest["encoder"]["preprocess"]
     payload: dict = {"model": cfg.model, "run": None, "protocol": protocol_settings(cfg, preprocess),
                      "stages": stage_times(results)}
     sections: dict[str, list[dict]] = {}
@@ -324,7 +324,7 @@ def _run_identity(inputs: EvalInputs) -> dict:
     from medsclean.workdir.artifacts import versions
 
     results = inputs.results
-    encoder = results["features"].artifact.manifest["encoder"]
+    encoder = results["extract"].artifact.manifest["encoder"]
     return {"key": results["cut"].artifact.key if "cut" in results else None,
             "artifacts": {stage: r.artifact.key for stage, r in results.items()},
             "backbone": encoder["name"], "weights_sha256": encoder.get("weights_sha256"), "seed": inputs.seed,
@@ -354,12 +354,12 @@ def records_in_order(dataset: Dataset, art: Artifact) -> list[ImageRecord]:
 def _test_maps(inputs: EvalInputs, cfg: EvalConfig) -> MapSet:
     """Test-image maps of the model `cfg.model` names, or of the memory ensemble."""
     results, test_art = inputs.results, inputs.test_features
-    encoder = results["features"].artifact.manifest["encoder"]
+    encoder = results["extract"].artifact.manifest["encoder"]
     records = records_in_order(inputs.test, test_art)
     memory_selection = cfg.model == "select" and results["select"].artifact.manifest["model"] is None
     if cfg.model == "memory" or memory_selection:  # `select --method memory` trains no model
         memory = test_art.sharded_tensors(["index", "memory"])["memory"]
-        tokens = token_maps_from_memory(results["features"].artifact, results["scores"].artifact, memory,
+        tokens = token_maps_from_memory(results["extract"].artifact, results["score"].artifact, memory,
                                         [r.cls for r in records], device=inputs.device)
     else:
         groups, _ = load_groups(test_art)
@@ -369,7 +369,7 @@ def _test_maps(inputs: EvalInputs, cfg: EvalConfig) -> MapSet:
 
 def _train_maps(inputs: EvalInputs, cfg: EvalConfig) -> MapSet:
     """Training-image maps of the selection's model (method meds) or the Step-1 maps (method memory)."""
-    encoder = inputs.results["features"].artifact.manifest["encoder"]
+    encoder = inputs.results["extract"].artifact.manifest["encoder"]
     records = records_in_order(inputs.train, inputs.results["select"].artifact)
     return postprocess(records, train_tokens(inputs.results, device=inputs.device), tuple(encoder["grid"]),
                        encoder["preprocess"], cfg)
@@ -379,6 +379,6 @@ def train_tokens(results: dict, *, device: str) -> np.ndarray:
     """(N, P) token maps of the training images: the fine-tuned model's, or Step 1's without a model."""
     select_art = results["select"].artifact
     if select_art.manifest["model"] is None:
-        return results["scores"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
-    groups, _ = load_groups(results["features"].artifact)
+        return results["score"].artifact.tensors("scores.safetensors", ["maps"])["maps"].numpy()
+    groups, _ = load_groups(results["extract"].artifact)
     return token_maps_from_model(select_art, groups, device=device)

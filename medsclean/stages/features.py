@@ -32,7 +32,7 @@ from medsclean.workdir.data import Dataset
 from medsclean.workdir.image_cache import IMAGE_CACHE, ImageCache
 from medsclean.workdir.store import Store
 
-STAGE = "features"
+STAGE = "extract"
 ENTRY_FORMAT = "medsclean-image-features/1"
 
 
@@ -244,7 +244,7 @@ def prune_image_cache(store: Store, keys: Sequence[str] | None = None) -> tuple[
     """Delete the image-cache entries that no completed artifact of the work folder refers to.
 
     An artifact refers to the entries named by its manifest's `image_cache_key` and the `sha256`
-    of its image rows (`features`, `features-test`, ...). Entries written by a run still in
+    of its image rows (`extract`, `extract-test`, ...). Entries written by a run still in
     progress are not referred to yet: claim the caches first (`Store.claimed` with
     `(IMAGE_CACHE, key)`; an extraction holds its cache in use) and prune only those.
 

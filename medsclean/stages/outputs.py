@@ -84,7 +84,7 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
         return target / "report.html"
     dataset = run.dataset()
     records = ev.records_in_order(dataset, cut)
-    encoder = results["features"].artifact.manifest["encoder"]
+    encoder = results["extract"].artifact.manifest["encoder"]
     grid, preprocess = tuple(encoder["grid"]), encoder["preprocess"]
     eval_cfg = run.eval_config()
     tokens = ev.train_tokens(results, device=run.device)  # (N, P): small; full-size maps are made only for pictured images
@@ -106,7 +106,7 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
     settings = {"run": cut.key, "images": str(dataset.root), "method": cut.manifest["method"],
                 "cut": cut.manifest["rule"], "backbone": encoder["name"], "seed": run.seed}
     rules = cut.manifest.get("rules", {})  # the rule each class used (mixture may fall back to mad)
-    engines = results["scores"].artifact.manifest.get("engines", {}) if "scores" in results else {}
+    engines = results["score"].artifact.manifest.get("engines", {}) if "score" in results else {}
     cuts = {c: {"tau": t, "rule": cut.manifest["rule"], "used": rules.get(c),
                 "engine": engines.get(c, engines.get("<all>"))} for c, t in cut.manifest["tau"].items()}
     return write_review(target, title=f"medsclean select: {dataset.root}", rows=rows, cuts=cuts,

@@ -22,7 +22,7 @@ from medsclean.workdir.artifacts import Artifact, digest
 from medsclean.workdir.store import Store
 from medsclean.ui import Reporter
 
-STAGE = "scores"
+STAGE = "score"
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ScoreResult:
 def scores_key(features: Artifact, cfg: ScoreConfig, *, device: str = "cpu") -> str:
     """The scores key: the features key and the Step-1 options that change the maps. Engine auto
     scores every class exactly, so only engine approx (and ivf) names its engine in the key."""
+    # the payload keeps the 0.1 stage names (features, scores): changing them would change every stored key
     return digest({"features": features.key, "score": cfg.key_fields(approx=cfg.engine == "approx")})
 
 
@@ -58,7 +59,7 @@ def approx_command(argv: Sequence[str] | None = None) -> str:
 
 def engine_line(label, n_images: int, choice, device: str, bound_seconds: float, command: str) -> str:
     """The line `engine auto` prints for a class whose exact pass is projected past the bound."""
-    return (f"scores: class {label!r} ({n_images} images): the exact pass is projected at "
+    return (f"{STAGE}: class {label!r} ({n_images} images): the exact pass is projected at "
             f"{_duration(choice.projected_seconds)} on {device}, over the {_duration(bound_seconds)} bound; it is "
             f"scored exactly ({choice.name}). The approximate engine does about a tenth of the work with other "
             f"scores (docs/scaling.md): {command}")
@@ -141,7 +142,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
 
     def on_engine(name, choice) -> None:
         if cfg.engine == Engine.AUTO and not chosen:
-            reporter.info(f"scores: engine {choice.name} ({choice.reason})")
+            reporter.info(f"{STAGE}: engine {choice.name} ({choice.reason})")
         if choice.over_bound:
             reporter.warn(engine_line(name, sizes.get(name, 0), choice, device, bound, approx_command()))
         chosen.append(choice.name)
@@ -168,7 +169,7 @@ def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str
     tensors = {"maps": maps.float().contiguous(), "image_scores": per_image.float().contiguous()}
     bank_tensors = {f"banks/{c}": torch.as_tensor(b) for c, b in banks.items()}
     manifest = {"images": images, "grid": features.manifest["encoder"]["grid"], "config": asdict(cfg),
-                "engine": engine, "engines": engines, "parents": {"features": features.key}, "root": features.manifest["root"]}
+                "engine": engine, "engines": engines, "parents": {"extract": features.key}, "root": features.manifest["root"]}
     art = store.write_stage(STAGE, key, {"scores.safetensors": tensors, "banks.safetensors": bank_tensors},
                             manifest, extra_files={"scores.csv": scores_csv(images, per_image.tolist())})
     return ScoreResult(art, False, time.perf_counter() - t0)

@@ -28,6 +28,7 @@ def select_key(features: Artifact, scores: Artifact, distilled: Artifact | None,
                seed: int, world: int = 1) -> str:
     """The select key; as for `distill.distill_key`, a data-parallel Step 3's world size is part of it."""
     world = world if cfg.method == "meds" else 1
+    # the payload keeps the 0.1 stage names (features, scores): changing them would change every stored key
     return digest({"features": features.key, "scores": scores.key,
                    "distill": distilled.key if distilled is not None else None, "select": asdict(cfg), "seed": seed,
                    **({"world": world} if world > 1 else {})})
@@ -71,7 +72,7 @@ def run_select(features: Artifact, scores: Artifact, distilled: Artifact | None,
                                 "memory_score": memory_scores.clone(), **eta_tensors}
     manifest = {"images": images, "config": asdict(cfg), "seed": setup.seed, "model": model_cfg,
                 "grid": features.manifest["encoder"]["grid"], "rounds": rounds,
-                "parents": {"features": features.key, "scores": scores.key,
+                "parents": {"extract": features.key, "score": scores.key,
                             "distill": distilled.key if distilled is not None else None}}
     art = store.write_stage("select", key, files, manifest)
     drop_partial(store.partial_dir("select", key))

@@ -1,6 +1,6 @@
 """The on-disk artifact format: a folder per (stage, key) with `manifest.json` plus safetensors files.
 
-This is the one owner of the format: the manifest's name and format tag, cache-key digests,
+This is the one owner of the format: the manifest's name and format tag, the `LATEST` pointer's name, cache-key digests,
 reading and writing tensor files, checking a tensor file's header against the manifest
 (`safetensors_damage`), and reading a completed folder (`Artifact`, `ShardedRows` for rows read
 on demand). Where the folders live and who may write them is `medsclean.workdir.store.Store`'s.
@@ -24,6 +24,7 @@ from medsclean.workdir.atomic import atomic_path
 
 FORMAT = "medsclean-artifact/1"
 MANIFEST = "manifest.json"
+LATEST = "LATEST"  # in a stage folder: the key of the artifact the stage wrote last
 
 
 def canonical_json(obj: Any) -> str:

@@ -1,7 +1,7 @@
 """Runs: the `select` results kept side by side in one work folder, and a pointer per dataset.
 
-A run is one clean list (a `cut` artifact) with the chain of artifacts it came from (features,
-scores, distill, select). `WORK/runs/<dataset>.json` records, for one image folder, every run made
+A run is one clean list (a `cut` artifact) with the chain of artifacts it came from (extract,
+score, distill, select). `WORK/runs/<dataset>.json` records, for one image folder, every run made
 from it with the options that made it, and which run is the latest; it is plain JSON for people
 and scripts. Removing a run deletes its artifacts unless another remaining run uses them.
 """

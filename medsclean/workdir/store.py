@@ -4,7 +4,7 @@
 A stage folder is written under a temporary name and renamed into place only once complete, so a
 folder that has a manifest is always whole. Work in progress (training checkpoints) lives in
 `<work>/.partial/<stage>-<key>/` and is resumed only by a run with the same key. Features of
-single images, the cache that the features stage is assembled from, live in
+single images, the cache that the extract stage is assembled from, live in
 `<work>/image-features/` (`medsclean.workdir.image_cache.ImageCache`). Locks under `<work>/.locks/`
 keep two runs from computing the same artifact and `runs --remove` from deleting one in use.
 """
@@ -12,7 +12,6 @@ keep two runs from computing the same artifact and `runs --remove` from deleting
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import threading
@@ -23,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from medsclean.errors import ConfigError, DataError, InUseError
-from medsclean.workdir.artifacts import (FORMAT, MANIFEST, Artifact, folder_bytes, read_manifest, safetensors_damage,
-                                         save_tensors, tensor_specs, versions)
+from medsclean.workdir.artifacts import (FORMAT, LATEST, MANIFEST, Artifact, folder_bytes, read_manifest,
+                                         safetensors_damage, save_tensors, tensor_specs, versions)
 from medsclean.workdir.atomic import replace_folder, write_json_atomic, write_text_atomic
 from medsclean.workdir.image_cache import IMAGE_CACHE, ImageCache
+from medsclean.workdir.migrate import migrate_work_folder
 
-
-LATEST = "LATEST"
 
 _USES: dict[str, Any] = {}  # lock file -> open handle holding its shared lock (`Store.use`)
 _USES_GUARD = threading.Lock()
@@ -49,8 +47,9 @@ class Store:
 
     Artifacts of different datasets and option sets live side by side; a later run never
     replaces an earlier one's. `<work>/<stage>/LATEST` names the stage's most recent artifact
-    (for tools and tests); `medsclean.workdir.runs` keeps the per-dataset pointers. A work folder of the
-    0.1.0 layout (one artifact per stage folder) is moved into this layout when opened.
+    (for tools and tests); `medsclean.workdir.runs` keeps the per-dataset pointers. A work folder of an
+    earlier layout (0.1.0's one artifact per stage folder, the stage folders `features/` and
+    `scores/` of 0.1.x) is brought to this one when opened (`medsclean.workdir.migrate`).
     """
 
     def __init__(self, work: Path, images_root: Path | None = None, *, wait: bool = True, strict: bool = False):
@@ -64,20 +63,7 @@ class Store:
                 raise ConfigError("work", f"work {self.work} lies inside the image folder {images_root}; "
                                   f"choose a work folder outside it")
         self.work.mkdir(parents=True, exist_ok=True)
-        self._adopt_flat_layout()
-
-    def _adopt_flat_layout(self) -> None:
-        """Move 0.1.0 artifacts (`<work>/<stage>/manifest.json`) to `<work>/<stage>/<key>/`."""
-        for manifest_path in self.work.glob(f"*/{MANIFEST}"):
-            manifest = read_manifest(manifest_path)
-            stage_dir = manifest_path.parent
-            if manifest is None or manifest.get("stage") != stage_dir.name:
-                continue
-            aside = self.work / f".adopt-{stage_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(stage_dir, aside)
-            stage_dir.mkdir()
-            os.replace(aside, stage_dir / str(manifest["key"]))
-            write_text_atomic(stage_dir / LATEST, f"{manifest['key']}\n")
+        migrate_work_folder(self.work)
 
     def stage_path(self, stage: str, key: str) -> Path:
         return self.work / stage / key
