@@ -30,7 +30,7 @@ from .helpers import require_ray
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE_LINE = "SMOKE RUN: sizes are tiny, numbers are meaningless"
-MODULES = {"smoke_mode.py", "suite_data.py", "tuning_data.py"}  # imported by the scripts, not run
+MODULES = {"detector_baseline.py", "smoke_mode.py", "suite_data.py", "tuning_data.py"}  # imported by the scripts, not run
 TIMEOUT_S = 300
 
 
