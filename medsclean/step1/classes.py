@@ -10,7 +10,7 @@ import torch
 
 from medsclean.choices import Aggregate
 from medsclean.config import ScoreConfig
-from medsclean.errors import ConfigError, DataError
+from medsclean.errors import DataError
 from medsclean.maps import AGGREGATE_RATIOS, image_scores
 from medsclean.step1.banks import ALL_CLASSES, class_generator, draw_banks
 from medsclean.step1.engines import ENGINES, engine_for
