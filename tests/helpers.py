@@ -83,11 +83,9 @@ def load_packaged_classifier(name: str):
     """
     import torch
 
-    from medsclean._compat import ensure_torchvision_importable
     from medsclean.model.encoder import packaged_state_dict
     from medsclean.model.weights import PACKAGED_WEIGHTS, load_state_dict_strictly, package_file, read_state_dict
 
-    ensure_torchvision_importable()
     import timm
 
     arch = timm.models.get_arch_name(name)

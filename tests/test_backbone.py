@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from scipy.ndimage import uniform_filter
 
 from medsclean.model import encoder as backbone
-from medsclean._compat import ensure_torchvision_importable
 from medsclean.model.encoder import EncoderOutput, load_encoder, packaged_state_dict, reconstruction_blocks
 from medsclean.model.weights import LITE0_NAME, PACKAGED_WEIGHTS, read_state_dict
 from medsclean.workdir.artifacts import file_sha256
@@ -28,7 +27,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def _timm():
-    ensure_torchvision_importable()
     import timm
 
     return timm
@@ -45,21 +43,37 @@ def _inputs(encoder, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, 3, crop, crop, generator=torch.Generator().manual_seed(seed))
 
 
-# ------------------------------------------------------------------ shim
+# ------------------------------------------------------------------ torchvision
 
 
-def test_shim_makes_timm_importable_and_is_a_no_op_when_called_again():
-    # A fresh interpreter: in this one torchvision may already be imported.
-    script = ("from medsclean._compat import ensure_torchvision_importable as shim\n"
-              "first = shim()\n"
-              "assert set(first) <= {'nms', 'qnms'}, first\n"
-              "assert shim() == [], 'second call declared schemas again'\n"
-              "import timm, torch, torchvision\n"
-              "assert shim() == []\n"
-              "torch.ops.torchvision.nms, torch.ops.torchvision.qnms\n"
-              "print(sorted(first))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+def test_torchvision_imports_in_a_fresh_interpreter_without_medsclean():
+    """The venv's torch/torchvision pair matches: torchvision (and its compiled operators) import and run
+    for any program, not only behind medsclean (anomalib and notebooks import it directly)."""
+    script = ("import sys, torch, torchvision\n"
+              "from torchvision.ops import nms\n"
+              "boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])\n"
+              "kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()\n"
+              "assert 'medsclean' not in sys.modules\n"
+              "print(kept)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[0, 2]"  # box 1 overlaps box 0 with IoU 0.81 > 0.5; box 2 is apart
+
+
+def test_a_mismatched_torchvision_is_one_line_naming_the_fix(monkeypatch):
+    """A torchvision built for another torch fails inside timm's import; medsclean says which pair to install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(UsageError, match=r"does not match torch .*constraints-cpu.txt"):
+        backbone._timm()
 
 
 # ------------------------------------------------------------------ block rule

@@ -54,11 +54,18 @@ class EncoderOutput(NamedTuple):
 
 
 def _timm():
-    from medsclean._compat import ensure_torchvision_importable
+    """timm, or a one-line error when its torchvision import fails on a torch/torchvision pair built
+    for each other's versions ("operator torchvision::nms does not exist")."""
+    try:
+        import timm
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        from importlib.metadata import version
 
-    ensure_torchvision_importable()
-    import timm
-
+        raise UsageError(f"torchvision {version('torchvision')} does not match torch {torch.__version__} "
+                         f"({exc}); install the pair of constraints-cpu.txt (pip install -c constraints-cpu.txt "
+                         f"torch torchvision) or the matching pair from pytorch.org") from None
     return timm
 
 
