@@ -86,7 +86,7 @@ def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = 
         cfgs = _configs(run, given)
         results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"],
                                         force=bool(given.get("force")))
-        summary = outputs.select_summary(run, results, Path(images), given.get("out"), given.get("rejected_out"))
+        summary = outputs.select_summary(run, results, images, given.get("out"), given.get("rejected_out"))
         summary["review"] = str(outputs.select_review(run, results, given.get("report")))
         run.reporter.info(f"review: {summary['review']}")
         if given.get("export") is not None:
@@ -99,7 +99,7 @@ def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = 
         def redo(**cut: Any) -> Selection:
             return select(images, work=work, progress=progress, **upstream, **cut)
 
-        return _selection(results, Path(images), summary, redo)
+        return _selection(results, images, summary, redo)
 
 
 def evaluate(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = True, **options: Any) -> Evaluation:
@@ -197,7 +197,7 @@ def _upstream_options(given: Given, cfgs: dict) -> dict[str, Any]:
     return upstream
 
 
-def _selection(results: dict, images: Path, summary: dict, redo) -> Selection:
+def _selection(results: dict, images: PathLike, summary: dict, redo) -> Selection:
     """The `Selection` of a run's stage results."""
     from medsclean.stages.outputs import user_paths
     from medsclean.stages.scores import ranks_within_class

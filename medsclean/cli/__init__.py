@@ -30,7 +30,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-IMAGES = argument("images", "Image folder or MVTec-layout dataset root.", "IMAGES")
+IMAGES = argument("images", "Image folder or MVTec-layout dataset root.", "IMAGES", typed=True)
 
 
 def _version(value: bool) -> None:

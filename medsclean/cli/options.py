@@ -45,10 +45,11 @@ def build_command(app: typer.Typer, name: str, body: Callable[[Given], None],
     app.command(name)(command)
 
 
-def argument(name: str, help_text: str, metavar: str) -> inspect.Parameter:
-    """A required positional path argument."""
+def argument(name: str, help_text: str, metavar: str, *, typed: bool = False) -> inspect.Parameter:
+    """A required positional path argument; `typed=True` keeps the string as typed (`./images` stays
+    `./images`, which a `Path` would shorten to `images`), for the folder the lists are written under."""
     info = typer.Argument(help=help_text, show_default=False, metavar=metavar)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[Path, info])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str if typed else Path, info])
 
 
 __all__ = ["argument", "build_command", "parameter"]

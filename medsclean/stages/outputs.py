@@ -8,6 +8,7 @@ kept and rejected images (`workdir.export`). `run` is the `pipeline.Run` the sta
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +19,14 @@ if TYPE_CHECKING:
     from medsclean.pipeline import Run
 
 
-def user_paths(images_arg: Path, rows: list[dict]) -> list[str]:
+def user_paths(images_arg: str | os.PathLike, rows: list[dict]) -> list[str]:
     """The paths users get in every list: the image folder as they typed it joined with each image's
-    path inside it, so a relative folder gives paths relative to the current directory, like `find`."""
-    prefix = Path(images_arg)
-    return [(prefix / row["path"]).as_posix() for row in rows]
+    path inside it, exactly as `find IMAGES -type f` prints them (`./images` gives `./images/a.png`,
+    `images/` gives `images/a.png`, an absolute folder absolute paths). A `Path` argument has already
+    lost a leading `./`; pass the string the user typed to keep it."""
+    typed = os.fspath(images_arg)
+    prefix = typed if typed.endswith("/") else typed + "/"
+    return [prefix + row["path"] for row in rows]
 
 
 def kept_flags(results: dict) -> list[bool]:
@@ -30,13 +34,13 @@ def kept_flags(results: dict) -> list[bool]:
     return results["cut"].artifact.tensors("selection.safetensors", ["keep"])["keep"].bool().tolist()
 
 
-def user_list(images_arg: Path, results: dict, *, kept: bool) -> str:
+def user_list(images_arg: str | os.PathLike, results: dict, *, kept: bool) -> str:
     """The kept (or rejected) images of the run's cut, one user path per line."""
     paths = user_paths(images_arg, results["cut"].artifact.manifest["images"])
     return "".join(f"{p}\n" for p, k in zip(paths, kept_flags(results)) if k == kept)
 
 
-def select_summary(run: Run, results: dict, images_arg: Path, out: Path | None,
+def select_summary(run: Run, results: dict, images_arg: str | os.PathLike, out: Path | None,
                    rejected_out: Path | None = None) -> dict:
     """Per-class counts, stage times and output paths; writes the clean list to `out` and the
     rejected list to `rejected_out` (`store.write_text_through`: a file atomically, a device, FIFO
