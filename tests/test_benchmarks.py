@@ -202,6 +202,15 @@ def check_tune_cut(stdout: str, tmp: Path) -> None:
     assert {row[0] for row in rows[1:]} == {"knn", "iterative", "memory", "meds"} and len(rows) == 1 + 4 * 5
 
 
+def check_corrections(stdout: str, tmp: Path) -> None:
+    rows = table_rows(stdout, "| defects | method |")
+    assert [r[:2] for r in rows[1:]] == [["repeated", "memory"], ["repeated", "meds"]]
+    saved = read_json(tmp / "corrections.json")
+    for cell in saved["results"].values():
+        for row in cell.values():
+            assert row["confirmed"] >= 0 and {"auroc", "recall", "precision"} <= set(row["after"])
+
+
 # ------------------------------------------------------------------------------------ cases
 
 
@@ -228,6 +237,7 @@ CASES = [
     Case("bench_approx_real.py", check_approx_real, ("--json", "{tmp}/approx-real.json")),
     Case("bench_accuracy.py", check_accuracy, ("--work", "{tmp}/work", "--json", "{tmp}/accuracy.json")),
     Case("bench_cli.py", check_cli),
+    Case("bench_corrections.py", check_corrections, ("--work", "{tmp}/work", "--json", "{tmp}/corrections.json")),
     Case("bench_extract.py", check_extract),
     Case("bench_extract_ray.py", check_extract_ray, ("--json", "{tmp}/extract-ray.json"), ray=True),
     Case("bench_metrics.py", check_metrics),

@@ -98,13 +98,14 @@ def scores_csv(images: list[dict], scores) -> str:
     return buf.getvalue()
 
 
-def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, **runtime):
-    """(N, P) Step-1 maps and the banks per class for `cfg` on `device`; `runtime` are the other fields
-    of `step1.runtime.Runtime` (callbacks, executor, precomputed `tables`)."""
+def step1_maps(memory, classes: list[str], cfg: ScoreConfig, *, device: str, exclude=(), **runtime):
+    """(N, P) Step-1 maps and the banks per class for `cfg` on `device`; `exclude`: positions of images
+    left out of every memory; `runtime` are the other fields of `step1.runtime.Runtime` (callbacks,
+    executor, precomputed `tables`)."""
     from medsclean.step1.classes import score_classes
     from medsclean.step1.runtime import Runtime
 
-    return score_classes(memory, classes, cfg, Runtime(device=device, **runtime))
+    return score_classes(memory, classes, cfg, Runtime(device=device, **runtime), exclude=exclude)
 
 
 def run_score(features: Artifact, store: Store, cfg: ScoreConfig, *, device: str, force: bool = False,

@@ -10,7 +10,7 @@ import torch
 
 from medsclean import seeding
 from medsclean.config import ScoreConfig
-from medsclean.errors import ConfigError
+from medsclean.errors import ConfigError, DataError
 
 ALL_CLASSES = "<all>"
 """The class key of the whole training set when classes are not scored apart (``per_class=False``)."""
@@ -67,6 +67,37 @@ def draw_banks(
         return generator.integers(0, n_images, size=(n_banks, width), dtype=np.int64)
     rows = [generator.choice(n_images, size=width, replace=False) for _ in range(n_banks)]
     return np.stack(rows).astype(np.int64)
+
+
+def without_members(banks: np.ndarray, excluded: np.ndarray, n_images: int) -> np.ndarray:
+    """The banks with the `excluded` images left out of every memory (user-confirmed defects).
+
+    The banks keep their shape and every other draw: an excluded entry becomes another member of
+    its row (duplicates count once, see :func:`bank_members`), so each memory loses exactly those
+    images. A row of excluded images only takes the class's first remaining image.
+
+    Args:
+        banks: (B, m) int64 image indices in [0, N).
+        excluded: int64 indices in [0, N) to leave out.
+        n_images: N, images in the class.
+
+    Returns:
+        (B, m) int64 banks without any excluded index.
+
+    Raises:
+        DataError: every image of the class is excluded.
+    """
+    out = np.array(banks, dtype=np.int64, copy=True)
+    if len(excluded) == 0:
+        return out
+    remaining = np.setdiff1d(np.arange(n_images), excluded)
+    if remaining.size == 0:
+        raise DataError("every image of a class was rejected by the user; a memory needs at least one image")
+    dropped = np.isin(out, excluded)
+    for row in np.flatnonzero(dropped.any(axis=1)):
+        kept = out[row][~dropped[row]]
+        out[row][dropped[row]] = kept[0] if kept.size else remaining[0]
+    return out
 
 
 def check_banks(banks: np.ndarray, n_images: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from medsclean.choices import Aggregate
 from medsclean.config import ScoreConfig
 from medsclean.errors import DataError
 from medsclean.maps import AGGREGATE_RATIOS, image_scores
-from medsclean.step1.banks import ALL_CLASSES, class_generator, draw_banks
+from medsclean.step1.banks import ALL_CLASSES, class_generator, draw_banks, without_members
 from medsclean.step1.engines import ENGINES, engine_for
 from medsclean.step1.reduce import scores_from_table
 from medsclean.step1.rows import FeatureRows, TensorRows, as_feature_tensor
@@ -35,6 +35,7 @@ def score_classes(
     classes: Sequence[Hashable],
     cfg: ScoreConfig = ScoreConfig(),
     runtime: Runtime = Runtime(),
+    exclude: Sequence[int] = (),
 ) -> tuple[torch.Tensor, dict[Hashable, torch.Tensor]]:
     """Memory-ensemble maps of a whole training set, class by class.
 
@@ -51,6 +52,8 @@ def score_classes(
         cfg: the Step-1 options (banks, ratio, k, engine, seed, refinement, ...); ``cfg.device``
             is not read: the runtime's device is the resolved one.
         runtime: device, memory bounds, executor, precomputed tables, callbacks (none change the maps).
+        exclude: positions of images left out of every memory (`banks.without_members`); they are
+            still scored.
 
     Returns:
         maps: (N, P) float32 memory scores in the input order.
@@ -67,6 +70,7 @@ def score_classes(
         raise ValueError(f"got {len(classes)} class labels for {n_images} feature maps")
     maps = torch.empty(n_images, n_patches, dtype=torch.float32)
     banks_per_class: dict[Hashable, torch.Tensor] = {}
+    excluded = np.asarray(sorted(set(exclude)), dtype=np.int64)
     for label, positions in group_images(classes, cfg.per_class).items():
         if not cfg.include_self and len(positions) < 2:
             raise DataError(
@@ -75,20 +79,24 @@ def score_classes(
             )
         rows = torch.from_numpy(positions)
         class_rows = source.subset(positions) if source is not None else TensorRows(tensor[rows])
-        local_banks, maps[rows] = score_class(label, class_rows, cfg, runtime)
+        local_excluded = np.flatnonzero(np.isin(positions, excluded))
+        local_banks, maps[rows] = score_class(label, class_rows, cfg, runtime, local_excluded)
         banks_per_class[label] = torch.from_numpy(positions[local_banks])
         if runtime.on_class is not None:
             runtime.on_class(label)
     return maps, banks_per_class
 
 
-def score_class(label: Hashable, rows: FeatureRows, cfg: ScoreConfig,
-                runtime: Runtime) -> tuple[np.ndarray, torch.Tensor]:
-    """The banks (B, m) and the (N, P) maps of one class of (N, P, D) features."""
+def score_class(label: Hashable, rows: FeatureRows, cfg: ScoreConfig, runtime: Runtime,
+                excluded: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """The banks (B, m) and the (N, P) maps of one class of (N, P, D) features; `excluded`: class
+    positions left out of every memory."""
     n_images = rows.shape[0]
+    excluded = np.zeros(0, dtype=np.int64) if excluded is None else excluded
     generator = class_generator(cfg.seed, label)
     banks = draw_banks(n_images, cfg.banks, cfg.ratio, replace=cfg.replace, generator=generator,
                        min_images=cfg.min_bank)
+    banks = without_members(banks, excluded, n_images)
     choice = engine_for(cfg, runtime, rows.shape)
     if runtime.on_engine is not None:
         runtime.on_engine(label, choice)
@@ -102,7 +110,7 @@ def score_class(label: Hashable, rows: FeatureRows, cfg: ScoreConfig,
         score_against = ENGINES[choice.name].score_class(ClassJob(label, rows, cfg, runtime, generator, progress))
     if cfg.refine_rounds:
         return refine_memory(score_against, n_images, rounds=cfg.refine_rounds, drop=cfg.refine_drop,
-                             aggregate=cfg.aggregate)
+                             aggregate=cfg.aggregate, excluded=excluded)
     return banks, score_against(banks)
 
 
@@ -113,6 +121,7 @@ def refine_memory(
     rounds: int,
     drop: float,
     aggregate: str = Aggregate.TOP1PCT.value,
+    excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Iterative refinement of a full-bank memory: score, shrink the memory, score again.
 
@@ -127,16 +136,20 @@ def refine_memory(
         rounds: refinement rounds after the first scoring.
         drop: share of the class removed from the memory per round.
         aggregate: image score used to rank images (:func:`image_scores`).
+        excluded: indices never in the memory (user-confirmed defects); they are still scored.
 
     Returns:
         bank: (1, m) int64 indices of the final memory.
         maps: (N, P) maps of the last round.
     """
-    bank = np.arange(n_images, dtype=np.int64)[None, :]
+    allowed = np.ones(n_images, dtype=bool)
+    if excluded is not None:
+        allowed[excluded] = False
+    bank = np.flatnonzero(allowed)[None, :]
     maps = score_against(bank)
     for r in range(1, rounds + 1):
         keep = max(2, n_images - round(r * drop * n_images))
         order = np.argsort(image_scores(maps, ratio=AGGREGATE_RATIOS[aggregate]).numpy(), kind="stable")
-        bank = np.sort(order[:keep])[None, :]
+        bank = np.sort(order[allowed[order]][:keep])[None, :]
         maps = score_against(bank)
     return bank, maps
