@@ -13,7 +13,7 @@ Imports nothing heavy (no typer, no torch): choices are string enums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class Opt:
         mark options that are not config fields.
     default: shown in --help when the value does not come from a stage config (e.g. "WORK/eval").
     path: None, "file" or "dir": the path must exist and be of that kind (checked at parse time).
+    panel: the `--help` panel the option is listed under (set per group by `_opts`; `PANELS` orders them).
     """
 
     name: str
@@ -43,6 +44,7 @@ class Opt:
     default: str | None = None
     path: str | None = None
     metavar: str | None = None
+    panel: str = ""
 
     @property
     def flag(self) -> str:
@@ -70,8 +72,15 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _opts(*items: Opt) -> tuple[Opt, ...]:
-    return items
+def _opts(*items: Opt, panel: str = "") -> tuple[Opt, ...]:
+    """A group of options, each listed under `panel` in `--help` (none: the plain "Options" panel)."""
+    return tuple(replace(o, panel=panel) for o in items) if panel else items
+
+
+PANELS = ("Runs", "Evaluation", "Demo", "Contamination", "Run", "Outputs", "Step 3 and the cut", "Corrections",
+          "Data", "Encoder", "Step 1", "Step 2", "Executor")
+"""The `--help` panels, the most used first: a command's own options, then the run, where results go,
+the cut, and the stages from the data to the executor. A panel not listed here comes after these."""
 
 
 RUN = _opts(
@@ -87,8 +96,10 @@ RUN = _opts(
     Opt("no_wait", bool, ("run", "no_wait"), "Fail at once when another run is computing the same stage in the "
         "work folder, instead of waiting for it.", default="wait"),
     Opt("quiet", bool, ("run", "quiet"), "Only warnings and errors on stderr.", flags=("--quiet", "-q")),
+    panel="Run",
 )
-FORCE = _opts(Opt("force", bool, ("run", "force"), "Recompute this stage even if a valid cache exists."),)
+FORCE = _opts(Opt("force", bool, ("run", "force"), "Recompute this stage even if a valid cache exists."),
+              panel="Run")
 DATA = _opts(
     Opt("layout", choices.Layout, ("data", "layout"), "How the image folder is organised."),
     Opt("split", choices.Split, ("data", "split"), "MVTec split to read."),
@@ -97,6 +108,7 @@ DATA = _opts(
         "Class of plain-folder images: the top folder, the parent folder, or one class."),
     Opt("strict", bool, ("data", "strict"), "Fail on an unreadable image or a damaged work-folder file instead "
         "of skipping the image or recomputing the file."),
+    panel="Data",
 )
 EXTRACT = _opts(
     Opt("backbone", str, ("extract", "backbone"), "timm model name of the frozen encoder."),
@@ -110,6 +122,7 @@ EXTRACT = _opts(
     Opt("crop", int, ("extract", "crop"), "Centre-crop side (none: the backbone's own size)."),
     Opt("batch_size", int, ("extract", "batch_size"), "Images per encoder batch."),
     Opt("num_workers", int, ("extract", "num_workers"), "Image-decoding worker processes (0: in this process)."),
+    panel="Encoder",
 )
 CLUSTER = _opts(
     Opt("executor", choices.Executor, ("cluster", "executor"),
@@ -122,6 +135,7 @@ CLUSTER = _opts(
         default="every core"),
     Opt("train_workers", int, ("cluster", "train_workers"), "Ranks of data-parallel training for distill and "
         "select on Ray Train (one GPU each with --device cuda); reproducible for a given number."),
+    panel="Executor",
 )
 SCORE = _opts(
     Opt("banks", int, ("score", "banks"), "Number of random memories B."),
@@ -145,6 +159,7 @@ SCORE = _opts(
         metavar="SIZE"),
     Opt("aggregate", choices.Aggregate, ("score", "aggregate"), "Image score: mean of the top 1 % of patches, or max."),
     Opt("min_bank", int, ("score", "min_bank"), "Floor on the images per memory, for small classes."),
+    panel="Step 1",
 )
 DISTILL = _opts(
     Opt("distill_iters", int, ("distill", "iters"), "Step-2 iterations."),
@@ -157,6 +172,7 @@ DISTILL = _opts(
         "(2: stride 16, a quarter of the tokens; 1: the encoder's grid, as the paper)."),
     Opt("lr", float, ("distill", "lr"), "Peak learning rate of Steps 2 and 3 (linear warm-up, then cosine decay "
         f"to {DistillConfig.final_lr:g})."),
+    panel="Step 2",
 )
 SELECT = _opts(
     Opt("method", choices.Method, ("select", "method"),
@@ -178,6 +194,7 @@ SELECT = _opts(
         "(the scores of scores.csv), instead of --cut.", default="none"),
     Opt("budget", str, ("run", "budget"), "Wall-clock time for Steps 2-3 training (e.g. 90s, 10m, 1h): the "
         "iteration counts are chosen from a measured step time and printed.", default="none"),
+    panel="Step 3 and the cut",
 )
 EVAL = _opts(
     Opt("run", str, ("eval", "run"), "Evaluate this run as it was made (a key from `medsclean runs`; a prefix "
@@ -199,43 +216,53 @@ EVAL = _opts(
     Opt("mask_threshold", float, ("eval", "mask_threshold"),
         "Ground-truth binarisation: mask > this (0 reproduces the reference's > 0)."),
     Opt("fpr_limit", float, ("eval", "fpr_limit"), "False-positive rate AUPRO is integrated to."),
+    panel="Evaluation",
 )
 NOISE = _opts(
     Opt("noise_ratio", float, ("noise", "ratio"),
         "Contamination ratio r: injected defective images per good training image.",
         default=f"{NoiseConfig.ratio} for make-noisy, {DemoConfig.noise_ratio} for demo"),
+    panel="Contamination",
 )
 DEMO = _opts(
     Opt("n_train", int, ("demo", "n_train"), "Good training images per demo category."),
     Opt("n_test_good", int, ("demo", "n_test_good"), "Good test images per demo category."),
     Opt("n_test_defect", int, ("demo", "n_test_defect"), "Defective test images per demo category."),
     Opt("image_size", int, ("demo", "size"), "Side of the generated demo images, in pixels."),
+    panel="Demo",
 )
 MAKE_NOISY = _opts(
     Opt("overlap", bool, ("noise", "overlap"), "Keep the injected images in the test set (MeDS) or remove them "
         "(SoftPatch).", flags=("--overlap/--no-overlap",)),
+    panel="Contamination",
 )
 LISTS = _opts(
     Opt("out", Path, ("command", "out"), "Write the clean list here, one path per line (- for stdout; a device, "
         "FIFO or /dev/fd/N is written into, a symlink's target is replaced).", default="none"),
     Opt("rejected_out", Path, ("command", "rejected_out"), "Write the rejected list here, one path per line (as "
         "--out).", flags=("--rejected",), default="none"),
+    panel="Outputs",
 )
 REPORT = _opts(
     Opt("report", Path, ("report", "report_dir"), "Write the HTML report (report.html) into this folder: for select "
         "the review of what was rejected, for eval the metrics with overlays.",
         default="select: the run's folder (WORK/cut/KEY/review); eval: none"),
+    panel="Outputs",
 )
 EXPORT = _opts(
     Opt("export", Path, ("command", "export"), "Write the cleaned dataset here as an MVTec tree: "
         "<class>/train/good/ (kept) and <class>/rejected/, symlinks unless --copy.", default="none"),
+    panel="Outputs",
 )
 RUNS = _opts(
-    Opt("remove", list[str], ("runs", "run"), "Remove this run (repeatable) and the artifacts no other run uses.",
-        default="none", metavar="KEY"),
+    Opt("remove", list[str], ("runs", "run"), "Remove this run (repeatable) and the artifacts no other run uses: "
+        "its full key, or a prefix of it with --yes.", default="none", metavar="KEY"),
+    Opt("yes", bool, ("runs", "yes"), "Let --remove take a prefix of a run's key (without it, the full key).",
+        flags=("--yes", "-y")),
+    panel="Runs",
 )
 COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of symlinking them.",
-                 default="symlinks"),)
+                 default="symlinks"), panel="Outputs")
 
 ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *CLUSTER, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
 BY_NAME = {o.name: o for o in ALL_OPTS}

@@ -10,6 +10,7 @@ from dataclasses import fields
 import click
 import pytest
 import typer
+from typer.core import TyperOption
 from typer.testing import CliRunner
 
 from medsclean import options as cli_options
@@ -25,7 +26,7 @@ def _commands():
 
 def _flags(command: click.Command):
     for param in command.params:
-        if isinstance(param, click.Option):
+        if isinstance(param, TyperOption):  # typer's own click: a click.Option check would match nothing
             for flag in (*param.opts, *param.secondary_opts):
                 yield flag, param
 
@@ -34,7 +35,7 @@ def test_no_flag_name_has_two_meanings():
     seen: dict[str, tuple[str, str, str]] = {}
     for cmd_name, command in _commands().items():
         for flag, param in _flags(command):
-            meaning = (param.name, param.help, repr(param.type))
+            meaning = (param.name, param.help, repr(param.type_descriptor.annotation))
             if flag in seen:
                 assert seen[flag][1:] == meaning, f"{flag} means two things ({seen[flag][0]} and {cmd_name})"
             seen[flag] = (cmd_name, *meaning)
@@ -59,7 +60,7 @@ def test_every_command_that_runs_a_stage_takes_its_options():
 def test_options_default_to_unset_and_target_real_config_fields():
     for command in _commands().values():
         for param in command.params:
-            if isinstance(param, click.Option):
+            if isinstance(param, TyperOption):
                 assert param.default is None, f"{param.opts[0]} restates a default"
     for opt in cli_options.ALL_OPTS:
         stage, name = opt.target
@@ -67,13 +68,76 @@ def test_options_default_to_unset_and_target_real_config_fields():
             assert name in {f.name for f in fields(STAGE_CONFIGS[stage])}, opt
 
 
+def _help_text(output: str) -> str:
+    """`--help` as one line of words: the panels' borders out, wrapped lines joined."""
+    return " ".join(output.replace("│", " ").split())
+
+
 def test_help_shows_the_preset_defaults_read_from_the_configs():
     res = CliRunner().invoke(app, ["select", "--help"], terminal_width=200)
-    text = " ".join(res.output.split())
+    text = _help_text(res.output)
     assert res.exit_code == 0
     assert "--distill-iters INTEGER" in text or "--distill-iters <int>" in text
     assert "[default: 600 with --preset cpu, 10000 with --preset paper]" in text
     assert "<meds|memory|knn|iterative>" in text or "[meds|memory|knn|iterative]" in text
+
+
+def _panels(output: str) -> tuple[list[str], dict[str, str]]:
+    """The panel titles of a `--help`, in order, and the panel each option flag is listed under."""
+    import re
+
+    titles, under, current = [], {}, None
+    for line in output.splitlines():
+        if (title := re.match(r"╭─ (.+?) ─", line)) is not None:
+            current = title.group(1)
+            titles.append(current)
+        elif (flag := re.match(r"│ (?:\* +)?(--[\w-]+)", line)) is not None:
+            under[flag.group(1)] = current
+    return titles, under
+
+
+SELECT_PANELS = {  # by hand, from the README's groups
+    "Run": ["--work", "--preset", "--device", "--seed", "--json", "--no-wait", "--quiet", "--force"],
+    "Outputs": ["--out", "--rejected", "--report", "--export"],
+    "Step 3 and the cut": ["--method", "--select-iters", "--mad-k", "--cut", "--final-score", "--cut-k",
+                           "--reject-fraction", "--threshold", "--budget"],
+    "Data": ["--layout", "--split", "--masks", "--class-from", "--strict"],
+    "Encoder": ["--backbone", "--stages", "--weights", "--random-init", "--resize", "--crop", "--batch-size",
+                "--num-workers"],
+    "Step 1": ["--banks", "--bank-ratio", "--knn", "--with-replacement", "--per-class", "--include-self", "--engine",
+               "--coreset", "--max-memory", "--aggregate", "--min-bank"],
+    "Step 2": ["--distill-iters", "--loss", "--width", "--depth", "--heads", "--token-pool", "--lr"],
+    "Executor": ["--executor", "--ray-address", "--ray-workers", "--train-workers"],
+}
+
+
+def test_select_help_lists_its_options_in_panels_the_most_used_first():
+    res = CliRunner().invoke(app, ["select", "--help"], terminal_width=160)
+    assert res.exit_code == 0, res.output
+    titles, under = _panels(res.output)
+    assert [t for t in titles if t in SELECT_PANELS] == list(SELECT_PANELS)  # in this order
+    for panel, flags in SELECT_PANELS.items():
+        for flag in flags:
+            assert under.get(flag) == panel, (flag, under.get(flag), panel)
+    declared = {o.flag: o.panel or "Options" for o in cli_options.command_options("select")}
+    assert {flag: under.get(flag) for flag in declared} == declared  # every option, one panel each
+    assert titles[:2] == ["Arguments", "Options"] and under["--help"] == "Options"
+
+
+@pytest.mark.parametrize("command", ["select", "eval", "runs", "demo", "make-noisy", "extract"])
+def test_every_help_text_is_shown_as_written(command):
+    """Help is drawn with rich markup: a text with [brackets] (`[default: ...]`, `cuda[:N]`,
+    `medsclean[ray]`) must be shown, not read as a markup tag and dropped."""
+    res = CliRunner().invoke(app, [command, "--help"], terminal_width=400)
+    assert res.exit_code == 0, res.output
+    text = _help_text(res.output)
+    for opt in cli_options.command_options(command):
+        shown = opt.default_text()
+        expected = " ".join((f"{opt.help} [default: {shown}]" if shown else opt.help).split())
+        assert expected in text, (opt.name, expected)
+    names = {o.name for o in cli_options.command_options(command)}
+    assert ("auto, cpu or cuda[:N]." in text) == ("device" in names)
+    assert ("pip install 'medsclean[ray]'" in text) == ("executor" in names)
 
 
 @pytest.mark.parametrize("args", [["select", ".", "--method", "bogus"], ["score", ".", "--engine", "bogus"],
