@@ -4,6 +4,7 @@ of a recorded run (real Lite0 features of small generated datasets)."""
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     pointers = sorted(p.name for p in (work / "runs").glob("*.json"))
     assert len(pointers) == 2 and pointers[0].startswith("a-") and pointers[1].startswith("b-")
 
-    res = CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", second["run"][:8]])
+    res = CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", second["run"][:8], "--yes"])
     assert res.exit_code == 0, res.output
     after = _artifacts(work)
     assert after["extract"] == [k for k in stored["extract"] if k != second["stages"]["extract"]["path"][-16:]]
@@ -72,6 +73,61 @@ def test_runs_of_two_datasets_coexist_and_remove_frees_only_unshared_artifacts(t
     assert _artifacts(work)["cut"] == [third["run"]]
     res = CliRunner().invoke(app, ["runs", "--work", str(work), "--remove", "ffffffff"])
     assert res.exit_code == 2 and "--run" not in res.output and "ffffffff" in res.output
+
+
+def _runs(work, *args):
+    return CliRunner().invoke(app, ["runs", "--work", str(work), *args])
+
+
+def test_runs_has_a_header_and_each_runs_kept_and_rejected_counts(two_sets):
+    work = two_sets / "work-table"
+    first, _ = _select(str(two_sets / "a"), "--work", str(work), "--method", "memory", *FAST)
+    second, _ = _select(str(two_sets / "a"), "--work", str(work), "--method", "memory", *FAST,
+                        "--reject-fraction", "0.25")
+    counts = {}  # from the lists each run wrote: the oracle of the counts
+    for made in (first, second):
+        with open(f"{made['cut_dir']}/clean.txt") as kept, open(f"{made['cut_dir']}/rejected.txt") as rejected:
+            counts[made["run"]] = (len(kept.read().splitlines()), len(rejected.read().splitlines()))
+    assert counts[second["run"]] == (12, 4)  # 2 of 8 rejected in each of the two classes
+
+    listing = json.loads(_runs(work, "--json").stdout)
+    assert {r["run"]: (r["kept"], r["rejected"]) for r in listing["runs"]} == counts
+
+    lines = _runs(work).stdout.splitlines()
+    header = lines[0]
+    assert header.split() == ["run", "latest", "created", "method", "cut", "kept", "rejected", "size", "images"]
+    assert len(lines) == 3 and {line[:16] for line in lines[1:]} == set(counts)
+    for line in lines[1:]:
+        kept, rejected = counts[line[:16]]
+        assert (line[header.index("latest")] == "*") == (line[:16] == second["run"])
+        found = re.search(rf" (?P<kept>{kept}) +(?P<rejected>{rejected}) +[0-9.]+ MB  (?P<images>.+)$", line)
+        assert found and found["images"] == str((two_sets / "a").resolve()), line
+        for column in ("kept", "rejected"):  # right-aligned under its heading
+            assert found.end(column) == header.index(column) + len(column), (line, header)
+    empty = two_sets / "work-none"
+    assert _runs(empty).stdout.strip() == f"no runs in {empty.resolve()}"
+
+
+def test_runs_remove_takes_the_full_key_or_a_prefix_with_yes(two_sets):
+    work = two_sets / "work-remove"
+    made = [_select(str(two_sets / "a"), "--work", str(work), "--method", "memory", *FAST, "--cut", cut)[0]
+            for cut in ("mixture", "otsu", "mad")]
+    keys = [m["run"] for m in made]
+    before = _artifacts(work)
+
+    refused = _runs(work, "--remove", keys[0][:6])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == (f"error: --remove {keys[0][:6]} is only a prefix of {keys[0]}; pass the full "
+                                      f"key, or --yes to remove by prefix")
+    assert _artifacts(work) == before  # nothing removed
+    assert len(json.loads(_runs(work, "--json").stdout)["runs"]) == 3
+
+    res = _runs(work, "--remove", keys[1])  # the full key: no --yes needed
+    assert res.exit_code == 0 and res.stdout.split() == [keys[1]], res.output
+    res = _runs(work, "--remove", keys[2][:6], "--yes")
+    assert res.exit_code == 0 and res.stdout.split() == [keys[2]], res.output
+    assert [r["run"] for r in json.loads(_runs(work, "--json").stdout)["runs"]] == [keys[0]]
+    assert _artifacts(work)["cut"] == [keys[0]]
 
 
 def test_a_new_cut_reuses_the_trained_scores(two_sets):

@@ -18,7 +18,7 @@ import typer
 from medsclean import api
 from medsclean.api import checks
 from medsclean.cli.options import argument, build_command
-from medsclean.cli.output import emit, emit_metrics, print_select_table
+from medsclean.cli.output import emit, emit_metrics, print_select_table, runs_table
 from medsclean.errors import ConfigError, MedscleanError
 from medsclean.options import CLI_ONLY, Given, flag_for
 
@@ -238,21 +238,20 @@ def demo(given: Given) -> None:
 
 @command("runs")
 def runs(given: Given) -> None:
-    """List the runs kept in the work folder (dataset, method, cut, date, size) or remove some."""
+    """List the runs kept in the work folder (key, date, method, cut, kept and rejected, size, images) or remove some."""
     from medsclean.workdir.runs import list_runs, remove_runs
     from medsclean.workdir.store import Store
 
     checks.check_paths(given)
     store = Store(given.work_folder())
     if given.get("remove"):
-        result = remove_runs(store, list(given.remove))
+        result = remove_runs(store, list(given.remove), prefix=bool(given.get("yes")))
         typer.echo(f"removed {len(result['removed'])} run(s), {result['bytes'] / 1e6:.1f} MB freed", err=True)
         emit("runs", result, given.as_json, "\n".join(result["removed"]))
         return
     rows = list_runs(store)
-    text = "\n".join(f"{r['run']}  {'*' if r['latest'] else ' '} {r['created']}  {r['method']:<9} "
-                     f"{str(r['cut']):<12} {r['bytes'] / 1e6:8.1f} MB  {r['images']}" for r in rows)
-    emit("runs", {"work": str(store.work), "runs": rows}, given.as_json, text or f"no runs in {store.work}")
+    emit("runs", {"work": str(store.work), "runs": rows}, given.as_json,
+         runs_table(rows) if rows else f"no runs in {store.work}")
 
 
 MAKE_NOISY_ARGS = (argument("root", "MVTec-layout dataset root (never modified).", "ROOT"),

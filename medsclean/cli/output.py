@@ -53,6 +53,32 @@ def print_select_table(summary: dict, *, stderr: bool = False) -> None:
         console.print(f"export: {summary['export']}")
 
 
+RUNS_COLUMNS = ("run", "latest", "created", "method", "cut", "kept", "rejected", "size", "images")
+"""The columns of `medsclean runs`, in order."""
+
+
+def runs_table(rows: list[dict]) -> str:
+    """`medsclean runs` for people and `awk`: a header row, then a row per run (`workdir.runs.list_runs`),
+    columns two spaces apart, counts and sizes right-aligned, the image folder last; "-" for a count
+    the run no longer has."""
+    def cell(row: dict, column: str) -> str:
+        if column == "latest":
+            return "*" if row["latest"] else ""
+        if column == "size":
+            return f"{row['bytes'] / 1e6:.1f} MB"
+        return "-" if row.get(column) is None else str(row[column])
+
+    table = [list(RUNS_COLUMNS), *([cell(r, c) for c in RUNS_COLUMNS] for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(RUNS_COLUMNS))]
+    right = {"kept", "rejected", "size"}
+    out = []
+    for line in table:
+        cells = [text.rjust(w) if col in right else text.ljust(w)
+                 for col, text, w in zip(RUNS_COLUMNS[:-1], line, widths)]
+        out.append("  ".join([*cells, line[-1]]))
+    return "\n".join(out)
+
+
 def print_metrics_tables(payload: dict) -> None:
     """Rich tables of `eval` on stdout: one per target, a row per class and the mean, in percent."""
     import math

@@ -115,16 +115,20 @@ def _complete(store: Store, run: dict) -> bool:
 
 
 def list_runs(store: Store) -> list[dict]:
-    """One row per run: dataset, key, method, cut, options, date, bytes of its artifacts
-    (an artifact shared by several runs counts in each), and whether it is its dataset's latest."""
+    """One row per run: dataset, key, method, cut, the kept and rejected counts of its clean list
+    (None when its cut artifact is gone), options, date, bytes of its artifacts (an artifact shared
+    by several runs counts in each), and whether it is its dataset's latest."""
     rows = []
     for _, record in _records(store):
         for key, run in record["runs"].items():
             artifacts = {s: k for s, k in run["artifacts"].items() if k}
             size = sum(folder_bytes(store.stage_path(s, k)) for s, k in artifacts.items())
             options = run["options"]
+            cut = store.load("cut", key)
             rows.append({"run": key, "images": record["images"], "created": run["created"],
                          "method": options.get("select", {}).get("method"), "cut": _cut_text(options.get("cut", {})),
+                         "kept": cut.manifest.get("kept") if cut else None,
+                         "rejected": cut.manifest.get("rejected") if cut else None,
                          "preset": run["preset"], "seed": run["seed"], "bytes": size,
                          "latest": record.get("latest") == key, "complete": _complete(store, run),
                          "artifacts": artifacts})
@@ -139,20 +143,24 @@ def _cut_text(cut: dict) -> str | None:
     return CutConfig(**{k: v for k, v in cut.items() if k in known}).describe()
 
 
-def remove_runs(store: Store, keys: list[str]) -> dict:
+def remove_runs(store: Store, keys: list[str], *, prefix: bool = False) -> dict:
     """Delete runs and every artifact no remaining run uses; returns {"removed": [...], "bytes": freed}.
+
+    Each of `keys` is a run's full key, or with `prefix` the start of one; a prefix without `prefix`
+    is refused before anything is removed.
 
     The artifacts to delete and every image cache are first claimed (`Store.claimed`): when a running
     command reads or writes one of them (a `select` on the same features, an extraction filling the
     image cache), nothing is removed and the run records are left as they were.
 
     Raises:
+        ConfigError(param "run"): a key names no run, or several, or is a prefix without `prefix`.
         InUseError: a running command uses one of them.
     """
     from medsclean.stages.features import prune_image_cache
     from medsclean.workdir.image_cache import IMAGE_CACHE
 
-    doomed = {find_run(store, k, stage="runs")[0] for k in keys}
+    doomed = {_full_key(store, k, prefix) for k in keys}
     keep_refs: set[tuple[str, str]] = set()
     doomed_refs: set[tuple[str, str]] = set()
     for _, record in _records(store):
@@ -168,6 +176,15 @@ def remove_runs(store: Store, keys: list[str]) -> dict:
         freed = sum(store.remove(stage, key) for stage, key in deleted)
         files, cache_bytes = prune_image_cache(store, caches)
     return {"removed": sorted(doomed), "bytes": freed + cache_bytes, "image_cache_files": files}
+
+
+def _full_key(store: Store, key: str, prefix: bool) -> str:
+    """The run `key` names: itself, or with `prefix` the one run whose key starts with it."""
+    full = find_run(store, key, stage="runs")[0]
+    if full != key and not prefix:
+        raise ConfigError("run", f"run {key} is only a prefix of {full}; pass the full key, or --yes to remove by "
+                          f"prefix", stage="runs")
+    return full
 
 
 def _drop_runs(path: Path, doomed: set[str]) -> None:
