@@ -6,13 +6,17 @@ import base64
 import io
 import math
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from medsclean.pages.gallery import THUMB_HEIGHT, caption
 from medsclean.pages.review import PANEL_HEIGHT, GalleryLimits, write_review
 
 from .test_report import require_chromium, run_chromium, screenshot_pixels
@@ -140,12 +144,19 @@ def sections(page: Node) -> list[Node]:
 
 
 def assert_self_contained(report: Path) -> None:
+    """One file that fetches nothing: no URL of a network, no source file, no request from its one
+    inline script, pictures as data: URIs, links only to the page itself or to local files."""
     raw = report.read_text(encoding="utf-8")
     assert raw.startswith("<!DOCTYPE html>")
-    assert not re.search(r"https?://", raw)
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", raw, flags=re.IGNORECASE)
     page = dom(report)
-    assert not page.all("script") and not page.all("link") and not page.all("iframe")
+    scripts = page.all("script")
+    assert len(scripts) == 1 and not scripts[0].attrs
+    assert not re.search(r"fetch\(|XMLHttpRequest|WebSocket|EventSource|sendBeacon|import\(|\.src\s*=\s*[\"']",
+                         scripts[0].text())
+    assert not page.all("link") and not page.all("iframe") and not page.all("object") and not page.all("embed")
     assert all(img.attrs["src"].startswith("data:image/") for img in page.all("img"))
+    assert all(a.attrs["href"].startswith(("#", "file:///")) for a in page.all("a"))
     assert not [a for node in page.all() for a in node.attrs if a.lower().startswith("on")]
 
 
@@ -181,7 +192,8 @@ def test_review_sections_counts_and_galleries(tmp_path):
                                                                          reverse=True)
             assert all(("kept" if is_kept else "rejected") in c.classes for c in cards)
             assert all((float(c.attrs["data-eta"]) < cuts[name]["tau"]) == is_kept for c in cards)
-        assert len(section.one("table", "scores").one("tbody").all("tr")) == len(members)
+        listed = [tr for tr in page.one("table", "scores").one("tbody").all("tr") if tr.attrs["data-class"] == name]
+        assert [int(tr.attrs["data-rank"]) for tr in listed] == list(range(1, len(members) + 1))
     text = page.text()
     assert f"{len(rows)} images in 4 classes" in text
     assert f"{sum(r['kept'] for r in rows)} kept" in text and "mixture (bottle, screw, tile); top 0.1 (cable)" in text
@@ -193,19 +205,57 @@ def test_review_sections_counts_and_galleries(tmp_path):
     assert len(page.one("table", "settings").one("tbody").all("tr")) == 2
 
 
-def test_review_pictures_are_embedded_triptychs(tmp_path):
-    rows, cuts = make_inputs()
-    report = write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows),
-                          limits=GalleryLimits(gallery_size=2, borderline=1))
-    images = dom(report).all("img")
-    assert images
-    for img in images:
+def embedded_pictures(report: Path) -> dict[int, Image.Image]:
+    """Row -> decoded JPEG of every pictured card of a page."""
+    pictures = {}
+    for img in dom(report).all("img", "zoom"):
         header, payload = img.attrs["src"].split(",", 1)
         assert header == "data:image/jpeg;base64"
         with Image.open(io.BytesIO(base64.b64decode(payload))) as picture:
             assert picture.format == "JPEG"
-            assert picture.size == (3 * round(36 * PANEL_HEIGHT / 24), PANEL_HEIGHT + 20)
-        assert img.attrs["alt"] == rows[int(img.parent.attrs["data-row"])]["path"]
+            pictures[int(img.parent.attrs["data-row"])] = picture.convert("RGB")
+        assert img.attrs["alt"] == img.parent.one("span", "path").text()
+    return pictures
+
+
+def test_without_masks_a_picture_is_image_and_overlay_with_masks_three_panels(tmp_path):
+    panel = round(36 * PANEL_HEIGHT / 24)   # the pictures are 24 x 36
+    rows, cuts = make_inputs()              # unlabelled: no masks
+    pictures = embedded_pictures(write_review(tmp_path / "a", title="t", rows=rows, cuts=cuts, picture=Pictures(rows),
+                                              limits=GalleryLimits(gallery_size=2, borderline=1)))
+    assert pictures and {p.size for p in pictures.values()} == {(2 * panel, PANEL_HEIGHT + 20)}
+    for picture in pictures.values():       # the right panel is the coloured overlay, not the flat "no mask" grey
+        right = np.asarray(picture, dtype=np.float64)[40:PANEL_HEIGHT - 40, panel + 20:2 * panel - 20]
+        assert right.std() > 10
+    rows, cuts = make_inputs(labelled=True)  # masks for the contaminants only: every picture gets the truth panel
+    pictures = embedded_pictures(write_review(tmp_path / "b", title="t", rows=rows, cuts=cuts, picture=Pictures(rows),
+                                              limits=GalleryLimits(gallery_size=2, borderline=1)))
+    assert {rows[i]["label"] for i in pictures} == {0, 1}
+    assert {p.size for p in pictures.values()} == {(3 * panel, PANEL_HEIGHT + 20)}
+
+
+def test_one_caption_names_the_path_once_and_eta_as_the_page_does(tmp_path):
+    rows = [{"path": "chelsea/chelsea_010.png", "class": "chelsea", "eta": 0.12345, "kept": False, "rank_in_class": 1},
+            {"path": "chelsea/chelsea_011.png", "class": "chelsea", "eta": 0.01, "kept": True, "rank_in_class": 2}]
+    assert caption(rows[0]) == "chelsea/chelsea_010.png  η = 0.1235 (#1 in chelsea)"
+    report = write_review(tmp_path, title="t", rows=rows, cuts={"chelsea": {"tau": 0.1, "rule": "mad"}},
+                          picture=lambda i: (np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32), None))
+    card = dom(report).one("div", "rejected").one("figure", "card")
+    text = card.one("figcaption").text()
+    assert text.count("chelsea_010.png") == 1 and "chelsea/chelsea/" not in text and "eta" not in text
+    assert card.one("span", "score").text() == "η = 0.1235 (#1 in chelsea)"
+
+
+def test_a_font_without_greek_spells_eta_out(tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    from medsclean.pages import overlay as pictures
+
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    latin = ImageFont.load_default(size=12)   # Pillow's own font has no Greek
+    assert pictures._fit_text(draw, "a.png  η = 0.5", latin, 1000) == "a.png  eta = 0.5"
+    if pictures._draws(pictures._font(), "η"):  # DejaVu Sans where installed
+        assert pictures._fit_text(draw, "a.png  η = 0.5", pictures._font(), 1000) == "a.png  η = 0.5"
 
 
 def svg_geometry(svg: Node) -> tuple[float, float, float, float]:
@@ -304,7 +354,8 @@ def test_hostile_names_are_inert(tmp_path):
                           cuts={HOSTILE_CLASS: {"tau": 0.7, "rule": "<i>mad</i>"}}, picture=Pictures(rows),
                           settings=settings)
     raw = report.read_text(encoding="utf-8")
-    assert "<script" not in raw and "<i>" not in raw and "<b>key" not in raw
+    assert raw.count("<script") == 1 and "<i>" not in raw and "<b>key" not in raw   # the page's own script only
+    assert "<script>alert" not in raw and "<script>x" not in raw and "<script>t" not in raw
     assert_self_contained(report)
     page = dom(report)
     section = sections(page)[0]
@@ -358,9 +409,9 @@ def test_review_renders_in_headless_chromium(tmp_path):
     expected_images = len(dom(report).all("img"))
     assert expected_images > 0
     rendered = run_chromium(report, tmp_path / "profile-dom", "--dump-dom")
-    assert len(re.findall(r"<img\b", rendered)) == expected_images
+    assert len(re.findall(r"<img\b[^>]*src=\"data:image/", rendered)) == expected_images
     ids = re.findall(r'<section id="([^"]+)"', rendered)
-    assert ids == ["summary", "metrics", *(f"class-{n}" for n in sorted(cuts))]
+    assert ids == ["summary", "metrics", *(f"class-{n}" for n in sorted(cuts)), "copy", "list"]
     assert rendered.count('class="cut"') == len(cuts)
     pixels = screenshot_pixels(report, tmp_path)
     assert pixels.std() > 10                                   # something was drawn, not a blank page
@@ -396,3 +447,224 @@ def test_page_shows_each_class_engine_and_the_rule_it_used(tmp_path):
     assert small.one("p", "rule").text() == "Cut: mad (2 images, fewer than 20); the run asked for mixture."
     assert "not recorded" in small.one("p", "engine").text()
     assert "mixture (big); mad (small)" in page.text()
+
+
+# ------------------------------------------------------------- the full list, paths to copy, corrections
+
+def files_for(rows: list[dict], root: Path) -> list[dict]:
+    """The rows with real files under ``root``: PNGs, every fifth a large JPEG, one file that is not an image."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i, row in enumerate(rows):
+        path = root / row["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if i == 3:
+            path.write_bytes(b"not an image")
+        elif i % 5 == 0:
+            path = path.with_suffix(".jpg")
+            Image.fromarray(rng.integers(0, 256, (600, 900, 3), dtype=np.uint8)).save(path, quality=80)
+        else:
+            Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(path)
+        out.append(dict(row, file=str(path), user_path=f"./images/{row['path']}"))
+    return out
+
+
+def by_id(page: Node, name: str) -> Node:
+    found = [node for node in page.all() if node.attrs.get("id") == name]
+    assert len(found) == 1, name
+    return found[0]
+
+
+def section(page: Node, name: str) -> Node:
+    return by_id(page, name)
+
+
+def list_rows(page: Node) -> list[Node]:
+    return page.one("table", "scores").one("tbody").all("tr")
+
+
+def test_full_list_has_every_image_with_thumbnail_scores_and_file_link(tmp_path):
+    rows, cuts = make_inputs()
+    rows = files_for(rows, tmp_path / "images")
+    page = dom(write_review(tmp_path / "review", title="t", rows=rows, cuts=cuts, picture=None))
+    listed = list_rows(page)
+    expected = sorted(range(len(rows)), key=lambda i: (rows[i]["class"], rows[i]["rank_in_class"]))
+    assert [int(tr.attrs["data-row"]) for tr in listed] == expected       # class, then most suspicious first
+    for tr in listed:
+        row = rows[int(tr.attrs["data-row"])]
+        assert (tr.attrs["data-class"], tr.attrs["data-path"]) == (row["class"], row["path"])
+        assert float(tr.attrs["data-eta"]) == row["eta"] and float(tr.attrs["data-memory"]) == row["memory_score"]
+        assert tr.attrs["data-status"] == ("kept" if row["kept"] else "rejected") and tr.attrs["data-decision"] == "auto"
+        assert tr.one("a", "open").attrs["href"] == Path(row["file"]).as_uri()
+        thumbs = tr.all("img")
+        if row is rows[3]:                  # not an image: listed without a thumbnail
+            assert not thumbs
+            continue
+        with Image.open(io.BytesIO(base64.b64decode(thumbs[0].attrs["src"].split(",", 1)[1]))) as thumb:
+            with Image.open(row["file"]) as source:
+                width, height = source.size
+            scale = min(1.0, THUMB_HEIGHT / height, 2 * THUMB_HEIGHT / width)   # shrunk to 64 high, never enlarged
+            assert abs(thumb.size[0] - width * scale) <= 1 and abs(thumb.size[1] - height * scale) <= 1
+    assert f"1 of {len(rows)} images have no thumbnail" in section(page, "list").text()
+    assert [o.attrs["value"] for o in by_id(page, "list-sort").all("option")] == [
+        "class", "rank", "eta-desc", "eta-asc", "memory-desc", "memory-asc", "path"]
+    assert [o.attrs["value"] for o in by_id(page, "list-class").all("option")] == ["", *sorted(cuts)]
+    assert_self_contained(tmp_path / "review" / "report.html")
+
+
+def test_thumbnails_stop_at_the_limit_most_suspicious_of_each_class_first(tmp_path):
+    rows, cuts = make_inputs()
+    rows = [r for i, r in enumerate(files_for(rows, tmp_path / "images")) if i != 3]
+    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None,
+                            limits=GalleryLimits(thumbnails=4)))
+    with_thumb = [rows[int(tr.attrs["data-row"])] for tr in list_rows(page) if tr.all("img")]
+    assert sorted((r["class"], r["rank_in_class"]) for r in with_thumb) == [(c, 1) for c in sorted(cuts)]
+
+
+def test_copy_boxes_hold_the_rejected_and_the_borderline_paths_as_the_lists_write_them(tmp_path):
+    rows, cuts = make_inputs()
+    rows = [dict(r, user_path=f"./images/{r['path']}") for r in rows]
+    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None,
+                            limits=GalleryLimits(gallery_size=2, borderline=3)))
+    boxes = {t.attrs["id"]: t for t in page.all("textarea")}
+    rejected = [rows[i]["user_path"] for n in sorted(cuts) for i in expected_gallery(rows, n, False, len(rows))]
+    near = [rows[i]["user_path"] for n in sorted(cuts) for i in expected_gallery(rows, n, True, 3)]
+    assert rejected and len(near) > 3
+    assert boxes["paths-rejected"].text() == "".join(f"{p}\n" for p in rejected)   # every rejected image, not 2 per class
+    assert boxes["paths-borderline"].text() == "".join(f"{p}\n" for p in near)
+    assert {b.attrs["data-copy"] for b in page.all("button")} == set(boxes)
+    assert "--keep FILE" in page.text() and "--reject FILE" in page.text()
+
+
+def test_corrections_show_a_badge_on_tiles_and_list_rows(tmp_path):
+    rows, cuts = make_inputs()
+    near = expected_gallery(rows, "bottle", True, 1)[0]
+    out = expected_gallery(rows, "bottle", False, 1)[0]
+    rows[near]["decision"], rows[out]["decision"] = "kept by user", "rejected by user"
+    rows[expected_gallery(rows, "cable", False, 1)[0]]["decision"] = "auto"
+    page = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=Pictures(rows)))
+    badged_cards = {int(c.attrs["data-row"]): c.one("span", "decision").text()
+                    for c in page.all("figure", "card") if c.all("span", "decision")}
+    badged_rows = {int(tr.attrs["data-row"]): tr.one("span", "decision").text()
+                   for tr in list_rows(page) if tr.all("span", "decision")}
+    assert badged_cards == badged_rows == {near: "kept by user", out: "rejected by user"}
+    assert {int(c.attrs["data-row"]) for c in page.all("figure", "corrected")} == {near, out}
+    assert [o.attrs["value"] for o in by_id(page, "list-status").all("option")] == ["all", "kept", "rejected", "changed"]
+    plain = dom(write_review(tmp_path / "plain", title="t", rows=make_inputs()[0], cuts=cuts, picture=None))
+    assert not plain.all("span", "decision")
+    assert [o.attrs["value"] for o in by_id(plain, "list-status").all("option")] == ["all", "kept", "rejected"]
+
+
+def test_settings_grouped_by_stage(tmp_path):
+    rows, cuts = make_inputs()
+    settings = {"run": {"run": "abc", "--seed": 0}, "distill": {"--distill-iters": 60, "final_lr": 2e-4},
+                "select": {"--select-iters": 60, "--method": "meds"}, "note": "<flat>"}
+    table = dom(write_review(tmp_path, title="t", rows=rows, cuts=cuts, picture=None, settings=settings)).one(
+        "table", "settings")
+    assert [th.text() for th in table.all("th")] == ["stage", "setting", "value"]
+    assert [[td.text() for td in tr.all("td")] for tr in table.one("tbody").all("tr")] == [
+        ["run", "run", "abc"], ["run", "--seed", "0"], ["distill", "--distill-iters", "60"],
+        ["distill", "final_lr", "0.0002"], ["select", "--select-iters", "60"], ["select", "--method", "meds"],
+        ["", "note", "<flat>"]]
+
+
+# ------------------------------------------------------- the page of a real run on an unlabelled folder
+
+FAST = {"resize": 64, "crop": 64, "num_workers": 0, "banks": 10, "distill_iters": 20, "select_iters": 20,
+        "width": 16, "depth": 2, "heads": 2}
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory):
+    """`select` on a folder of two classes without labels or masks (a few crops of the other texture
+    in each), cutting a fixed share so that both galleries have pictures."""
+    import medsclean
+
+    from .helpers import crops, save_png, texture
+
+    base = tmp_path_factory.mktemp("unlabelled")
+    rng = np.random.default_rng(0)
+    for name, other in (("brick", "gravel"), ("gravel", "brick")):
+        for i, img in enumerate(crops(texture(name), 10, 80, rng)):
+            save_png(base / "images" / name / f"{name}_{i:03d}.png", img)
+        for i, img in enumerate(crops(texture(other), 2, 80, rng)):
+            save_png(base / "images" / name / f"odd_{i:03d}.png", img)
+    selection = medsclean.select(str(base / "images"), work=base / "work", progress=False, reject_fraction=0.25,
+                                 report=base / "review", **FAST)
+    return base, selection
+
+
+def chromium_dom(url: str, profile: Path) -> str:
+    """The DOM headless Chromium holds after loading ``url`` (a fragment included); fails on a script error."""
+    done = subprocess.run([str(require_chromium()), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", "--dump-dom", url],
+                          check=True, timeout=45, capture_output=True, text=True)
+    shutil.rmtree(profile, ignore_errors=True)
+    errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line and "Uncaught" in line]
+    assert not errors, errors
+    return done.stdout
+
+
+def parsed(html: str) -> Node:
+    builder = TreeBuilder()
+    builder.feed(html)
+    builder.close()
+    return builder.root
+
+
+def test_review_of_an_unlabelled_run_pictures_lists_and_records_every_option(unlabelled_run):
+    base, selection = unlabelled_run
+    report = Path(selection.review)
+    assert_self_contained(report)
+    page = dom(report)
+    pictures = embedded_pictures(report)
+    assert pictures and {p.size for p in pictures.values()} == {(2 * PANEL_HEIGHT, PANEL_HEIGHT + 20)}  # no "no mask"
+    listed = list_rows(page)
+    assert len(listed) == len(selection.rows) == 24 and all(tr.all("img") for tr in listed)   # every thumbnail
+    for tr in listed:
+        target = Path(unquote(urlparse(tr.one("a", "open").attrs["href"]).path))
+        assert target == base / "images" / tr.attrs["data-path"] and target.is_file()
+    assert by_id(page, "paths-rejected").text().splitlines() == sorted(
+        selection.rejected, key=lambda p: next((r["class"], r["rank_in_class"]) for r in selection.rows if r["path"] == p))
+    settings = {(tr.all("td")[0].text(), tr.all("td")[1].text()): tr.all("td")[2].text()
+                for tr in page.one("table", "settings").one("tbody").all("tr")}
+    assert settings[("distill", "--distill-iters")] == "20" and settings[("select", "--select-iters")] == "20"
+    assert settings[("cut", "--reject-fraction")] == "0.25" and settings[("extract", "--crop")] == "64"
+    assert settings[("score", "--banks")] == "10" and settings[("data", "--layout")] == "auto"
+    assert {stage for stage, _ in settings} == {"run", "data", "extract", "score", "distill", "select", "cut"}
+
+
+def test_review_of_an_unlabelled_run_in_headless_chromium(unlabelled_run, tmp_path):
+    """The page's script, run by Chromium: the list sorted and filtered from the address, a picture
+    enlarged; and a screenshot of the gallery."""
+    base, selection = unlabelled_run
+    report = Path(selection.review)
+    rows = {Path(r["path"]).relative_to(base / "images").as_posix(): r for r in selection.rows}
+
+    def visible(url: str) -> tuple[Node, list[str]]:
+        page = parsed(chromium_dom(url, tmp_path / "profile"))
+        assert page.one("body").attrs.get("data-script") == "ready"
+        return page, [tr.attrs["data-path"] for tr in list_rows(page) if "hidden" not in tr.attrs]
+
+    page, shown = visible(report.as_uri() + "#list?sort=eta-asc&status=rejected&class=gravel")
+    expected = sorted((p for p, r in rows.items() if r["class"] == "gravel" and not r["kept"]),
+                      key=lambda p: rows[p]["final_eta"])
+    assert len(expected) >= 2 and shown == expected
+    assert page.one("table", "scores").attrs["data-shown"] == str(len(expected))
+    assert by_id(page, "list-shown").text() == f"{len(expected)} of 24 images"
+    _, shown = visible(report.as_uri() + "#list?sort=memory-desc")
+    assert shown == sorted(rows, key=lambda p: -rows[p]["memory_score"])
+    _, shown = visible(report.as_uri() + "#list?sort=path&status=kept")
+    assert shown == sorted(p for p, r in rows.items() if r["kept"])
+    card = dom(report).all("figure", "card")[1]
+    page, _ = visible(report.as_uri() + f"#{card.attrs['id']}")
+    box = by_id(page, "lightbox")
+    assert "hidden" not in box.attrs and box.attrs["data-card"] == card.attrs["id"]
+    assert box.one("img").attrs["src"] == card.one("img").attrs["src"]
+    assert card.one("span", "path").text() in box.one("div", "caption").text()
+    pixels = screenshot_pixels(report, tmp_path)
+    shot = Image.fromarray(pixels)
+    shot.save(tmp_path / "review.png")   # kept with the test's files, to look at
+    assert pixels.std() > 10
+    assert (np.abs(pixels[..., 0].astype(int) - pixels[..., 2]) > 60).mean() > 0.01   # the heat maps' colours

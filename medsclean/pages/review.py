@@ -1,53 +1,37 @@
 """The review page of `medsclean select`: what was rejected, what was nearly rejected, and why.
 
-One self-contained ``report.html`` (no script, no external resource), with or without labels:
-a summary of the counts and cut rules, then one section per class with a histogram of the final
-score eta and the cut tau, the rejected images (most suspicious first), the kept images nearest
-the cut ("borderline kept"), and every score in a collapsible table. Pictures are anomaly-map
-triptychs (:func:`medsclean.pages.report.render_overlay`) embedded as JPEG ``data:`` URIs straight from
-memory, all coloured on one heat range so they compare across the page. With labels, the page
-also shows the metrics table and marks every pictured image contaminant or normal.
+One self-contained ``report.html`` (no external resource, nothing fetched; one small inline
+script), with or without labels: a summary of the counts and cut rules, then one section per
+class with a histogram of the final score η and the cut τ, the rejected images (most suspicious
+first) and the kept images nearest the cut ("borderline kept"), pictured with their anomaly maps
+(``pages.gallery``: a click enlarges a picture, a link opens the file); then boxes of the rejected
+and borderline paths to copy into ``--keep`` / ``--reject`` files, the full list of images with
+thumbnails, sortable and filterable (``pages.image_list``), and every setting of the run. With
+labels, the page also shows the metrics table and marks every pictured image contaminant or normal.
 
-An image is kept iff eta < tau (strict). Every path, class name and setting is escaped.
+An image is kept iff η < τ (strict), unless the user decided otherwise (a badge says so). Every
+path, class name and setting is escaped.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from medsclean.presets import METHOD_ADVICE
+from medsclean.pages.gallery import PANEL_HEIGHT, Picture, gallery, picture_uris, thumbnail_uris
 from medsclean.pages.histogram import histogram_svg
-from medsclean.pages.report import escape, html_page, html_table, picture_data_uri, render_overlay, settings_rows
+from medsclean.pages.image_list import image_list, list_link
+from medsclean.pages.report import escape, html_page, html_table, settings_rows
+from medsclean.pages.review_assets import REVIEW_CSS, REVIEW_SCRIPT
 from medsclean.workdir.atomic import write_text_atomic
 
-__all__ = ["GalleryLimits", "Picture", "write_review"]
-
-Picture = Callable[[int], tuple[np.ndarray, np.ndarray, "np.ndarray | None"]]
-"""picture(i) -> (image uint8 (H, W, 3), heat float32 (H, W) anomaly map, mask bool (H, W) or None).
-
-heat and mask may have another resolution (e.g. the token grid): they are resized to the picture.
-"""
-
-PANEL_HEIGHT = 192
-"""Height in pixels of each panel of a pictured triptych (width follows the aspect ratio)."""
-JPEG_QUALITY = 85
-HEAT_PERCENTILES = (1.0, 99.9)
-"""Percentiles of all pictured maps' values mapped to the ends of the colormap."""
-
-_REVIEW_CSS = """
-.classes td a{font-weight:600}.note{color:#666;font-size:13px}
-.card.borderline{border-color:#f0ad4e}.card.nopic{padding:8px}
-.badge.contaminant{background:#8e44ad}.badge.normal{background:#6c757d}.badge.unknown{background:#bbb}
-.path{font-family:ui-monospace,monospace;font-size:12px}
-table.classes,table.scores{display:block;overflow-x:auto;max-width:100%}svg.histogram{max-width:100%;height:auto}
-"""
+__all__ = ["GalleryLimits", "Picture", "PANEL_HEIGHT", "write_review"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +49,12 @@ class _Class:
 @dataclass(frozen=True)
 class GalleryLimits:
     """How many images each class pictures: `gallery_size` rejected ones (most suspicious first)
-    and `borderline` kept ones (those with the highest eta first)."""
+    and `borderline` kept ones (those with the highest η first); and how many images of the full
+    list get a thumbnail (`thumbnails`, the most suspicious of every class first)."""
 
     gallery_size: int = 24
     borderline: int = 8
+    thumbnails: int = 5000
 
 
 def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Mapping[str, Mapping],
@@ -82,7 +68,10 @@ def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Ma
         rows: one dict per training image, in input order: ``path`` (relative to the image
             folder), ``class``, ``eta`` (final score, finite, higher = more suspicious), ``kept``
             (bool), ``rank_in_class`` (1 = most suspicious), optional ``memory_score``, optional
-            ``label`` (0 normal, 1 contaminant, None unknown).
+            ``label`` (0 normal, 1 contaminant, None unknown), optional ``file`` (the original
+            file: the "open file" link and the list's thumbnail), optional ``user_path`` (the path
+            as the lists write it, for the boxes of paths to copy; ``path`` without it), optional
+            ``decision`` ("auto", the default, "kept by user" or "rejected by user": a badge).
         cuts: class -> ``{"tau": float, "rule": str, "kept": int, "size": int}``; tau is the cut
             on eta (kept iff eta < tau). A class missing here is shown without a cut. Optional:
             ``"used"``, ``{"rule": str, "why": str}``, the rule the class actually used (the mixture
@@ -93,9 +82,10 @@ def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Ma
             anomaly map, mask bool (H, W) or None; any other resolution is resized bilinearly,
             nearest for the mask); called once per pictured row, in page order. None: the
             galleries list paths and scores only.
-        limits: most rejected and most kept (borderline) images pictured per class.
+        limits: most rejected and most kept (borderline) images pictured per class, most thumbnails.
         metrics_rows: table shown when any row has a label (e.g. per-class precision/recall).
-        settings: run settings shown as a key/value table (values JSON-encoded).
+        settings: run settings shown as a table, values JSON-encoded; a value that is a mapping is
+            a group (e.g. one per stage: ``{"distill": {"--distill-iters": 300, ...}}``).
 
     Returns:
         The path of ``report.html``.
@@ -105,21 +95,23 @@ def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Ma
     """
     rows = list(rows)
     gallery_size, borderline = limits.gallery_size, limits.borderline
-    _check(rows, gallery_size, borderline)
+    _check(rows, limits)
     classes = _classes(rows, cuts)
     pictured = [i for c in classes for i in c.rejected[:gallery_size] + c.kept[:borderline]]
-    uris = _picture_uris(rows, pictured, picture) if picture is not None else {}
+    uris = picture_uris(rows, pictured, picture) if picture is not None else {}
     labelled = any(r.get("label") is not None for r in rows)
     body = [_summary(rows, classes, labelled)]
     if labelled:
         body.append(_metrics(metrics_rows))
-    body += [_class_section(rows, c, uris, gallery_size, borderline, labelled, picture is not None)
-             for c in classes]
+    body += [_class_section(rows, c, uris, limits, labelled, picture is not None) for c in classes]
+    body.append(_copy_boxes(rows, classes, borderline))
+    body.append(image_list(rows, [i for c in classes for i in c.ranked], [c.name for c in classes],
+                           thumbnail_uris(rows, limits.thumbnails), labelled))
     if settings:
-        body.append(f'<section id="settings"><h2>Settings</h2>{html_table(settings_rows(settings), "settings")}'
-                    f"</section>")
+        body.append(_settings(settings))
+    body.append(f"<script>{REVIEW_SCRIPT}</script>")
     path = Path(out_dir) / "report.html"
-    write_text_atomic(path, html_page(title, body, extra_css=_REVIEW_CSS))
+    write_text_atomic(path, html_page(title, body, extra_css=REVIEW_CSS))
     return path
 
 
@@ -128,9 +120,10 @@ def write_review(out_dir: Path, *, title: str, rows: Sequence[Mapping], cuts: Ma
 _REQUIRED = ("path", "class", "eta", "kept", "rank_in_class")
 
 
-def _check(rows: list[Mapping], gallery_size: int, borderline: int) -> None:
-    if gallery_size < 0 or borderline < 0:
-        raise ValueError(f"gallery_size and borderline must be 0 or more, not {gallery_size} and {borderline}")
+def _check(rows: list[Mapping], limits: GalleryLimits) -> None:
+    if min(limits.gallery_size, limits.borderline, limits.thumbnails) < 0:
+        raise ValueError(f"gallery_size, borderline and thumbnails must be 0 or more, not {limits.gallery_size}, "
+                         f"{limits.borderline} and {limits.thumbnails}")
     for i, row in enumerate(rows):
         missing = [key for key in _REQUIRED if key not in row]
         if missing:
@@ -166,49 +159,6 @@ def _classes(rows: list[Mapping], cuts: Mapping[str, Mapping]) -> list[_Class]:
 def _tau(cls: _Class) -> float | None:
     tau = cls.cut.get("tau")
     return float(tau) if tau is not None and math.isfinite(float(tau)) else None
-
-
-# ----------------------------------------------------------------------------------- pictures
-
-def _shrunk(image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> tuple:
-    """The picture at panel size: image uint8 (PANEL_HEIGHT, w, 3), heat float32 and mask bool (PANEL_HEIGHT, w)."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"picture(i) must return a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
-    heat = np.asarray(heat, dtype=np.float32)
-    if heat.ndim != 2:
-        raise ValueError(f"picture(i) must return a (H, W) anomaly map, got shape {heat.shape}")
-    size = (max(1, round(image.shape[1] * PANEL_HEIGHT / image.shape[0])), PANEL_HEIGHT)
-    small_image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-    small_heat = np.asarray(Image.fromarray(heat).resize(size, Image.Resampling.BILINEAR))
-    small_mask = None
-    if mask is not None:
-        small_mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(
-            size, Image.Resampling.NEAREST)) > 127
-    return small_image, small_heat, small_mask
-
-
-def _heat_range(heats: Sequence[np.ndarray]) -> tuple[float, float]:
-    """(lo, hi) = HEAT_PERCENTILES of every finite value of ``heats`` together; (0, 1) when none."""
-    values = np.concatenate([h.ravel() for h in heats]) if heats else np.zeros(0, dtype=np.float32)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(values, HEAT_PERCENTILES)
-    return float(lo), float(hi)
-
-
-def _picture_uris(rows: list[Mapping], indices: Sequence[int], picture: Picture) -> dict[int, str]:
-    """Row index -> JPEG data URI of its triptych, every map coloured on one shared heat range."""
-    shrunk = {i: _shrunk(*picture(i)) for i in dict.fromkeys(indices)}
-    heat_range = _heat_range([heat for _, heat, _ in shrunk.values()])
-    uris = {}
-    for i, (image, heat, mask) in shrunk.items():
-        row = rows[i]
-        canvas = render_overlay(image, heat, mask, heat_range=heat_range, panel_height=PANEL_HEIGHT,
-                                caption=f"#{row['rank_in_class']} {row['class']}/{row['path']}  eta {row['eta']:.4g}")
-        uris[i] = picture_data_uri(canvas, format="JPEG", quality=JPEG_QUALITY)
-    return uris
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -307,64 +257,20 @@ def _metrics(metrics_rows: Sequence[Mapping]) -> str:
     return f'<section id="metrics"><h2>Metrics against the labels</h2>{table}</section>'
 
 
-# ------------------------------------------------------------------------------------ gallery
-
-def _label_badge(label) -> str:
-    name = {0: "normal", 1: "contaminant"}.get(label, "unknown")
-    return f' <span class="badge {name}">{"label unknown" if name == "unknown" else name}</span>'
-
-
-def _card(rows: list[Mapping], i: int, role: str, uri: str | None, labelled: bool) -> str:
-    """One pictured image: overlay (when there is one), status and label badges, rank, eta, path."""
-    row = rows[i]
-    status = "kept" if row["kept"] else "rejected"
-    label = row.get("label")
-    mark = {0: " normal", 1: " contaminant"}.get(label, "") if labelled else ""
-    memory = row.get("memory_score")
-    memory_text = "" if memory is None else f" · memory score {float(memory):.4g}"
-    image = "" if uri is None else f'<img src="{uri}" alt="{escape(row["path"])}" loading="lazy">'
-    return (f'<figure class="card {role} {status}{mark}{"" if uri else " nopic"}" data-row="{i}" '
-            f'data-eta="{float(row["eta"])!r}" data-rank="{escape(row["rank_in_class"])}">{image}'
-            f'<figcaption><span class="badge {status}">{status}</span>'
-            f'{_label_badge(label) if labelled else ""} #{escape(row["rank_in_class"])} · '
-            f'η {float(row["eta"]):.4g}{memory_text}<br><span class="path">{escape(row["path"])}</span>'
-            f"</figcaption></figure>")
-
-
-def _gallery(rows, indices: Sequence[int], role: str, uris: Mapping[int, str], labelled: bool) -> str:
-    cards = "".join(_card(rows, i, role, uris.get(i), labelled) for i in indices)
-    return f'<div class="gallery {role}">{cards}</div>'
-
+# --------------------------------------------------------------------------------- per class
 
 def _shown(total: int, limit: int, what: str) -> str:
     return f"{what} ({total})" if total <= limit else f"{what}: {limit} of {total}, the full list is below"
 
 
-def _scores_table(rows: list[Mapping], cls: _Class, labelled: bool) -> str:
-    with_memory = any(rows[i].get("memory_score") is not None for i in cls.ranked)
-    table = []
-    for i in cls.ranked:
-        row = rows[i]
-        entry = {"rank": row["rank_in_class"], "path": row["path"], "η": f"{float(row['eta']):.6g}"}
-        if with_memory:
-            memory = row.get("memory_score")
-            entry["memory score"] = None if memory is None else f"{float(memory):.6g}"
-        entry["status"] = "kept" if row["kept"] else "rejected"
-        if labelled:
-            entry["label"] = {0: "normal", 1: "contaminant"}.get(row.get("label"))
-        table.append(entry)
-    return (f"<details><summary>All {_count(len(cls.ranked), 'image')} of {escape(cls.name)}, "
-            f"most suspicious first"
-            f"</summary>{html_table(table, 'scores')}</details>")
-
-
-def _class_section(rows: list[Mapping], cls: _Class, uris: Mapping[int, str], gallery_size: int,
-                   borderline: int, labelled: bool, pictures: bool) -> str:
+def _class_section(rows: list[Mapping], cls: _Class, uris: Mapping[int, str], limits: GalleryLimits,
+                   labelled: bool, pictures: bool) -> str:
     tau = _tau(cls)
     eta = np.array([float(rows[i]["eta"]) for i in cls.ranked])
     kept_mask = np.array([bool(rows[i]["kept"]) for i in cls.ranked], dtype=bool)
-    rejected, kept = cls.rejected[:gallery_size], cls.kept[:borderline]
-    note = "" if pictures else '<p class="note">No pictures: paths and scores only.</p>'
+    rejected, kept = cls.rejected[:limits.gallery_size], cls.kept[:limits.borderline]
+    note = ('<p class="note">Click a picture to enlarge it (the arrow keys step through them); "open file" '
+            'opens the original.</p>' if pictures else '<p class="note">No pictures: paths and scores only.</p>')
     parts = [f'<section id="{cls.anchor}" class="class"><h2>{escape(cls.name)}</h2>',
              f'<p class="counts">{_count(len(cls.ranked), "image")}: <b>{len(cls.kept)} kept</b>, '
              f'<b>{len(cls.rejected)} rejected</b>; rule {escape(_used(cls))}, '
@@ -372,9 +278,51 @@ def _class_section(rows: list[Mapping], cls: _Class, uris: Mapping[int, str], ga
              f'<p class="note rule">{escape(_rule_note(cls))}</p>',
              f'<p class="note engine">{escape(_engine_note(cls))}</p>',
              f"<figure>{histogram_svg(eta[kept_mask], eta[~kept_mask], tau)}</figure>", note,
-             f"<h3>{escape(_shown(len(cls.rejected), gallery_size, 'Rejected, most suspicious first'))}</h3>",
-             _gallery(rows, rejected, "rejected", uris, labelled) if rejected else "<p>None rejected.</p>",
-             f"<h3>{escape(_shown(len(cls.kept), borderline, 'Borderline kept, nearest the cut first'))}</h3>",
-             _gallery(rows, kept, "borderline", uris, labelled) if kept else "<p>None kept.</p>",
-             _scores_table(rows, cls, labelled), "</section>"]
+             f"<h3>{escape(_shown(len(cls.rejected), limits.gallery_size, 'Rejected, most suspicious first'))}</h3>",
+             gallery(rows, rejected, "rejected", uris, labelled) if rejected else "<p>None rejected.</p>",
+             f"<h3>{escape(_shown(len(cls.kept), limits.borderline, 'Borderline kept, nearest the cut first'))}</h3>",
+             gallery(rows, kept, "borderline", uris, labelled) if kept else "<p>None kept.</p>",
+             f'<p class="more"><a href="{escape(list_link(cls.name))}">All {_count(len(cls.ranked), "image")} of '
+             f"{escape(cls.name)} in the full list</a></p></section>"]
     return "".join(parts)
+
+
+# ------------------------------------------------------------------------- paths to copy, settings
+
+def _paths_box(name: str, heading: str, advice: str, paths: Sequence[str]) -> str:
+    if not paths:
+        return f"<h3>{escape(heading)} (0)</h3><p>None.</p>"
+    text = "".join(f"{p}\n" for p in paths)
+    return (f"<h3>{escape(heading)} ({len(paths)})</h3><p class=\"note\">{escape(advice)}</p>"
+            f'<textarea id="paths-{name}" rows="{min(10, len(paths) + 1)}" readonly spellcheck="false">'
+            f'{escape(text)}</textarea><button type="button" data-copy="paths-{name}">Copy these paths</button>')
+
+
+def _copy_boxes(rows: list[Mapping], classes: Sequence[_Class], borderline: int) -> str:
+    """The rejected and the borderline kept images' paths, one per line as the lists write them."""
+    def user(i: int) -> str:
+        return str(rows[i].get("user_path") or rows[i]["path"])
+    rejected = [user(i) for c in classes for i in c.rejected]
+    near = [user(i) for c in classes for i in c.kept[:borderline]]
+    return ('<section id="copy" class="copy"><h2>Correct the cut</h2><p class="note">Paths as the clean list '
+            "writes them, one per line, most suspicious first: paste them into a file, keep the lines you "
+            "mean, and pass it to <code>medsclean cut</code> (or <code>select</code>).</p>"
+            + _paths_box("rejected", "Rejected", "Keep the lines of the images that look normal and pass the "
+                         "file as --keep FILE: they go back into the clean list.", rejected)
+            + _paths_box("borderline", "Borderline kept", "Keep the lines of the images that look defective "
+                         "and pass the file as --reject FILE: they leave the clean list.", near)
+            + "</section>")
+
+
+def _settings(settings: Mapping) -> str:
+    """The settings table: one row per setting; a group (a mapping value) names its stage in a first column."""
+    if not any(isinstance(v, Mapping) for v in settings.values()):
+        return f'<section id="settings"><h2>Settings</h2>{html_table(settings_rows(settings), "settings")}</section>'
+    else:
+        table = html_table([{"stage": group if isinstance(values, Mapping) else "", **line}
+                            for group, values in settings.items()
+                            for line in settings_rows(values if isinstance(values, Mapping) else {group: values})],
+                           "settings")
+    return (f'<section id="settings"><h2>Settings</h2><p class="note">Every option of the run, by stage, as '
+            f"its results recorded it; an option is named by its command-line flag where it has one.</p>"
+            f"{table}</section>")
