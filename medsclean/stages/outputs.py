@@ -74,10 +74,13 @@ def _shown_path(path: Path | None) -> str | None:
     return str(path.absolute() if writes_through(path) else path.resolve())
 
 
-def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Path:
+def select_review(run: Run, results: dict, report_dir: Path | None = None,
+                  images_arg: str | os.PathLike | None = None) -> Path:
     """The review page of a selection: per class the score histogram with the cut, the rejected and
-    the borderline kept images with their anomaly maps. Written into `report_dir`, by default into
-    the run's cut folder (reused there when it exists); returns the page's path."""
+    the borderline kept images with their anomaly maps, the paths to copy (as `user_paths` writes
+    them for `images_arg`, the folder as the user typed it; by default the run's folder), the full
+    list and every setting of the run. Written into `report_dir`, by default into the run's cut
+    folder (reused there when it exists); returns the page's path."""
     from medsclean.pages.review import write_review
     from medsclean.stages import evaluate as ev
     from medsclean.stages.scores import ranks_within_class
@@ -97,8 +100,10 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
     memory = results["select"].artifact.tensors("eta.safetensors", ["memory_score"])["memory_score"].double().numpy()
     classes = [r.cls for r in records]
     ranks = ranks_within_class(eta, classes)
+    shown = user_paths(run.data.images if images_arg is None else images_arg, cut.manifest["images"])
     rows = [{"path": r.rel_path, "class": r.cls, "eta": float(eta[i]), "kept": bool(keep[i]), "rank_in_class": ranks[i],
-             "memory_score": float(memory[i]), "label": r.label} for i, r in enumerate(records)]
+             "memory_score": float(memory[i]), "label": r.label, "file": str(r.path), "user_path": shown[i]}
+            for i, r in enumerate(records)]
     labelled = any(r.label is not None for r in records)
     metrics = ev.cleaning_metrics(dataset, cut, None, eval_cfg) if any(r.label == 1 for r in records) else []
 
@@ -107,14 +112,36 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None) -> Pa
         mask = one.masks[0] if one.masks is not None and records[i].mask is not None else None
         return ev.display_image(records[i], preprocess, eval_cfg.size), one.maps[0], mask
 
-    settings = {"run": cut.key, "images": str(dataset.root), "method": cut.manifest["method"],
-                "cut": cut.manifest["rule"], "backbone": encoder["name"], "seed": run.seed}
+    settings = run_settings(run, results)
     rules = cut.manifest.get("rules", {})  # the rule each class used (mixture may fall back to mad)
     engines = results["score"].artifact.manifest.get("engines", {}) if "score" in results else {}
     cuts = {c: {"tau": t, "rule": cut.manifest["rule"], "used": rules.get(c),
                 "engine": engines.get(c, engines.get("<all>"))} for c, t in cut.manifest["tau"].items()}
     return write_review(target, title=f"medsclean select: {dataset.root}", rows=rows, cuts=cuts,
                         picture=picture, metrics_rows=metrics if labelled else (), settings=settings)
+
+
+def run_settings(run: Run, results: dict) -> dict:
+    """Every option of a run, by stage, as its artifacts recorded them (each manifest's "config"):
+    {"run": {...}, "data": {...}, "extract": {...}, "score": ..., "distill" (method meds), "select", "cut"};
+    a setting is named by its command-line flag where one sets it (`--distill-iters`), else by its field."""
+    from dataclasses import asdict
+
+    from medsclean.options import ALL_OPTS
+
+    flags: dict[tuple[str, str], str] = {}
+    for opt in ALL_OPTS:
+        flags.setdefault(opt.target, opt.flag)
+    cut = results["cut"].artifact
+    groups: dict[str, dict] = {
+        "run": {"run": cut.key, "method": cut.manifest["method"], "cut": cut.manifest["rule"],
+                "--preset": run.preset.name, "--seed": run.seed, "device": run.device},
+        "data": {flags.get(("data", k), k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(run.data).items()}}
+    for stage in ("extract", "score", "distill", "select", "cut"):
+        if stage in results:
+            config = results[stage].artifact.manifest.get("config", {})
+            groups[stage] = {flags.get((stage, k), k): v for k, v in config.items()}
+    return groups
 
 
 def select_export(run: Run, results: dict, images_arg: Path, out: Path, *, copy: bool) -> dict:
