@@ -21,7 +21,16 @@ OTHER_FAISS := $(if $(filter gpu,$(FAISS)),faiss-cpu,faiss-gpu-cu12)
 STAMP := $(VENV)/.medsclean-installed-$(or $(FAISS),nofaiss)$(if $(RAY),-ray)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-all demo bench clean
+# anomalib for the test that loads an exported tree (tests/test_export_anomalib.py): in its own venv,
+# ANOMALIB_VENV, so that lightning and the rest never enter .venv. It reuses .venv's packages (torch,
+# torchvision, numpy, ...) through a .pth file, so pip adds only what anomalib needs besides them, and
+# changes nothing in .venv. `make test` runs the test when this venv exists (CI: .ci/run builds it).
+ANOMALIB_VENV ?= .venv-anomalib
+ANOMALIB ?= anomalib==2.7.0
+ANOMALIB_STAMP := $(ANOMALIB_VENV)/.installed-$(subst =,-,$(ANOMALIB))
+PURELIB := import sysconfig; print(sysconfig.get_paths()["purelib"])
+
+.PHONY: install test test-all demo bench clean anomalib-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@case '$(FAISS)' in cpu|gpu|'') ;; *) echo "FAISS must be cpu, gpu or empty, not '$(FAISS)'" >&2; exit 2;; esac
@@ -33,6 +42,15 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 install: $(STAMP)
+
+$(ANOMALIB_STAMP): $(STAMP)
+	@test -x $(ANOMALIB_VENV)/bin/python || $(BIN)/python -m venv $(ANOMALIB_VENV)
+	$(BIN)/python -c '$(PURELIB)' > "$$($(ANOMALIB_VENV)/bin/python -c '$(PURELIB)')/medsclean-venv.pth"
+	$(ANOMALIB_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		$(if $(CONSTRAINTS),-c $(CONSTRAINTS)) '$(ANOMALIB)'
+	@touch $@
+
+anomalib-venv: $(ANOMALIB_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -88,3 +88,11 @@ class EvalModel(Choice):
 class Executor(Choice):
     LOCAL = "local"
     RAY = "ray"
+
+
+class Link(Choice):
+    """How `--export` puts each image in the tree."""
+
+    HARDLINK = "hardlink"
+    SYMLINK = "symlink"
+    COPY = "copy"

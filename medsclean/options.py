@@ -250,8 +250,13 @@ REPORT = _opts(
     panel="Outputs",
 )
 EXPORT = _opts(
-    Opt("export", Path, ("command", "export"), "Write the cleaned dataset here as an MVTec tree: "
-        "<class>/train/good/ (kept) and <class>/rejected/, symlinks unless --copy.", default="none"),
+    Opt("export", Path, ("command", "export"), "Write the cleaned dataset here as a tree anomalib loads: "
+        "<class>/train/good/ (kept, nothing else in <class>/), _rejected/<class>/ (rejected), clean.txt and "
+        "rejected.txt relative to the tree.", default="none"),
+    Opt("link", choices.Link, ("command", "link"), "How --export places each image: hardlink (a copy where the "
+        "file system cannot link; a hard link shares the file, so editing one edits both), copy, or symlink "
+        "(absolute links: anomalib's MVTecAD does not load a symlink tree).",
+        default="hardlink"),
     panel="Outputs",
 )
 RUNS = _opts(
@@ -261,8 +266,8 @@ RUNS = _opts(
         flags=("--yes", "-y")),
     panel="Runs",
 )
-COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of symlinking them.",
-                 default="symlinks"), panel="Outputs")
+COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of linking them (for --export: "
+                 "deprecated, the same as --link copy).", default="no"), panel="Outputs")
 
 ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *CLUSTER, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
 BY_NAME = {o.name: o for o in ALL_OPTS}

@@ -4,6 +4,7 @@ of a recorded run (real Lite0 features of small generated datasets)."""
 import csv
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -239,20 +240,37 @@ def test_select_writes_a_review_and_exports_a_trainer_ready_tree(noisy, tmp_path
 
     tree = tmp_path / "clean-set"
     good = sorted(tree.glob("brick/train/good/*"))
-    dropped = sorted(tree.glob("brick/rejected/*"))
+    dropped = sorted(tree.glob("_rejected/brick/*"))
     assert len(good) == summary["kept"] and len(dropped) == summary["rejected"]
-    assert all(p.is_symlink() and p.resolve().is_file() for p in good + dropped)
-    kept_sources = {str(p.resolve()) for p in good}
-    assert kept_sources == {str((root / r["path"]).resolve()) for r in rows if r["kept"] == "1"}
-    lists = (tree / "clean.txt").read_text().splitlines()
-    assert sorted(lists) == sorted(f"{root}/{r['path']}" for r in rows if r["kept"] == "1")
+    assert sorted(p.name for p in tree.iterdir()) == ["_rejected", "brick", "clean.txt", "medsclean-export.json",
+                                                      "rejected.txt"]
+    assert [p.name for p in (tree / "brick").iterdir()] == ["train"]  # nothing beside train/good in a class
+    assert not any(p.is_symlink() for p in good + dropped)  # hard links (the tree is on the images' disk)
+    inodes = {p.stat().st_ino for p in good}
+    assert inodes == {(root / r["path"]).stat().st_ino for r in rows if r["kept"] == "1"}
+    assert {p.stat().st_ino for p in dropped} == {(root / r["path"]).stat().st_ino for r in rows if r["kept"] == "0"}
+    lists = (tree / "clean.txt").read_text().splitlines()  # relative to the tree
+    assert sorted(lists) == sorted(p.relative_to(tree).as_posix() for p in good)
+    assert sorted((tree / "rejected.txt").read_text().splitlines()) == sorted(
+        p.relative_to(tree).as_posix() for p in dropped)
     manifest = json.loads((tree / "medsclean-export.json").read_text())
     assert manifest["run"] == summary["run"] and manifest["classes"]["brick"]["rejected"] == summary["rejected"]
+    assert manifest["links"] == {"hardlink": len(rows)}
+    assert f"export: {summary['kept']} kept and {summary['rejected']} rejected images in {tree} (hard links)" in res.stderr
 
-    again, _ = _select(str(root), "--work", str(work), "--method", "memory", *FAST, "--copy",
-                       "--export", str(tmp_path / "copies"), "--report", str(tmp_path / "review"))
+    again, res = _select(str(root), "--work", str(work), "--method", "memory", *FAST, "--copy",
+                         "--export", str(tmp_path / "copies"), "--report", str(tmp_path / "review"))
     copies = sorted((tmp_path / "copies").glob("brick/train/good/*"))
-    assert copies and not any(p.is_symlink() for p in copies)
+    assert copies and not any(p.is_symlink() or p.stat().st_ino in inodes for p in copies)
+    assert "--copy is deprecated" in res.stderr and "(copies)" in res.stderr
+    _, res = _select(str(root), "--work", str(work), "--method", "memory", *FAST, "--link", "symlink",
+                     "--export", str(tmp_path / "links"))
+    links = sorted((tmp_path / "links").glob("brick/train/good/*"))
+    assert links and all(p.is_symlink() and os.path.isabs(os.readlink(p)) for p in links)
+    both = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST, "--copy",
+                                    "--link", "hardlink", "--export", str(tmp_path / "both")])
+    assert both.exit_code == 2 and "--copy" in both.output and "--link" in both.output
+    assert not (tmp_path / "both").exists()
     assert (tmp_path / "review" / "report.html").is_file() and again["review"] == str(tmp_path / "review" / "report.html")
     busy = CliRunner().invoke(app, ["select", str(root), "--work", str(work), "--method", "memory", *FAST,
                                     "--export", str(tmp_path / "copies")])

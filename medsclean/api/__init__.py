@@ -74,8 +74,9 @@ def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = 
     """Step 3 and the cut: the clean images, running any missing stage first (`medsclean select`).
 
     `out` / `rejected_out` write the lists to files, `report` puts the review page in a folder of
-    your choice, `export` writes the cleaned dataset tree (`copy` for copies). Returns the kept and
-    rejected paths and the per-image scores; `Selection.recut(...)` re-cuts without retraining.
+    your choice, `export` writes the cleaned dataset tree (`link`: hard links, copies or symlinks).
+    Returns the kept and rejected paths and the per-image scores; `Selection.recut(...)` re-cuts
+    without retraining.
     """
     with api_call():
         given = _prepare("select", "select", images, work, options)
@@ -90,10 +91,8 @@ def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = 
         summary["review"] = str(outputs.select_review(run, results, given.get("report")))
         run.reporter.info(f"review: {summary['review']}")
         if given.get("export") is not None:
-            exported = outputs.select_export(run, results, Path(images), given.export, copy=bool(given.get("copy")))
+            outputs.select_export(run, results, given.export, link=given.get("link"), copy=bool(given.get("copy")))
             summary["export"] = str(Path(given.export).expanduser().resolve())
-            run.reporter.info(f"export: {exported['kept']} kept and {exported['rejected']} rejected images in "
-                              f"{summary['export']} ({'copies' if given.get('copy') else 'symlinks'})")
         upstream = _upstream_options(given, cfgs)
 
         def redo(**cut: Any) -> Selection:
@@ -184,7 +183,7 @@ def _configs(run, given: Given) -> dict[str, Any]:
     return cfgs
 
 
-ONE_OFF = ("force", "out", "rejected_out", "report", "export", "copy", "work", "images")
+ONE_OFF = ("force", "out", "rejected_out", "report", "export", "link", "copy", "work", "images")
 """Options of one `select` call that a re-cut does not repeat."""
 
 

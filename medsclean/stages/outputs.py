@@ -144,11 +144,16 @@ def run_settings(run: Run, results: dict) -> dict:
     return groups
 
 
-def select_export(run: Run, results: dict, images_arg: Path, out: Path, *, copy: bool) -> dict:
-    """`--export DIR`: the kept and rejected images as an MVTec-layout tree (see `medsclean.workdir.export`)."""
-    from medsclean.workdir.export import export_tree
+def select_export(run: Run, results: dict, out: Path, *, link: str | None = None, copy: bool = False) -> dict:
+    """`--export DIR`: the kept and rejected images as a tree anomalib loads (see `medsclean.workdir.export`);
+    says on stderr where it went and how the files were placed (`copy`: deprecated, as `link="copy"`)."""
+    from medsclean.workdir.export import export_tree, link_mode, placed
 
+    mode = link_mode(link, copy)
+    if copy:
+        run.reporter.warn("--copy is deprecated for the export: use --link copy (copy=True: link='copy')")
     cut = results["cut"].artifact
-    rows = cut.manifest["images"]
-    return export_tree(out, run.data.images, rows, kept_flags(results), user_paths(images_arg, rows), copy=copy,
-                       run=cut.key)
+    manifest = export_tree(out, run.data.images, cut.manifest["images"], kept_flags(results), link=mode, run=cut.key)
+    run.reporter.info(f"export: {manifest['kept']} kept and {manifest['rejected']} rejected images in "
+                      f"{Path(out).expanduser().resolve()} ({placed(manifest)})")
+    return manifest
