@@ -4,13 +4,14 @@
     selection = medsclean.select("images/", work="medsclean-work")
     selection.kept, selection.rejected, selection.rows[0]
 
-`select`, `extract`, `score`, `distill` and `evaluate` take the command line's options as keywords
-(see `medsclean.api`); importing the package imports no torch.
+`select`, `cut` (a new cut of a stored run, never training), `extract`, `score`, `distill` and
+`evaluate` take the command line's options as keywords (see `medsclean.api`); importing the package
+imports no torch.
 """
 
-from medsclean.api import Evaluation, Selection, StageOutput, distill, evaluate, extract, score, select
+from medsclean.api import Evaluation, Selection, StageOutput, cut, distill, evaluate, extract, score, select
 from medsclean.errors import ConfigError, DataError, MedscleanError, UsageError, WeightsError
 from medsclean.version import __version__
 
 __all__ = ["ConfigError", "DataError", "Evaluation", "MedscleanError", "Selection", "StageOutput", "UsageError",
-           "WeightsError", "__version__", "distill", "evaluate", "extract", "score", "select"]
+           "WeightsError", "__version__", "cut", "distill", "evaluate", "extract", "score", "select"]

@@ -196,9 +196,23 @@ SELECT = _opts(
         "iteration counts are chosen from a measured step time and printed.", default="none"),
     panel="Step 3 and the cut",
 )
+CUT = tuple(o for o in SELECT if o.target[0] == "cut")
+"""The options of the final cut alone (`medsclean cut`; `Selection.recut`)."""
+RUN_KEY = _opts(
+    Opt("run", str, ("eval", "run"), "The run to use, as it was made (a key from `medsclean runs`; a prefix is "
+        "enough): eval measures it, cut re-cuts its scores. eval without stage options, and cut, take the "
+        "latest run of IMAGES.", default="the latest run"),
+    panel="Run",
+)
+CORRECTIONS = _opts(
+    Opt("keep", Path, ("command", "keep"), "Keep the images this file lists, whatever the cut says: one path per "
+        "line, as in clean.txt, relative to the current folder or to IMAGES, or absolute; blank lines and # "
+        "comments are skipped (Python: a file or a list of paths).", default="none", path="file", metavar="FILE"),
+    Opt("reject", Path, ("command", "reject"), "Reject the images this file lists, whatever the cut says (as "
+        "--keep).", default="none", path="file", metavar="FILE"),
+    panel="Corrections",
+)
 EVAL = _opts(
-    Opt("run", str, ("eval", "run"), "Evaluate this run as it was made (a key from `medsclean runs`; a prefix "
-        "is enough). Without stage options, eval takes the latest run of IMAGES.", default="the latest run"),
     Opt("model", choices.EvalModel, ("eval", "model"), "Detector to measure: select (fine-tuned), distill, or "
         "memory (the ensemble)."),
     Opt("metrics_dir", Path, ("eval", "metrics_dir"), "Folder for metrics.json and metrics.csv.",
@@ -269,7 +283,7 @@ RUNS = _opts(
 COPY = _opts(Opt("copy", bool, ("command", "copy"), "Copy image files instead of linking them (for --export: "
                  "deprecated, the same as --link copy).", default="no"), panel="Outputs")
 
-ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *CLUSTER, *SCORE, *DISTILL, *SELECT, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
+ALL_OPTS = (*RUN, *FORCE, *DATA, *EXTRACT, *CLUSTER, *SCORE, *DISTILL, *SELECT, *RUN_KEY, *CORRECTIONS, *EVAL, *NOISE, *DEMO, *MAKE_NOISY, *LISTS, *COPY, *RUNS, *REPORT, *EXPORT)
 BY_NAME = {o.name: o for o in ALL_OPTS}
 assert len(BY_NAME) == len(ALL_OPTS), "two options share a parameter name"
 
@@ -278,8 +292,10 @@ COMMANDS = {
     "extract": (RUN, FORCE, DATA, EXTRACT, CLUSTER),
     "score": (RUN, FORCE, DATA, EXTRACT, CLUSTER, SCORE),
     "distill": (RUN, FORCE, DATA, EXTRACT, CLUSTER, SCORE, DISTILL),
-    "select": (RUN, FORCE, DATA, EXTRACT, CLUSTER, SCORE, DISTILL, SELECT, LISTS, REPORT, EXPORT, COPY),
-    "eval": (RUN, DATA, EXTRACT, CLUSTER, SCORE, DISTILL, SELECT, EVAL, REPORT),
+    "select": (RUN, FORCE, DATA, EXTRACT, CLUSTER, SCORE, DISTILL, SELECT, CORRECTIONS, LISTS, REPORT, EXPORT, COPY),
+    "cut": (tuple(o for o in RUN if o.name not in ("preset", "seed")), RUN_KEY, CUT, CORRECTIONS, LISTS, REPORT,
+            EXPORT, COPY),
+    "eval": (RUN, DATA, EXTRACT, CLUSTER, SCORE, DISTILL, SELECT, RUN_KEY, EVAL, REPORT),
     "runs": (tuple(o for o in RUN if o.name in ("work", "as_json")), RUNS),
     "demo": (RUN, EXTRACT, SCORE, DISTILL, SELECT, NOISE, DEMO),
     "make-noisy": (NOISE, MAKE_NOISY, COPY, tuple(o for o in RUN if o.name in ("seed", "as_json"))),

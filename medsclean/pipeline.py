@@ -180,9 +180,10 @@ def distill_stage(run: Run, score_cfg: ScoreConfig, cfg: DistillConfig, *, force
 
 
 def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, cfg: SelectConfig,
-                 cut_cfg: CutConfig, *, force: bool = False) -> dict:
-    """Stages `select` (the final scores η) and `cut` (the clean list), after every stage they need
-    (`distill` only for method meds). A changed cut reuses the stored η: no retraining."""
+                 cut_cfg: CutConfig, *, force: bool = False, corrections=None) -> dict:
+    """Stages `select` (the final scores η) and `cut` (the clean list, with the user's
+    `corrections`, a `stages.cut.Corrections`), after every stage they need (`distill` only for
+    method meds). A changed cut reuses the stored η: no retraining."""
     from medsclean.stages.cut import run_cut
     from medsclean.stages.select import run_select
 
@@ -194,10 +195,12 @@ def select_stage(run: Run, score_cfg: ScoreConfig, distill_cfg: DistillConfig, c
     results["select"] = run_select(results["extract"].artifact, results["score"].artifact, distilled, run.store(),
                                    cfg, run.training(), force=force)
     _log_stage(run, "select", results["select"])
-    results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, force=force, reporter=run.reporter)
+    results["cut"] = run_cut(results["select"].artifact, run.store(), cut_cfg, corrections=corrections, force=force,
+                             reporter=run.reporter)
     _log_stage(run, "cut", results["cut"])
     _record(run, results, {"data": run.data, "extract": run.extract, "score": cfg.step1(score_cfg),
-                           **({"distill": distill_cfg} if cfg.method == "meds" else {}), "select": cfg, "cut": cut_cfg})
+                           **({"distill": distill_cfg} if cfg.method == "meds" else {}), "select": cfg, "cut": cut_cfg,
+                           **({"corrections": corrections} if corrections else {})})
     if results["select"].cached and not results["cut"].cached:
         run.reporter.info(f"re-cut: the stored final scores of select {results['select'].artifact.key} cut by "
                           f"{results['cut'].artifact.manifest['rule']} (no retraining)")
@@ -213,28 +216,14 @@ def _record(run: Run, results: dict, configs: dict) -> None:
 
 
 def recorded_run(key: str | None, images: Path, work: Path, *, device: str | None = None, quiet: bool = False,
-                 reporter: Reporter | None = None) -> tuple[Run, dict] | None:
+                 reporter: Reporter | None = None, command: str = "eval") -> tuple[Run, dict] | None:
     """The run `key` (a prefix is enough; by default the latest run of `images`) rebuilt with the options
-    recorded when it was made, and its artifacts as stage results; None when `images` has no run yet."""
-    from medsclean.workdir.runs import find_run, latest_run
-
-    store = Store(work, images_root=images)
-    if key is None:
-        found = latest_run(store, images)
-        if found is None:
-            return None
-        key, record = found
-        if record is None:
-            from medsclean.errors import DataError
-
-            raise DataError(f"{images}: its latest run {key} lost artifacts in {store.work}; rerun `medsclean "
-                            f"select`, or pass --run with another key from `medsclean runs`")
-    else:
-        key, record, root = find_run(store, key)
-        if Path(root).resolve() != Path(images).expanduser().resolve():
-            from medsclean.errors import ConfigError
-
-            raise ConfigError("run", f"run {key} was made from {root}, not {images}")
+    recorded when it was made, and its artifacts as stage results; None when `images` has no run yet.
+    `command` names the command in its log line and errors."""
+    found = _recorded(key, images, work, command)
+    if found is None:
+        return None
+    key, record, store = found
     options = record["options"]
     data = DataConfig(**{**options["data"], "images": Path(options["data"]["images"]),
                          "masks": Path(options["data"]["masks"]) if options["data"]["masks"] else None})
@@ -250,9 +239,112 @@ def recorded_run(key: str | None, images: Path, work: Path, *, device: str | Non
         if k:
             store.use(stage, k)
     results = {stage: StageResult(store.load(stage, k), True, 0.0) for stage, k in record["artifacts"].items() if k}
-    built.reporter.info(f"eval: run {key} ({options['select']['method']}, cut "
+    built.reporter.info(f"{command}: run {key} ({options['select']['method']}, cut "
                         f"{results['cut'].artifact.manifest['rule']}, made {record['created']}) with its recorded options")
     return built, results
+
+
+def _recorded(key: str | None, images: Path, work: Path, command: str) -> tuple[str, dict, Store] | None:
+    """(key, run record, store) of the run `key`, or of the latest run of `images`; None without one."""
+    from medsclean.workdir.runs import find_run, latest_run
+
+    store = Store(work, images_root=images)
+    if key is None:
+        found = latest_run(store, images)
+        if found is None:
+            return None
+        key, record = found
+        if record is None:
+            from medsclean.errors import DataError
+
+            raise DataError(f"{images}: its latest run {key} lost artifacts in {store.work}; rerun `medsclean "
+                            f"select`, or pass --run with another key from `medsclean runs`")
+        return key, record, store
+    key, record, root = find_run(store, key)  # a run with all its artifacts
+    if Path(root).resolve() != Path(images).expanduser().resolve():
+        from medsclean.errors import ConfigError
+
+        raise ConfigError("run", f"run {key} was made from {root}, not {images}", stage=command)
+    return key, record, store
+
+
+def cut_stage(run: Run, results: dict, cut_cfg: CutConfig, corrections=None) -> dict:
+    """Stage `cut` alone on a recorded run's artifacts (`recorded_run`): `cut_cfg` and the user's
+    `corrections` applied to its stored final scores, recorded as the latest run of its folder with
+    the run's other options. Never trains. Returns the results with the new cut."""
+    from medsclean.stages.cut import run_cut
+    from medsclean.workdir.runs import find_run, record_run
+
+    store = run.store()
+    recorded = find_run(store, results["cut"].artifact.key, stage="cut")[1]  # a run's key is its cut's key
+    results = {**results, "cut": run_cut(results["select"].artifact, store, cut_cfg, corrections=corrections,
+                                         reporter=run.reporter)}
+    _log_stage(run, "cut", results["cut"])
+    chain = {stage: (results[stage].artifact.key if stage in results else None)
+             for stage in ("extract", "score", "distill", "select", "cut")}
+    options = {k: v for k, v in recorded["options"].items() if k not in ("cut", "corrections")}
+    record_run(store, run.data.images, chain, {**options, "cut": cut_cfg,
+                                               **({"corrections": corrections} if corrections else {})},
+               preset=run.preset.name, seed=run.seed)
+    return results
+
+
+def training_changes(run: Run, configs: Mapping[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """Why a `select` with `configs` ("score", "distill", "select") would train a new run of the image
+    folder: (stage, field, recorded, new) of each setting that makes the trained stages and differs
+    from the folder's latest run ("run", "seed" for the seed). Empty when nothing trains: no run yet,
+    a method without training, or the training settings of the latest run or of another complete one.
+    Compares the configs with the run records, not the artifacts (the images are not read)."""
+    from dataclasses import asdict
+
+    from medsclean.workdir.runs import folder_runs, latest_run
+
+    store = run.store()
+    found = latest_run(store, run.data.images)
+    if configs["select"].method != "meds" or found is None or found[1] is None:
+        return []
+    new = _training_fields(asdict(run.data), run.extract, configs["select"].step1(configs["score"]), configs["distill"],
+                           configs["select"], run.seed)
+
+    def changes(record: dict) -> list[tuple[str, str, Any, Any]]:
+        old = _recorded_training_fields(record)
+        return [(*k, old[k], v) for k, v in new.items() if k in old and old[k] != v]
+
+    if any(not changes(r) for r in folder_runs(store, run.data.images).values()):
+        return []
+    return changes(found[1])
+
+
+def _training_fields(data, extract, score, distill, select, seed) -> dict[tuple[str, str], Any]:
+    """{(stage, field): value} of the settings that make the trained stages (speed-only ones left out);
+    `data`: the data config's fields."""
+    from dataclasses import asdict
+
+    out = {("data", k): (None if data.get(k) is None else str(data[k]))
+           for k in ("layout", "split", "masks", "class_from")}
+    out.update({("extract", k): v for k, v in extract.key_fields().items()})
+    out.update({("score", k): v for k, v in score.key_fields().items() if k != "seed"})
+    for stage, cfg in (("distill", distill), ("select", select)):
+        out.update({(stage, k): v for k, v in asdict(cfg).items()} if cfg is not None else {})
+    out[("run", "seed")] = seed
+    return out
+
+
+def _recorded_training_fields(record: dict) -> dict[tuple[str, str], Any]:
+    """`_training_fields` of a run record (empty when its options no longer make configs)."""
+    from dataclasses import fields
+
+    options = record["options"]
+
+    def build(cls, stage):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options[stage].items() if k in known}) if stage in options else None
+
+    try:
+        return _training_fields(options["data"], build(ExtractConfig, "extract"), build(ScoreConfig, "score"),
+                                build(DistillConfig, "distill"), build(SelectConfig, "select"), record["seed"])
+    except (KeyError, TypeError, ValueError):
+        return {}
 
 
 def apply_budget(run: Run, distill_cfg: DistillConfig, select_cfg: SelectConfig, seconds: float):

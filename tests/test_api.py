@@ -86,7 +86,9 @@ def test_selection_rows_recut_csv_and_pandas(data, cli_run, api_run, tmp_path):
     assert [r["path"] for r in selection.rows] == sorted(selection.kept + selection.rejected,
                                                           key=[r["path"] for r in selection.rows].index)
     first = selection.rows[0]
-    assert list(first) == ["path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class"]
+    assert list(first) == ["path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class",
+                           "decision"]
+    assert {r["decision"] for r in selection.rows} == {"auto"}  # no correction
     assert first["path"].startswith(str(data)) and isinstance(first["distilled_score"], float)
     assert {r["path"] for r in selection.rows if r["kept"]} == set(selection.kept)
     assert selection.review.is_file() and set(selection.artifacts) == {"extract", "score", "distill", "select",
@@ -96,7 +98,7 @@ def test_selection_rows_recut_csv_and_pandas(data, cli_run, api_run, tmp_path):
     written = selection.to_csv(tmp_path / "rows.csv").read_text().splitlines()
     assert written[0] == stored[0] and len(written) == len(stored)
     assert [line.split(",", 1)[1] for line in written[1:]] == [line.split(",", 1)[1] for line in stored[1:]]
-    assert selection.to_pandas().shape == (16, 7)
+    assert selection.to_pandas().shape == (16, 8)
 
     recut = selection.recut(reject_fraction=0.25)
     assert recut.summary["recut"] and not recut.summary["trained"]

@@ -90,7 +90,9 @@ def test_select_memory_method_and_meds_end_to_end(noisy, tmp_path):
     assert kept == sorted(kept)  # input order
     with open(f"{sel_dir}/scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert set(rows[0]) == {"path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class"}
+    assert set(rows[0]) == {"path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class",
+                            "decision"}
+    assert {r["decision"] for r in rows} == {"auto"}  # no correction
     injected = _labels(root)
     # the most suspicious image of each class is a planted contaminant, and it is rejected
     for cls in ("brick", "gravel"):

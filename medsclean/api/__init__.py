@@ -21,8 +21,8 @@ from typing import Any
 from medsclean.api.checks import api_call, check_paths, fields_of, given_for, validate
 from medsclean.api.results import CUT_OPTIONS, Evaluation, Selection, StageOutput
 from medsclean.presets import DEFAULT_PRESET, DEFAULT_SEED
-from medsclean.errors import ConfigError
-from medsclean.options import DEFAULT_WORK, Given
+from medsclean.errors import ConfigError, DataError
+from medsclean.options import BY_NAME, DEFAULT_WORK, Given
 
 PathLike = str | os.PathLike
 
@@ -81,22 +81,56 @@ def select(images: PathLike, *, work: PathLike = DEFAULT_WORK, progress: bool = 
     with api_call():
         given = _prepare("select", "select", images, work, options)
         from medsclean import pipeline
-        from medsclean.stages import outputs
 
         run = _run(given, progress)
         cfgs = _configs(run, given)
+        corrections = _corrections(given, run.data.images, lambda: [r.rel_path for r in run.dataset().records])
+        _warn_retraining(run, cfgs, given, images)
         results = pipeline.select_stage(run, cfgs["score"], cfgs["distill"], cfgs["select"], cfgs["cut"],
-                                        force=bool(given.get("force")))
-        summary = outputs.select_summary(run, results, images, given.get("out"), given.get("rejected_out"))
-        summary["review"] = str(outputs.select_review(run, results, given.get("report")))
-        run.reporter.info(f"review: {summary['review']}")
-        if given.get("export") is not None:
-            outputs.select_export(run, results, given.export, link=given.get("link"), copy=bool(given.get("copy")))
-            summary["export"] = str(Path(given.export).expanduser().resolve())
+                                        force=bool(given.get("force")), corrections=corrections)
+        summary = _write_outputs(run, results, images, given)
         upstream = _upstream_options(given, cfgs)
 
         def redo(**cut: Any) -> Selection:
             return select(images, work=work, progress=progress, **upstream, **cut)
+
+        return _selection(results, images, summary, redo)
+
+
+def cut(images: PathLike, *, work: PathLike = DEFAULT_WORK, run: str | None = None, progress: bool = True,
+        **options: Any) -> Selection:
+    """Re-cut a run's stored final scores and write its lists, review page and export as `select`
+    does, never training (`medsclean cut`): the latest run of `images`, or `run` (a key from
+    `medsclean runs`; a prefix is enough). The cut options not passed take their defaults, as in
+    `select` (not the run's recorded cut), so `cut(images, reject_fraction=0.1)` gives the lists of
+    `select(images, reject_fraction=0.1, <the run's options>)`; `keep` / `reject` correct the cut
+    for the images they list. The new cut becomes the folder's latest run.
+
+    Raises:
+        DataError: `images` has no run in `work`.
+    """
+    with api_call():
+        given = _prepare("cut", "cut", images, work, {**options, "run": run})
+        from medsclean import pipeline
+
+        recorded = None
+        if given.work_folder().is_dir():
+            recorded = pipeline.recorded_run(given.get("run"), Path(images), given.work_folder(),
+                                             device=given.get("device"), quiet=not progress, command="cut")
+        if recorded is None:
+            typed = os.fspath(images)
+            raise DataError(f"{typed} has no run in {os.fspath(given.work_folder())}; run `medsclean select {typed}` "
+                            f"first")
+        built, results = recorded
+        selected = results["select"].artifact
+        corrections = _corrections(given, built.data.images,
+                                   lambda: [row["path"] for row in selected.manifest["images"]])
+        results = pipeline.cut_stage(built, results, built.cut_config(**given.stage("cut")), corrections)
+        summary = _write_outputs(built, results, images, given)
+        again = {k: v for k, v in given.values_set().items() if k not in (*ONE_OFF, *CUT_OPTIONS, "run")}
+
+        def redo(**cut_options: Any) -> Selection:
+            return cut(images, work=work, run=results["cut"].artifact.key, progress=progress, **again, **cut_options)
 
         return _selection(results, images, summary, redo)
 
@@ -183,6 +217,54 @@ def _configs(run, given: Given) -> dict[str, Any]:
     return cfgs
 
 
+def _write_outputs(run, results: dict, images: PathLike, given: Given) -> dict:
+    """What `select` and `cut` write once the cut is made: the lists (`out`, `rejected_out`), the
+    review page (`report`, by default the cut's folder) and the export (`export`); returns the summary."""
+    from medsclean.stages import outputs
+
+    summary = outputs.select_summary(run, results, images, given.get("out"), given.get("rejected_out"))
+    summary["overrides"] = results["cut"].artifact.manifest.get("overrides", {"kept": [], "rejected": []})
+    summary["review"] = str(outputs.select_review(run, results, given.get("report")))
+    run.reporter.info(f"review: {summary['review']}")
+    if given.get("export") is not None:
+        outputs.select_export(run, results, given.export, link=given.get("link"), copy=bool(given.get("copy")))
+        summary["export"] = str(Path(given.export).expanduser().resolve())
+    return summary
+
+
+def _corrections(given: Given, root: Path, image_paths):
+    """The `stages.cut.Corrections` of the call's `keep` and `reject` among the images `image_paths()`
+    lists (paths inside `root`), or None without them; checked before any stage runs."""
+    if given.get("keep") is None and given.get("reject") is None:
+        return None
+    from medsclean.api.corrections import resolve_corrections
+
+    return resolve_corrections(root, image_paths(), given.get("keep"), given.get("reject"))
+
+
+def _warn_retraining(run, cfgs: dict, given: Given, images: PathLike) -> None:
+    """One warning before a `select` that trains a new run of a folder that has one: the training
+    options that differ from its latest run (old → new), and the `cut` command that re-cuts that run."""
+    import shlex
+
+    from medsclean import pipeline
+    from medsclean.options import CUT, option_for
+
+    changes = pipeline.training_changes(run, cfgs)
+    if not changes:
+        return
+    named = ", ".join(f"{option_for(field, stage)} {old} → {new}" for stage, field, old, new in changes)
+    words = ["medsclean", "cut", os.fspath(images)]
+    for name in ("work", *(o.name for o in CUT), "keep", "reject"):
+        value = given.get(name)
+        if name == "work" and os.fspath(value) == DEFAULT_WORK:
+            continue
+        if value is not None and not isinstance(value, tuple):
+            words += [BY_NAME[name].flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    command = " ".join(shlex.quote(w) for w in words)
+    run.reporter.warn(f"this trains a new run: {named}; to re-cut the latest run instead: {command}")
+
+
 ONE_OFF = ("force", "out", "rejected_out", "report", "export", "link", "copy", "work", "images")
 """Options of one `select` call that a re-cut does not repeat."""
 
@@ -198,6 +280,7 @@ def _upstream_options(given: Given, cfgs: dict) -> dict[str, Any]:
 
 def _selection(results: dict, images: PathLike, summary: dict, redo) -> Selection:
     """The `Selection` of a run's stage results."""
+    from medsclean.stages.cut import decisions_of
     from medsclean.stages.outputs import user_paths
     from medsclean.stages.scores import ranks_within_class
 
@@ -211,11 +294,13 @@ def _selection(results: dict, images: PathLike, summary: dict, redo) -> Selectio
     distilled = stored["distilled_score"].double().tolist() if "distilled_score" in stored else [None] * len(paths)
     ranks = ranks_within_class(final, [row["class"] for row in listed])
     rows = [{"path": p, "class": row["class"], "memory_score": m, "distilled_score": d, "final_eta": f,
-             "kept": k, "rank_in_class": r}
-            for p, row, m, d, f, k, r in zip(paths, listed, memory, distilled, final, keep, ranks)]
+             "kept": k, "rank_in_class": r, "decision": c}
+            for p, row, m, d, f, k, r, c in zip(paths, listed, memory, distilled, final, keep, ranks,
+                                                decisions_of(cut.manifest))]
     return Selection(kept=[p for p, k in zip(paths, keep) if k], rejected=[p for p, k in zip(paths, keep) if not k],
                      rows=rows, run=cut.key, review=Path(summary["review"]),
                      artifacts={stage: r.artifact.path for stage, r in results.items()}, summary=summary, redo=redo)
 
 
-__all__ = ["Evaluation", "Selection", "StageOutput", "distill", "evaluate", "extract", "run_demo", "score", "select"]
+__all__ = ["Evaluation", "Selection", "StageOutput", "cut", "distill", "evaluate", "extract", "run_demo", "score",
+           "select"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medsclean import choices
+from medsclean.api.corrections import CORRECTION_OPTIONS
 from medsclean.config import STAGE_CONFIGS, check_self_out
 from medsclean.values import check_seed, parse_duration
 from medsclean.errors import ConfigError, DataError
@@ -62,6 +63,10 @@ def checked_value(opt: Opt, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, wanted):
             raise ConfigError(name, f"{name} must be {'an integer' if kind is int else 'a number'}, not {value!r}")
         return kind(value) if kind is float else value
+    if kind is Path and name in CORRECTION_OPTIONS and isinstance(value, (list, tuple)):
+        if not all(isinstance(p, (str, os.PathLike)) for p in value):
+            raise ConfigError(name, f"{name} must be a file of paths or a list of paths, not {value!r}")
+        return tuple(value)
     if kind is Path:
         if not isinstance(value, (str, os.PathLike)):
             raise ConfigError(name, f"{name} must be a path, not {value!r}")
@@ -160,7 +165,8 @@ def with_option_names(exc: ConfigError) -> ConfigError:
     message = str(exc)
     named = message
     for param, name in zip(exc.params, names):
-        named = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", name, named)
+        # a whole word, not a part of a path (`keep.txt`, `./keep/a.png`)
+        named = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", name, named)
     if named == message:
         named = f"{', '.join(names)}: {message}"
     renamed = ConfigError(names[0] if isinstance(exc.param, str) else names, named, stage=exc.stage)

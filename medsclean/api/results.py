@@ -13,7 +13,7 @@ from typing import Any
 from medsclean.errors import ConfigError, MedscleanError
 from medsclean.options import ALL_OPTS
 
-ROW_FIELDS = ("path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class")
+ROW_FIELDS = ("path", "class", "memory_score", "distilled_score", "final_eta", "kept", "rank_in_class", "decision")
 """The columns of `Selection.rows`, `to_csv` and the cut's scores.csv."""
 
 CUT_OPTIONS = tuple(o.name for o in ALL_OPTS if o.target[0] == "cut")
@@ -64,13 +64,15 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Selection:
-    """What `select` returns: the kept and rejected images and the scores behind the cut.
+    """What `select` and `cut` return: the kept and rejected images and the scores behind the cut.
 
     kept, rejected: the image paths as the command's lists write them (the image folder as given
         joined with each image's path inside it), in input order.
     rows: one dict per image in input order, with the keys of `ROW_FIELDS`: path, class,
         memory_score (Step 1), distilled_score (Step 2; None for the methods without it),
-        final_eta (what the cut read), kept, rank_in_class (1 = most suspicious of its class).
+        final_eta (what the cut read), kept, rank_in_class (1 = most suspicious of its class),
+        decision ("auto", or "kept by user" / "rejected by user" for the images `keep` / `reject`
+        corrected).
     run: the run key (`medsclean runs`, `evaluate(run=...)`).
     review: the review page (report.html).
     artifacts: the folder of each stage's artifact, by stage ("extract", ..., "cut").
@@ -92,8 +94,9 @@ class Selection:
 
     def recut(self, **cut_options: Any) -> Selection:
         """The same scores cut again with `cut_options` (`cut`, `final_score`, `cut_k`,
-        `reject_fraction`, `threshold`; the cut options not passed take their defaults): no
-        retraining, seconds, as `medsclean select` with a new cut. Lists and exports are not written.
+        `reject_fraction`, `threshold`; the cut options not passed take their defaults; the
+        selection's corrections `keep` / `reject` stay): no retraining, seconds, as `medsclean cut`.
+        Lists and exports are not written.
 
         Raises:
             ConfigError: an option that is not a cut option (naming it), or a bad value.
@@ -113,7 +116,7 @@ class Selection:
         for row in self.rows:
             distilled = "" if row["distilled_score"] is None else f"{row['distilled_score']:.6f}"
             writer.writerow([row["path"], row["class"], f"{row['memory_score']:.6f}", distilled,
-                             f"{row['final_eta']:.6f}", int(row["kept"]), row["rank_in_class"]])
+                             f"{row['final_eta']:.6f}", int(row["kept"]), row["rank_in_class"], row["decision"]])
         target = Path(path).expanduser()
         target.write_text(buffer.getvalue())
         return target

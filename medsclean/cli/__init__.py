@@ -81,7 +81,8 @@ def _error_line(exc: MedscleanError) -> str:
     flags = [flag_for(p, exc.stage) for p in exc.params]
     named = message
     for param, flag in zip(exc.params, flags):
-        named = re.sub(rf"(?<![\w-]){re.escape(param)}(?![\w-])", flag, named)
+        # a whole word, not a part of a path (`keep.txt`, `./keep/a.png`)
+        named = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", flag, named)
     if named == message:
         return f"error: {', '.join(flags)}: {message}"
     return f"error: {named}"
@@ -204,9 +205,25 @@ def distill(given: Given) -> None:
 @command("select", IMAGES)
 def select(given: Given) -> None:
     """Step 3: select the clean images (running any missing stage first) and write the clean list."""
+    _selection_command(given, api.select, "select")
+
+
+@command("cut", IMAGES)
+def cut(given: Given) -> None:
+    """Re-cut the latest run of IMAGES (or --run KEY) with a new cut and corrections, never training:
+    rewrites the lists, the review page and the export as select does, in seconds.
+
+    Cut options not given take their defaults, as in select: `cut IMAGES --reject-fraction 0.1` gives
+    the lists of `select IMAGES --reject-fraction 0.1` with the run's other options."""
+    _selection_command(given, api.cut, "cut")
+
+
+def _selection_command(given: Given, function, name: str) -> None:
+    """`select` or `cut`: the API call with the lists that go to stdout printed here, then the table
+    (or the JSON summary)."""
     to_stdout, rejected_to_stdout = _is_stdout(given.out), _is_stdout(given.rejected_out)
-    selection = api.select(given.images, **_keywords(given, out=None if to_stdout else given.out,
-                                                     rejected_out=None if rejected_to_stdout else given.rejected_out))
+    selection = function(given.images, **_keywords(given, out=None if to_stdout else given.out,
+                                                    rejected_out=None if rejected_to_stdout else given.rejected_out))
     summary = selection.summary
     for listed, paths, field in ((to_stdout, selection.kept, "clean_list"),
                                  (rejected_to_stdout, selection.rejected, "rejected_list")):
@@ -214,7 +231,7 @@ def select(given: Given) -> None:
             typer.echo("".join(f"{p}\n" for p in paths), nl=False)
             summary[field] = "-"
     if given.as_json:
-        emit("select", summary, True, "")
+        emit(name, summary, True, "")
     else:
         print_select_table(summary, stderr=to_stdout or rejected_to_stdout)
 

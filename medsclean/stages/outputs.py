@@ -83,6 +83,7 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None,
     folder (reused there when it exists); returns the page's path."""
     from medsclean.pages.review import write_review
     from medsclean.stages import evaluate as ev
+    from medsclean.stages.cut import decisions_of
     from medsclean.stages.scores import ranks_within_class
 
     cut = results["cut"].artifact
@@ -101,9 +102,10 @@ def select_review(run: Run, results: dict, report_dir: Path | None = None,
     classes = [r.cls for r in records]
     ranks = ranks_within_class(eta, classes)
     shown = user_paths(run.data.images if images_arg is None else images_arg, cut.manifest["images"])
+    decisions = decisions_of(cut.manifest)  # auto, or the user's correction ("kept by user", ...)
     rows = [{"path": r.rel_path, "class": r.cls, "eta": float(eta[i]), "kept": bool(keep[i]), "rank_in_class": ranks[i],
-             "memory_score": float(memory[i]), "label": r.label, "file": str(r.path), "user_path": shown[i]}
-            for i, r in enumerate(records)]
+             "memory_score": float(memory[i]), "label": r.label, "file": str(r.path), "user_path": shown[i],
+             "decision": decisions[i]} for i, r in enumerate(records)]
     labelled = any(r.label is not None for r in records)
     metrics = ev.cleaning_metrics(dataset, cut, None, eval_cfg) if any(r.label == 1 for r in records) else []
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,8 @@ def _plain(value: Any) -> Any:
 def record_run(store: Store, root: Path, chain: dict[str, str | None], configs: dict[str, Any], *,
                preset: str, seed: int) -> dict:
     """Add (or refresh) the run whose artifacts are `chain` (stage -> key) to the dataset's record and
-    make it the latest. `configs` maps a stage name to its config dataclass (stored as plain JSON)."""
+    make it the latest. `configs` maps a stage name to its config dataclass, or to the plain dict a
+    record holds (stored as plain JSON)."""
     path = _pointer(store, root)
     with store.locked(path.stem):
         return _add_run(store, path, root, chain, configs, preset=preset, seed=seed)
@@ -66,7 +67,8 @@ def _add_run(store: Store, path: Path, root: Path, chain: dict[str, str | None],
     key = chain["cut"]
     record["runs"][key] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "seed": seed,
                            "artifacts": dict(chain),
-                           "options": {name: _plain(asdict(cfg)) for name, cfg in configs.items()}}
+                           "options": {name: _plain(asdict(cfg) if is_dataclass(cfg) else cfg)
+                                       for name, cfg in configs.items()}}
     record["latest"] = key
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, to_json(record) + "\n")
@@ -87,6 +89,12 @@ def latest_run(store: Store, root: Path) -> tuple[str, dict | None] | None:
         return None
     key = record["latest"]
     return (key, record["runs"][key]) if _complete(store, record["runs"][key]) else (key, None)
+
+
+def folder_runs(store: Store, root: Path) -> dict[str, dict]:
+    """{key: run} of every run of the image folder `root` whose artifacts are all in the work folder."""
+    record = _read(_pointer(store, root))
+    return {k: run for k, run in (record or {}).get("runs", {}).items() if _complete(store, run)}
 
 
 def find_run(store: Store, key_prefix: str, *, stage: str = "eval") -> tuple[str, dict, str]:
