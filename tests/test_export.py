@@ -186,3 +186,19 @@ def test_an_export_inside_the_image_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="inside the image folder"):
         export_tree(tmp_path / "images" / "out", tmp_path / "images", rows, keep, run="k")
     assert not (tmp_path / "images" / "out").exists()
+
+
+def test_contradictory_link_flags_are_refused_before_any_stage(tmp_path):
+    """`--copy --link symlink` is a usage error found with the other path checks: no work folder appears."""
+    from typer.testing import CliRunner
+
+    from medsclean.cli import app
+    from tests.helpers import make_mvtec
+
+    data = make_mvtec(tmp_path / "data", categories=("brick",), n_train=4)
+    work = tmp_path / "work"
+    res = CliRunner().invoke(app, ["select", str(data), "--work", str(work), "--export", str(tmp_path / "out"),
+                                   "--copy", "--link", "symlink"])
+    assert res.exit_code == 2
+    assert "--copy" in res.output and "--link" in res.output
+    assert not work.exists() and not (tmp_path / "out").exists()

@@ -224,7 +224,7 @@ def _write_outputs(run, results: dict, images: PathLike, given: Given) -> dict:
 
     summary = outputs.select_summary(run, results, images, given.get("out"), given.get("rejected_out"))
     summary["overrides"] = results["cut"].artifact.manifest.get("overrides", {"kept": [], "rejected": []})
-    summary["review"] = str(outputs.select_review(run, results, given.get("report")))
+    summary["review"] = str(outputs.select_review(run, results, given.get("report"), images_arg=images))
     run.reporter.info(f"review: {summary['review']}")
     if given.get("export") is not None:
         outputs.select_export(run, results, given.export, link=given.get("link"), copy=bool(given.get("copy")))

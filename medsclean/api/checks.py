@@ -109,6 +109,10 @@ def check_paths(given: Given) -> None:
         value = given.get(name)
         if value is not None and not Path(value).is_dir():
             raise DataError(f"{value}: no such folder; pass the folder that holds your images")
+    if given.get("export") is not None:  # --copy with another --link: refused before any stage runs
+        from medsclean.workdir.export import link_mode
+
+        link_mode(given.get("link"), bool(given.get("copy")))
     for param in ("out", "rejected_out"):
         if given.get(param) is not None:
             _check_list_file(param, given.get(param))

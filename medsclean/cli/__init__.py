@@ -233,7 +233,7 @@ def _selection_command(given: Given, function, name: str) -> None:
     if given.as_json:
         emit(name, summary, True, "")
     else:
-        print_select_table(summary, stderr=to_stdout or rejected_to_stdout)
+        print_select_table(summary, stderr=to_stdout or rejected_to_stdout, command=name)
 
 
 @command("eval", IMAGES)

@@ -26,12 +26,12 @@ def emit_metrics(name: str, payload: dict, as_json: bool | None) -> None:
         print_metrics_tables(payload)
 
 
-def print_select_table(summary: dict, *, stderr: bool = False) -> None:
+def print_select_table(summary: dict, *, stderr: bool = False, command: str = "select") -> None:
     """The human summary of `select` on stdout (stderr when stdout carries the clean list)."""
     from rich.table import Table
 
     console = stdout_console(stderr=stderr)
-    table = Table(title=f"medsclean select ({summary['method']}, cut {summary['cut']})", title_justify="left")
+    table = Table(title=f"medsclean {command} ({summary['method']}, cut {summary['cut']})", title_justify="left")
     for col in ("class", "images", "kept", "rejected", "tau"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, c in summary["classes"].items():
