@@ -43,6 +43,18 @@ class ConfigError(UsageError, ValueError):
     def params(self) -> tuple[str, ...]:
         return (self.param,) if isinstance(self.param, str) else tuple(self.param)
 
+    def naming(self, names) -> str:
+        """The message with each of `params` replaced by the caller's name for it (`names`, in the
+        same order: flags or API options), as a whole word, never inside a path (`keep.txt`,
+        `./keep/a.png`); a message that names none of them gets `names` in front."""
+        import re
+
+        message = str(self)
+        named = message
+        for param, name in zip(self.params, names):
+            named = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", name, named)
+        return f"{', '.join(names)}: {message}" if named == message else named
+
 
 class WriteError(MedscleanError, OSError):
     """A file or folder the disk refused to write (no space, too large, no permission); nothing

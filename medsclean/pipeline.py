@@ -273,19 +273,15 @@ def cut_stage(run: Run, results: dict, cut_cfg: CutConfig, corrections=None) -> 
     `corrections` applied to its stored final scores, recorded as the latest run of its folder with
     the run's other options. Never trains. Returns the results with the new cut."""
     from medsclean.stages.cut import run_cut
-    from medsclean.workdir.runs import find_run, record_run
+    from medsclean.workdir.runs import find_run
 
     store = run.store()
     recorded = find_run(store, results["cut"].artifact.key, stage="cut")[1]  # a run's key is its cut's key
     results = {**results, "cut": run_cut(results["select"].artifact, store, cut_cfg, corrections=corrections,
                                          reporter=run.reporter)}
     _log_stage(run, "cut", results["cut"])
-    chain = {stage: (results[stage].artifact.key if stage in results else None)
-             for stage in ("extract", "score", "distill", "select", "cut")}
     options = {k: v for k, v in recorded["options"].items() if k not in ("cut", "corrections")}
-    record_run(store, run.data.images, chain, {**options, "cut": cut_cfg,
-                                               **({"corrections": corrections} if corrections else {})},
-               preset=run.preset.name, seed=run.seed)
+    _record(run, results, {**options, "cut": cut_cfg, **({"corrections": corrections} if corrections else {})})
     return results
 
 

@@ -205,7 +205,7 @@ class RichReporter:
             yield _NullTask()
             return
         if mode == "lines":
-            task = _LineTask(ProgressLines(description, total), self._line, self.clock)
+            task = _LineTask(ProgressLines(description, total), self.info, self.clock)
             yield task
             task.end()  # not after an error: the error is the last word
             return
@@ -215,9 +215,6 @@ class RichReporter:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False) as progress:
             yield _RichTask(progress, progress.add_task(description, total=total))
-
-    def _line(self, text: str) -> None:
-        self.console.print(text, markup=False, soft_wrap=True)
 
 
 def _escape(text: str) -> str:

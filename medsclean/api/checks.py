@@ -13,7 +13,6 @@ import contextlib
 import difflib
 import numbers
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import fields
@@ -166,15 +165,7 @@ def with_option_names(exc: ConfigError) -> ConfigError:
     names = tuple(option_for(p, exc.stage) for p in exc.params)
     if names == exc.params:
         return exc
-    message = str(exc)
-    named = message
-    for param, name in zip(exc.params, names):
-        # a whole word, not a part of a path (`keep.txt`, `./keep/a.png`)
-        named = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", name, named)
-    if named == message:
-        named = f"{', '.join(names)}: {message}"
-    renamed = ConfigError(names[0] if isinstance(exc.param, str) else names, named, stage=exc.stage)
-    return renamed
+    return ConfigError(names[0] if isinstance(exc.param, str) else names, exc.naming(names), stage=exc.stage)
 
 
 @contextlib.contextmanager

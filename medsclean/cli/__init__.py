@@ -73,19 +73,9 @@ def main() -> None:
 
 def _error_line(exc: MedscleanError) -> str:
     """One line; a ConfigError's parameter names (library fields or API options) become the flags."""
-    import re
-
-    message = str(exc)
     if not isinstance(exc, ConfigError):
-        return f"error: {message}"
-    flags = [flag_for(p, exc.stage) for p in exc.params]
-    named = message
-    for param, flag in zip(exc.params, flags):
-        # a whole word, not a part of a path (`keep.txt`, `./keep/a.png`)
-        named = re.sub(rf"(?<![\w./-]){re.escape(param)}(?![\w/-]|\.\w)", flag, named)
-    if named == message:
-        return f"error: {', '.join(flags)}: {message}"
-    return f"error: {named}"
+        return f"error: {exc}"
+    return f"error: {exc.naming([flag_for(p, exc.stage) for p in exc.params])}"
 
 
 def _refuse_two_stdout_writers(given: Given) -> None:
